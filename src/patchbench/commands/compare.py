@@ -1,0 +1,12 @@
+"""`patchbench compare` (placeholder while it is being built; replaced by its owner)."""
+
+from patchbench.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("compare", help="(being built)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise UserError("'patchbench compare' is not built yet")

@@ -1,0 +1,12 @@
+"""`patchbench eval` (placeholder while it is being built; replaced by its owner)."""
+
+from patchbench.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="(being built)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise UserError("'patchbench eval' is not built yet")

@@ -1,0 +1,12 @@
+"""`patchbench models` (placeholder while it is being built; replaced by its owner)."""
+
+from patchbench.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("models", help="(being built)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise UserError("'patchbench models' is not built yet")

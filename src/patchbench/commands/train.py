@@ -1,0 +1,12 @@
+"""`patchbench train` (placeholder while it is being built; replaced by its owner)."""
+
+from patchbench.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="(being built)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise UserError("'patchbench train' is not built yet")
