@@ -183,8 +183,9 @@ class SeedViT(nn.Module):
                  mlp_dim: int = 256, dropout: float = 0.2):
         super().__init__()
         if img_size != 32 or patch_size != 4:
-            raise ValueError(f"seed_vit is fixed at 32px, patch 4 (65 position embeddings), got "
-                             f"img_size={img_size}, patch_size={patch_size}; use vit_tiny_6l8h for other sizes")
+            got = f"img_size={img_size}" + (f", patch_size={patch_size}" if patch_size != 4 else "")
+            raise ValueError(f"seed_vit is fixed at 32px, patch 4 (65 position embeddings), got {got}; "
+                             f"use vit_tiny_6l8h for other sizes")
         if dim % num_heads:
             raise ValueError(f"seed_vit dim={dim} must be a multiple of num_heads={num_heads}")
         self.default_img_size = img_size
