@@ -233,6 +233,7 @@ def test_seed_vit_position_embedding_is_standard_normal():
     ("resnet9", {"img_size": 4}, "img_size >= 8"),
     ("seed_resnet9", {"img_size": 0}, "img_size >= 8"),
     ("resnet18", {"img_size": -1}, "img_size >= 1"),
+    ("resnet18", {"img_size": 0}, "img_size >= 1"),
 ])
 def test_invalid_combinations_raise_value_error(name, overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -59,7 +59,8 @@ class ResNet(nn.Module):
         if len(layers) != 4 or min(layers) < 1 or in_chans < 1 or num_classes < 1:
             raise ValueError(f"ResNet needs 4 positive stage depths and positive in_chans/num_classes, "
                              f"got layers={layers}, in_chans={in_chans}, num_classes={num_classes}")
-        self.default_img_size = check_img_size(img_size or (32 if small_input else 224), 1, "ResNet")
+        self.default_img_size = check_img_size(
+            (32 if small_input else 224) if img_size is None else img_size, 1, "ResNet")
         if small_input:  # 32px images: keep the full resolution into the first stage
             stem = [("conv", nn.Conv2d(in_chans, 64, 3, padding=1, bias=False))]
         else:
