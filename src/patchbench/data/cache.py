@@ -1,0 +1,226 @@
+"""Decode every image once into a memory-mappable uint8 cache (`prepare`).
+
+Training then never touches a JPEG: a batch is a gather from a (N, S, S, 3) uint8 array, and the
+augmentation runs on the training device. Each image is resized so its shorter side is S and
+centre-cropped to S×S (S = `DataConfig.prepare_size`); the model's input size is chosen later by
+the loader, so one cache serves every `img_size` up to S.
+
+Layout, under `<cache>/prepared/<source>-s<S>-<fingerprint>/`:
+    train_images.npy (N, S, S, 3) uint8    train_labels.npy (N,) int64
+    val_images.npy                          val_labels.npy
+    index.json  {version, source, root, fingerprint, prepare_size, wnids, classes, counts, skipped}
+The folder is written under a temporary name and renamed into place when complete, so a folder
+with an index.json is a finished cache. The key holds S and a fingerprint of the source files
+(names, sizes, mtimes), so different sizes coexist and a changed source is prepared again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from patchbench.config import DataConfig
+from patchbench.data.imagenette import cache_root, class_name, list_images, resolve_source
+from patchbench.errors import UserError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class PreparedData:
+    train: Split
+    val: Split
+    classes: list[str]  # human names, in wnid order
+    wnids: list[str]
+    path: Path  # the cache folder
+    index: dict = field(default_factory=dict)
+    reused: bool = False  # True when an existing cache was loaded and nothing was decoded
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.index.get("skipped", [])
+
+
+def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One image file -> (size, size, 3) uint8: shorter side to `size`, centre crop, RGB."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2^k, staying >= size
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BILINEAR)  # PIL antialiases when shrinking
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
+    path, size = job
+    try:
+        return decode_image(path, size), None
+    except Exception as e:  # a corrupt file must not stop the other 13,000: reported by the caller
+        return None, f"{type(e).__name__}: {e}"
+
+
+def source_fingerprint(root: Path, files: dict[str, list[Path]]) -> str:
+    """A hash of every image's relative path, size and mtime: cheap to compute, changes with the data."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for p in files[split]:
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _slug(source: str) -> str:
+    name = Path(source.rstrip("/")).name or "data"
+    for suffix in (".tgz", ".tar.gz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "data"
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def prepare(cfg: DataConfig, *, progress: bool = True, workers: int | None = None) -> PreparedData:
+    """Decode `cfg.source` once at `cfg.prepare_size` (cached: a valid cache is loaded, not rebuilt)."""
+    size = int(cfg.prepare_size)
+    if size < 1:
+        raise UserError(f"prepare_size must be a positive number of pixels, got {cfg.prepare_size}")
+    root = resolve_source(cfg.source, cache_dir=cfg.cache_dir, md5=cfg.md5, progress=progress)
+    wnids, files = list_images(root)
+    fingerprint = source_fingerprint(root, files)
+    out = cache_root(cfg.cache_dir) / "prepared" / f"{_slug(cfg.source)}-s{size}-{fingerprint}"
+    if not _valid(out, fingerprint, size):
+        _build(out, root, cfg.source, wnids, files, fingerprint, size, progress,
+               workers or default_workers())
+        data = load_prepared(out)
+    else:
+        data = load_prepared(out)
+        data.reused = True
+    if data.skipped:
+        print(f"prepare: {len(data.skipped)} unreadable image(s) were skipped (listed in "
+              f"{out / 'index.json'})", file=sys.stderr)
+    return data
+
+
+def _valid(out: Path, fingerprint: str, size: int) -> bool:
+    try:
+        index = json.loads((out / "index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (index.get("version") == CACHE_VERSION and index.get("fingerprint") == fingerprint
+            and index.get("prepare_size") == size
+            and all((out / f"{s}_{k}.npy").exists() for s in ("train", "val") for k in ("images", "labels")))
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Open a finished cache folder: images memory-mapped, labels in memory."""
+    path = Path(path)
+    index = json.loads((path / "index.json").read_text())
+    splits = {
+        s: Split(images=np.load(path / f"{s}_images.npy", mmap_mode="r"),
+                 labels=np.load(path / f"{s}_labels.npy"))
+        for s in ("train", "val")
+    }
+    return PreparedData(train=splits["train"], val=splits["val"], classes=index["classes"],
+                        wnids=index["wnids"], path=path, index=index)
+
+
+def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str, list[Path]],
+           fingerprint: str, size: int, progress: bool, workers: int) -> None:
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    label_of = {w: i for i, w in enumerate(wnids)}
+    total = sum(len(v) for v in files.values())
+    skipped: list[dict] = []
+    counts = {}
+    start = time.perf_counter()
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers) if workers > 1 else None
+    try:
+        with tqdm(total=total, desc=f"decoding {root.name} at {size}px", unit="img",
+                  disable=not progress) as bar:
+            for split in ("train", "val"):
+                paths = files[split]
+                labels = np.array([label_of[p.parent.name] for p in paths], dtype=np.int64)
+                images = np.lib.format.open_memmap(tmp / f"{split}_images.npy", mode="w+",
+                                                   dtype=np.uint8, shape=(len(paths), size, size, 3))
+                jobs = [(str(p), size) for p in paths]
+                results = pool.imap(_decode_job, jobs, chunksize=32) if pool else map(_decode_job, jobs)
+                keep = np.ones(len(paths), dtype=bool)
+                n = 0
+                for i, (pixels, error) in enumerate(results):
+                    if pixels is None:
+                        keep[i] = False
+                        skipped.append({"path": str(paths[i]), "error": error})
+                        bar.write(f"skipped unreadable image {paths[i]}: {error}", file=sys.stderr)
+                    else:
+                        images[n] = pixels  # written in order, so skipped files leave no hole
+                        n += 1
+                    bar.update()
+                images.flush()
+                del images
+                if n < len(paths):  # shrink the array to the images that decoded
+                    full = np.load(tmp / f"{split}_images.npy", mmap_mode="r")
+                    kept = np.lib.format.open_memmap(tmp / f"{split}_images.kept.npy", mode="w+",
+                                                     dtype=np.uint8, shape=(n, size, size, 3))
+                    kept[:] = full[:n]
+                    kept.flush()
+                    del kept, full
+                    os.replace(tmp / f"{split}_images.kept.npy", tmp / f"{split}_images.npy")
+                np.save(tmp / f"{split}_labels.npy", labels[keep])
+                counts[split] = n
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    index = {
+        "version": CACHE_VERSION,
+        "source": source,
+        "root": str(root),
+        "fingerprint": fingerprint,
+        "prepare_size": size,
+        "wnids": wnids,
+        "classes": [class_name(w) for w in wnids],
+        "counts": counts,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "decode_seconds": round(time.perf_counter() - start, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
