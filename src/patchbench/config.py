@@ -16,6 +16,10 @@ from typing import Any
 
 from patchbench.errors import UserError
 
+SCHEDULES = ("onecycle", "piecewise", "constant")
+INITS = ("default", "kaiming")
+AMPS = ("none", "bf16", "fp16")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # what the study's notebook normalised with
@@ -53,10 +57,12 @@ class TrainConfig:
     batch_size: int = 64  # global batch (summed over DDP ranks)
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05  # never applied to norms, biases, gains, cls token, pos embedding
+    wd_conv_linear_only: bool = False  # the notebook's rule: decay only nn.Conv2d/nn.Linear weights
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "onecycle"  # onecycle (torch OneCycleLR shape) | piecewise (ConvMixer) | constant
     schedule_epochs: int | None = None  # None: span exactly this run (the study sized it for 100)
     pct_start: float = 0.3  # onecycle warm-up fraction
+    cycle_momentum: bool = False  # onecycle: move Adam's beta1 0.95 -> 0.85 -> 0.95 (torch's default)
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global grad norm
     ema_decay: float | None = None  # e.g. 0.999; evaluated with the EMA weights when set
@@ -95,6 +101,40 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def validate(self) -> "RunConfig":
+        """Raise UserError naming the first impossible value (and the flag that sets it)."""
+        t, d = self.train, self.data
+        checks = [
+            (t.epochs >= 1, "--epochs", t.epochs, "a whole number >= 1"),
+            (t.batch_size >= 1, "--batch-size", t.batch_size, "a whole number >= 1"),
+            (t.lr > 0, "--lr", t.lr, "a positive number"),
+            (t.weight_decay >= 0, "--weight-decay", t.weight_decay, "a number >= 0"),
+            (all(0 <= b < 1 for b in t.betas), "betas", t.betas, "two numbers in [0, 1)"),
+            (t.schedule in SCHEDULES, "--schedule", t.schedule, f"one of {', '.join(SCHEDULES)}"),
+            (t.schedule_epochs is None or t.schedule_epochs >= t.epochs, "--schedule-epochs", t.schedule_epochs,
+             "at least --epochs (the schedule must cover the run)"),
+            (0 < t.pct_start < 1, "--pct-start", t.pct_start, "a fraction in (0, 1)"),
+            (0 <= t.label_smoothing < 1, "--label-smoothing", t.label_smoothing, "a number in [0, 1)"),
+            (t.grad_clip is None or t.grad_clip > 0, "--grad-clip", t.grad_clip, "a positive max norm"),
+            (t.ema_decay is None or 0 < t.ema_decay < 1, "--ema", t.ema_decay, "a decay in (0, 1), e.g. 0.999"),
+            (t.init in INITS, "--init", t.init, f"one of {', '.join(INITS)}"),
+            (t.amp in AMPS, "--amp", t.amp, f"one of {', '.join(AMPS)}"),
+            (t.seed >= 0, "--seed", t.seed, "a whole number >= 0"),
+            (t.log_every >= 1, "--log-every", t.log_every, "a whole number >= 1"),
+            (d.prepare_size >= 1, "--prepare-size", d.prepare_size, "a positive number of pixels"),
+            (1 <= d.img_size <= d.prepare_size, "--img-size", d.img_size,
+             f"between 1 and --prepare-size ({d.prepare_size}); raise --prepare-size to train larger"),
+            (0 < d.scale[0] <= d.scale[1] <= 1, "--scale", d.scale, "MIN,MAX with 0 < MIN <= MAX <= 1"),
+            (0 < d.ratio[0] <= d.ratio[1], "--ratio", d.ratio, "MIN,MAX with 0 < MIN <= MAX"),
+            (0 < d.eval_crop <= 1, "--eval-crop", d.eval_crop, "a fraction of the side in (0, 1]"),
+        ]
+        for ok, flag, value, need in checks:
+            if not ok:
+                raise UserError(f"{flag} {value}: need {need}")
+        if not (t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit())):
+            raise UserError(f"--device {t.device!r}: use auto, cpu, cuda or cuda:N")
+        return self
+
 
 def _build(cls, values: dict[str, Any], section: str):
     """Build a dataclass from a dict, turning lists back into tuples; unknown keys are errors."""
@@ -127,11 +167,12 @@ class Preset:
     train: TrainConfig
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> TrainConfig changes
     quirks: list[str] = field(default_factory=list)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> create_model kwargs
 
     def config_for(self, model: str, seed: int = 0, **model_overrides: Any) -> RunConfig:
         train = replace(self.train, seed=seed, **self.per_model.get(model, {}))
         return RunConfig(
-            model=ModelConfig(name=model, overrides=dict(model_overrides)),
+            model=ModelConfig(name=model, overrides={**self.model_overrides.get(model, {}), **model_overrides}),
             data=dataclasses.replace(self.data),
             train=train,
             preset=self.name,
