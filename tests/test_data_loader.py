@@ -1,0 +1,216 @@
+"""Batched augmentation and the seeded, sharded Loader (no files: splits are made in memory)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF
+
+from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig, get_preset
+from patchbench.data import Loader, Split
+from patchbench.data.augment import (_crop_resize_cpu, _crop_resize_roi_align, center_crop_boxes,
+                                     random_resized_crop_boxes)
+from patchbench.errors import UserError
+
+S = 24
+
+
+def make_split(n=50, size=S, seed=0) -> Split:
+    """Random images; label i for image i, so labels identify images."""
+    rng = np.random.default_rng(seed)
+    return Split(images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                 labels=np.arange(n, dtype=np.int64))
+
+
+def unnormalise(x, cfg):
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def test_crop_boxes_follow_scale_and_ratio():
+    g = torch.Generator().manual_seed(0)
+    size, scale, ratio = 160, (0.35, 1.0), (3 / 4, 4 / 3)
+    boxes = random_resized_crop_boxes(4000, size, scale, ratio, g)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    w, h = x1 - x0, y1 - y0
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= size).all() and (y1 <= size).all()
+    assert torch.equal(boxes, boxes.round())  # integer pixel boxes, as torchvision
+    area = w * h / size**2
+    # w and h are rounded to whole pixels: allow that much slack around the scale range
+    slack = 2 / size
+    assert area.min() >= scale[0] - slack and area.max() <= scale[1] + slack
+    # the same distribution as torchvision's RandomResizedCrop (retries favour smaller crops)
+    torch.manual_seed(0)
+    ref = [T.RandomResizedCrop.get_params(torch.empty(3, size, size), list(scale), list(ratio))
+           for _ in range(4000)]
+    ref_area = torch.tensor([h * w / size**2 for _, _, h, w in ref])
+    assert area.mean().item() == pytest.approx(ref_area.mean().item(), abs=0.015)
+    assert area.std().item() == pytest.approx(ref_area.std().item(), abs=0.015)
+    r = w / h
+    assert r.min() >= ratio[0] * (1 - slack) - 0.02 and r.max() <= ratio[1] * (1 + slack) + 0.02
+    # the study's transform: square crops, 80..99% of the area
+    sq = random_resized_crop_boxes(2000, size, (0.8, 0.99), (1.0, 1.0), g)
+    sw, sh = sq[:, 2] - sq[:, 0], sq[:, 3] - sq[:, 1]
+    assert torch.equal(sw, sh)
+    assert (sw * sh / size**2).min() >= 0.8 - slack and (sw * sh / size**2).max() <= 0.99 + slack
+
+
+def test_crop_boxes_fall_back_to_centre_when_nothing_fits():
+    g = torch.Generator().manual_seed(0)
+    boxes = random_resized_crop_boxes(10, 100, (0.9, 1.0), (3.0, 4.0), g)  # too wide for 100x100
+    i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(3, 100, 100), [0.9, 1.0], [3.0, 4.0])
+    assert (i, j, h, w) == (33, 0, 33, 100)  # torchvision's fallback, for the record
+    assert torch.equal(boxes, torch.tensor([[j, i, j + w, i + h]], dtype=torch.float32).expand(10, 4))
+
+
+def test_cpu_crop_matches_torchvision_resized_crop():
+    images = torch.from_numpy(make_split(4).images[:4])
+    boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12], [1, 1, 9, 23]], dtype=torch.float32)
+    out = _crop_resize_cpu(images, boxes, torch.tensor([False, True, False, True]), 32)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+        ref = TF.resized_crop(images[i].permute(2, 0, 1), y0, x0, y1 - y0, x1 - x0, [32, 32], antialias=True)
+        if i in (1, 3):
+            ref = ref.flip(2)
+        assert torch.equal(out[i], ref)
+
+
+def test_roi_align_path_is_plain_bilinear_when_enlarging_and_agrees_with_cpu_path():
+    images = torch.from_numpy(make_split(6).images[:6])
+    full = torch.tensor([[0, 0, S, S]], dtype=torch.float32).expand(6, 4)
+    x = _crop_resize_roi_align(images, full, None, 40)
+    ref = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(40, 40), mode="bilinear",
+                        align_corners=False, antialias=False)
+    assert torch.allclose(x, ref, atol=1e-3)
+    flip = torch.tensor([True, False, True, False, True, False])
+    boxes = random_resized_crop_boxes(6, S, (0.3, 0.9), (0.75, 1.33), torch.Generator().manual_seed(1))
+    a = _crop_resize_roi_align(images, boxes, flip, 40)
+    b = _crop_resize_cpu(images, boxes, flip, 40).float()
+    # the CPU kernel is PIL's fixed-point uint8 one (< 1 level from float) and clamps at the crop
+    # edges, where roi_align reads the pixels just outside (up to 2 output pixels at 3x enlargement)
+    assert (a - b)[:, :, 2:-2, 2:-2].abs().max() <= 1.0 + 1e-4
+
+
+def test_eval_transform_is_deterministic_and_exact_at_full_size():
+    split = make_split(10)
+    cfg = DataConfig(img_size=S, eval_crop=1.0)
+    loader = Loader(split, cfg, batch_size=4, train=False, device="cpu", seed=0)
+    first = [x for x, _ in loader]
+    loader.set_epoch(5)
+    second = [x for x, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    x = torch.cat(first)
+    assert x.dtype == torch.float32 and x.shape == (10, 3, S, S) and x.is_contiguous()
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float()
+    assert torch.allclose(unnormalise(x, cfg), images, atol=1e-3)  # eval_crop=1, same size: identity
+
+
+def test_eval_centre_crop_box():
+    assert center_crop_boxes(2, 160, 0.946).tolist() == [[4.0, 4.0, 155.0, 155.0]] * 2
+    with pytest.raises(UserError, match="eval_crop"):
+        center_crop_boxes(1, 160, 0.0)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_every_val_image_seen_exactly_once(world_size):
+    split = make_split(50)
+    seen = []
+    for rank in range(world_size):
+        loader = Loader(split, DataConfig(img_size=16), batch_size=8, train=False, device="cpu",
+                        seed=0, rank=rank, world_size=world_size)
+        ys = [y for _, y in loader]
+        assert len(ys) == len(loader)
+        seen += torch.cat(ys).tolist()
+    assert sorted(seen) == list(range(50))
+
+
+def test_train_drops_last_partial_batch_and_shards_are_disjoint():
+    split = make_split(50)
+    cfg = DataConfig(img_size=16)
+    per_rank = []
+    for rank in range(3):
+        loader = Loader(split, cfg, batch_size=4, train=True, device="cpu", seed=7, rank=rank, world_size=3)
+        assert len(loader) == 50 // 12 == 4
+        ys = [y for _, y in loader]
+        assert len(ys) == 4 and all(len(y) == 4 for y in ys)
+        per_rank.append(torch.cat(ys).tolist())
+    everything = sum(per_rank, [])
+    assert len(set(everything)) == 48  # disjoint, and 48 of 50 used (2 dropped)
+    # the same permutation as one rank with the global batch
+    single = Loader(split, cfg, batch_size=12, train=True, device="cpu", seed=7)
+    assert sorted(torch.cat([y for _, y in single]).tolist()) == sorted(everything)
+
+
+def test_ranks_reproduce_the_single_process_batches_pixel_for_pixel():
+    split = make_split(40)
+    cfg = DataConfig(img_size=20, scale=(0.3, 1.0))
+    single = list(Loader(split, cfg, batch_size=8, train=True, device="cpu", seed=3))
+    ranks = [list(Loader(split, cfg, batch_size=4, train=True, device="cpu", seed=3, rank=r, world_size=2))
+             for r in range(2)]
+    for b, (x, y) in enumerate(single):
+        assert torch.equal(torch.cat([ranks[0][b][1], ranks[1][b][1]]), y)
+        assert torch.equal(torch.cat([ranks[0][b][0], ranks[1][b][0]]), x)
+
+
+def test_randomness_depends_only_on_seed_and_epoch():
+    split = make_split(40)
+    cfg = DataConfig(img_size=16)
+    a = Loader(split, cfg, batch_size=8, train=True, device="cpu", seed=1)
+    for epoch in range(3):  # run some epochs first: must not matter
+        a.set_epoch(epoch)
+        list(a)
+    a.set_epoch(3)
+    b = Loader(split, cfg, batch_size=8, train=True, device="cpu", seed=1)
+    b.set_epoch(3)  # a fresh loader resumed at epoch 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    b.set_epoch(4)
+    assert not torch.equal(next(iter(b))[1], next(iter(a))[1])  # another epoch, another order
+    c = Loader(split, cfg, batch_size=8, train=True, device="cpu", seed=2)
+    c.set_epoch(3)
+    assert not torch.equal(next(iter(c))[1], next(iter(a))[1])  # another seed, another order
+
+
+def test_flips_are_about_half_and_are_mirror_images():
+    n = 400
+    ramp = np.broadcast_to(np.arange(S, dtype=np.uint8)[None, :, None] * 10, (S, S, 3))
+    split = Split(images=np.ascontiguousarray(np.broadcast_to(ramp, (n, S, S, 3))),
+                  labels=np.zeros(n, dtype=np.int64))
+    cfg = DataConfig(img_size=S, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=True)  # crop = whole image
+    x = torch.cat([x for x, _ in Loader(split, cfg, batch_size=50, train=True, device="cpu", seed=0)])
+    pixels = unnormalise(x, cfg).round()
+    plain = torch.from_numpy(ramp.copy()).permute(2, 0, 1).float()
+    is_plain = (pixels == plain).flatten(1).all(1)
+    is_flipped = (pixels == plain.flip(2)).flatten(1).all(1)
+    assert torch.all(is_plain ^ is_flipped)
+    assert 0.42 < is_flipped.float().mean().item() < 0.58
+    cfg_off = DataConfig(img_size=S, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
+    x = torch.cat([x for x, _ in Loader(split, cfg_off, batch_size=50, train=True, device="cpu", seed=0)])
+    assert (unnormalise(x, cfg_off).round() == plain).all()
+
+
+def test_seed_preset_transform_works():
+    cfg = get_preset("seed").data
+    split = make_split(40, size=cfg.prepare_size // 4)  # a 40px stand-in for the 160px cache
+    train = Loader(split, cfg, batch_size=16, train=True, device="cpu", seed=0)
+    x, y = next(iter(train))
+    assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64 and len(train) == 2
+    val = Loader(split, cfg, batch_size=16, train=False, device="cpu", seed=0)
+    assert len(val) == 3 and sum(len(y) for _, y in val) == 40  # the study dropped 5; we keep all
+    grey = Split(images=np.full((16, 40, 40, 3), 128, np.uint8), labels=np.zeros(16, dtype=np.int64))
+    x, _ = next(iter(Loader(grey, cfg, batch_size=16, train=True, device="cpu", seed=0)))
+    expected = (128 / 255 - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)
+    assert torch.allclose(x.mean((0, 2, 3)), expected, atol=1e-5)
+
+
+def test_bad_arguments_are_user_errors():
+    split = make_split(10)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        Loader(split, DataConfig(), batch_size=8, train=True, device="cpu", seed=0, world_size=2)
+    with pytest.raises(UserError, match="scale"):
+        Loader(split, DataConfig(scale=(0.9, 0.2)), batch_size=2, train=True, device="cpu", seed=0)
+    with pytest.raises(UserError, match="ratio"):
+        Loader(split, DataConfig(ratio=(0.0, 1.0)), batch_size=2, train=True, device="cpu", seed=0)
+    with pytest.raises(UserError, match="rank"):
+        Loader(split, DataConfig(), batch_size=2, train=False, device="cpu", seed=0, rank=2, world_size=2)
