@@ -57,6 +57,7 @@ class ConvMixer(nn.Module):
         if depth < 0:
             raise ValueError(f"ConvMixer depth must be >= 0, got {depth}")
         self.default_img_size = check_img_size(img_size, patch_size, f"ConvMixer with patch_size={patch_size}")
+        self.patch_size = patch_size  # recorded in summary.json for the report's patch-grid figure
         act = ACTIVATIONS[activation]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stem_stride or patch_size),

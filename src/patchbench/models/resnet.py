@@ -44,40 +44,41 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks: stem -> 4 stages (64, 128, 256, 512 channels) -> avg pool -> linear."""
+    """ResNet with BasicBlocks: stem -> 4 stages (64, 128, 256, 512 channels; `width` x (1, 2, 4, 8)) -> avg pool -> linear."""
 
     def __init__(
         self,
         *,
         layers: tuple[int, ...] = (2, 2, 2, 2),
         small_input: bool = False,
+        width: int = 64,  # channels of the first stage; stages have width x (1, 2, 4, 8) (matched budgets)
         in_chans: int = 3,
         num_classes: int = 10,
         img_size: int | None = None,
     ):
         super().__init__()
-        if len(layers) != 4 or min(layers) < 1 or in_chans < 1 or num_classes < 1:
+        if len(layers) != 4 or min(layers) < 1 or width < 1 or in_chans < 1 or num_classes < 1:
             raise ValueError(f"ResNet needs 4 positive stage depths and positive in_chans/num_classes, "
-                             f"got layers={layers}, in_chans={in_chans}, num_classes={num_classes}")
+                             f"got layers={layers}, width={width}, in_chans={in_chans}, num_classes={num_classes}")
         self.default_img_size = check_img_size(
             (32 if small_input else 224) if img_size is None else img_size, 1, "ResNet")
         if small_input:  # 32px images: keep the full resolution into the first stage
-            stem = [("conv", nn.Conv2d(in_chans, 64, 3, padding=1, bias=False))]
+            stem = [("conv", nn.Conv2d(in_chans, width, 3, padding=1, bias=False))]
         else:
-            stem = [("conv", nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False))]
-        stem += [("bn", nn.BatchNorm2d(64)), ("relu", nn.ReLU(inplace=True))]
+            stem = [("conv", nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False))]
+        stem += [("bn", nn.BatchNorm2d(width)), ("relu", nn.ReLU(inplace=True))]
         if not small_input:
             stem.append(("pool", nn.MaxPool2d(3, stride=2, padding=1)))
         self.stem = nn.Sequential(OrderedDict(stem))
-        stages, in_chs = [], 64
-        for i, (depth, out_chs) in enumerate(zip(layers, (64, 128, 256, 512))):
+        stages, in_chs = [], width
+        for i, (depth, out_chs) in enumerate(zip(layers, (width, 2 * width, 4 * width, 8 * width))):
             blocks = [BasicBlock(in_chs if j == 0 else out_chs, out_chs, stride=2 if i > 0 and j == 0 else 1)
                       for j in range(depth)]
             stages.append((f"layer{i + 1}", nn.Sequential(*blocks)))
             in_chs = out_chs
         self.blocks = nn.Sequential(OrderedDict(stages))
         self.head = nn.Sequential(OrderedDict(
-            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), fc=nn.Linear(512, num_classes)))
+            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), fc=nn.Linear(8 * width, num_classes)))
         for m in self.modules():  # torchvision's init; Linear keeps PyTorch's default
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -122,6 +122,7 @@ class ViT(nn.Module):
                              f"depth={depth}, mlp_dim={mlp_dim}, in_chans={in_chans}, num_classes={num_classes}")
         grid = _num_patches(img_size, patch_size, "ViT")
         self.default_img_size = img_size
+        self.patch_size = patch_size  # recorded in summary.json for the report's patch-grid figure
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))  # +1: the cls token
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
