@@ -222,5 +222,13 @@ def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (tmp / "index.json").write_text(json.dumps(index, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if _valid(out, fingerprint, size):  # another process finished the same cache first: keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished or stale folder of the same key
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _valid(out, fingerprint, size):
+            raise
