@@ -20,6 +20,16 @@ from patchbench.models.vit import ViT
 BIG = {"convmixer_768_32", "convmixer_1536_20"}  # checked at 32px only, to keep the suite fast
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small convs gain little from a second thread, and on a shared CPU OpenMP's spin-waiting makes
+    # backward passes 10x slower; one thread keeps this file fast and steady.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -44,14 +44,15 @@ def describe(name: str, img_size: int) -> dict:
     """Params and MACs of `name` built for `img_size`; `error` says why when it cannot run at that size."""
     with torch.device("meta"):
         natural = create_model(name)
-        row = {"model": name, "params": count_params(natural), "macs": None,
-               "default_img_size": natural.default_img_size, "error": None}
-        try:
+    row = {"model": name, "params": count_params(natural), "macs": None,
+           "default_img_size": natural.default_img_size, "error": None}
+    try:
+        with torch.device("meta"):
             model = create_model(name, img_size=img_size)
-            row["params"] = count_params(model)  # differs from `natural` only for ViTs (position embedding)
-            row["macs"] = count_macs(model, img_size)
-        except (ValueError, RuntimeError) as e:
-            row["error"] = str(e).splitlines()[0]
+        row["params"] = count_params(model)  # differs from `natural` only for ViTs (position embedding)
+        row["macs"] = count_macs(model, img_size)  # the input goes on the model's (meta) device
+    except (ValueError, RuntimeError) as e:
+        row["error"] = str(e).splitlines()[0]
     return row
 
 
