@@ -44,7 +44,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks: stem -> 4 stages (64, 128, 256, 512 channels; `width` x (1, 2, 4, 8)) -> avg pool -> linear."""
+    """ResNet with BasicBlocks: stem -> 4 stages (width x (1, 2, 4, 8) channels) -> avg pool -> linear.
+
+    The default width 64 is the paper's (64, 128, 256, 512); other widths serve matched parameter budgets.
+    """
 
     def __init__(
         self,
@@ -58,7 +61,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(layers) != 4 or min(layers) < 1 or width < 1 or in_chans < 1 or num_classes < 1:
-            raise ValueError(f"ResNet needs 4 positive stage depths and positive in_chans/num_classes, "
+            raise ValueError(f"ResNet needs 4 positive stage depths and positive width/in_chans/num_classes, "
                              f"got layers={layers}, width={width}, in_chans={in_chans}, num_classes={num_classes}")
         self.default_img_size = check_img_size(
             (32 if small_input else 224) if img_size is None else img_size, 1, "ResNet")
