@@ -196,6 +196,12 @@ def test_resnet18_counts_like_torchvision_and_small_input_drops_the_maxpool():
     assert small.stem(torch.randn(1, 3, 32, 32)).shape == (1, 64, 32, 32)
 
 
+def test_resnet18_width_scales_every_stage():
+    model = create_model("resnet18", width=32)
+    assert model.head.fc.in_features == 256
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
 def test_seed_resnet9_runs_at_160_with_the_same_parameters_and_matches_maxpool4_at_32():
     model = create_model("seed_resnet9").eval()
     assert count_params(create_model("seed_resnet9", img_size=160)) == 1_647_242
@@ -244,6 +250,7 @@ def test_seed_vit_position_embedding_is_standard_normal():
     ("seed_resnet9", {"img_size": 0}, "img_size >= 8"),
     ("resnet18", {"img_size": -1}, "img_size >= 1"),
     ("resnet18", {"img_size": 0}, "img_size >= 1"),
+    ("resnet18", {"width": 0}, "positive width"),
 ])
 def test_invalid_combinations_raise_value_error(name, overrides, match):
     with pytest.raises(ValueError, match=match):
