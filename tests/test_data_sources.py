@@ -172,11 +172,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     payload = b""
     ranges: list = []
+    honour_range = True
 
     def do_GET(self):
         rng = self.headers.get("Range")
         type(self).ranges.append(rng)
+        if not self.honour_range:
+            rng = None
         start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        if start >= len(self.payload):
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = self.payload[start:]
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -193,6 +201,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     _Handler.payload = os.urandom(300_000)
     _Handler.ranges = []
+    _Handler.honour_range = True
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -209,6 +218,19 @@ def test_download_resumes_with_range_and_verifies(server, tmp_path):
     out = download_file(url, dest, hashlib.md5(handler.payload).hexdigest(), progress=False)
     assert out == dest and dest.read_bytes() == handler.payload
     assert handler.ranges == ["bytes=123456-"] and not part.exists()
+
+
+def test_download_restarts_when_server_ignores_range_and_accepts_complete_part(server, tmp_path):
+    url, handler = server
+    good = hashlib.md5(handler.payload).hexdigest()
+    part = tmp_path / "a.tgz.part"
+    part.write_bytes(b"garbage that is not a prefix")
+    handler.honour_range = False  # answers 200 with the whole file: start over, do not append
+    assert download_file(url, tmp_path / "a.tgz", good, progress=False).read_bytes() == handler.payload
+    handler.honour_range = True
+    (tmp_path / "b.tgz.part").write_bytes(handler.payload)  # complete already: the server says 416
+    assert download_file(url, tmp_path / "b.tgz", good, progress=False).read_bytes() == handler.payload
+    assert handler.ranges[-1] == f"bytes={len(handler.payload)}-"
 
 
 def test_download_checksum_mismatch_removes_partial(server, tmp_path):
