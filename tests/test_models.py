@@ -174,6 +174,11 @@ def test_unknown_model_lists_closest_names():
         create_model("convmixer_256_21")
 
 
+def test_unknown_override_is_a_user_error_naming_it():
+    with pytest.raises(UserError, match="resnet18.*foo"):
+        create_model("resnet18", foo=1)
+
+
 # --- the study's notebook models and exact counts ----------------------------------------------
 
 @pytest.mark.parametrize("name,params", [

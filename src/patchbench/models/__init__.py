@@ -34,7 +34,13 @@ def create_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_models())}"
         raise UserError(f"unknown model {name!r}; {hint} (see `patchbench models`)")
-    return _REGISTRY[name](num_classes=num_classes, **overrides)
+    try:
+        return _REGISTRY[name](num_classes=num_classes, **overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"model {name!r} does not take that argument ({e}); "
+                        f"overrides given: {sorted(overrides)}") from None
 
 
 # Importing the families fills the registry.
