@@ -68,7 +68,7 @@ def test_crop_boxes_fall_back_to_centre_when_nothing_fits():
 def test_cpu_crop_matches_torchvision_resized_crop():
     images = torch.from_numpy(make_split(4).images[:4])
     boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12], [1, 1, 9, 23]], dtype=torch.float32)
-    out = _crop_resize_cpu(images, boxes, torch.tensor([False, True, False, True]), 32)
+    out = _crop_resize_cpu(images, boxes, torch.tensor([False, True, False, True]), 32).to(torch.uint8)
     for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
         ref = TF.resized_crop(images[i].permute(2, 0, 1), y0, x0, y1 - y0, x1 - x0, [32, 32], antialias=True)
         if i in (1, 3):
@@ -86,7 +86,7 @@ def test_roi_align_path_is_plain_bilinear_when_enlarging_and_agrees_with_cpu_pat
     flip = torch.tensor([True, False, True, False, True, False])
     boxes = random_resized_crop_boxes(6, S, (0.3, 0.9), (0.75, 1.33), torch.Generator().manual_seed(1))
     a = _crop_resize_roi_align(images, boxes, flip, 40)
-    b = _crop_resize_cpu(images, boxes, flip, 40).float()
+    b = _crop_resize_cpu(images, boxes, flip, 40)
     # the CPU kernel is PIL's fixed-point uint8 one (< 1 level from float) and clamps at the crop
     # edges, where roi_align reads the pixels just outside (up to 2 output pixels at 3x enlargement)
     assert (a - b)[:, :, 2:-2, 2:-2].abs().max() <= 1.0 + 1e-4
