@@ -1,0 +1,228 @@
+"""The report on fixture run directories (tests/runfixtures.py): numbers, statistics, figures, HTML, problems."""
+
+import ast
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runfixtures as fx
+from patchbench import report as rp
+from patchbench.cli import main
+
+
+@pytest.fixture
+def study(tmp_path):
+    return fx.write_compare_study(tmp_path / "study")
+
+
+def groups_of(study_dir):
+    return rp.group_runs(rp.load_study(study_dir).runs)
+
+
+def test_table_numbers_are_the_fixtures(study):
+    rows = {r["label"]: r for r in rp.results_rows(groups_of(study))}
+    cm = rows["convmixer_256_8"]
+    assert cm["params"] == 594_186 and cm["macs"] == 147_000_000 and cm["n"] == 3 and cm["epochs"] == 3
+    assert cm["final_mean"] == pytest.approx(0.82) and cm["final_std"] == pytest.approx(0.02)
+    assert cm["best_mean"] == pytest.approx(np.mean([0.80, 0.82, 0.84]))
+    assert cm["wall_time_s"] == pytest.approx(61.0) and cm["infer_images_per_s"] == 480.0
+    vit = rows["vit_tiny_6l8h"]
+    assert vit["best_mean"] == pytest.approx(np.mean([0.60, 0.66, 0.62]))
+    cells = rp.table_cells(cm)
+    assert cells[:3] == ["convmixer_256_8", "594,186", "147.00M"]
+    assert cells[5] == "82.0 ± 2.0" and cells[6] == "3" and cells[9] == "32px" and cells[10] == "1.0 min"
+
+
+def test_mean_std_is_sample_std():
+    values = [0.71, 0.75, 0.80, 0.78]
+    mean, std = rp.mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert rp.mean_std([0.5]) == (0.5, None) and rp.mean_std([]) == (None, None)
+
+
+@pytest.mark.parametrize("t, df, p", [(1.0, 1, 0.5), (2.0, 10, 0.07338803), (-2.0, 10, 0.07338803),
+                                      (1.959964, 1e7, 0.05), (0.0, 5, 1.0), (12.247449, 4, 0.000255)])
+def test_student_t_p_values(t, df, p):
+    assert rp.student_t_two_sided_p(t, df) == pytest.approx(p, rel=2e-3)
+
+
+def test_welch_t_test_by_hand():
+    a, b = [0.80, 0.82, 0.84], [0.60, 0.64, 0.62, 0.63]
+    t, df, p = rp.welch_t_test(a, b)
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 4
+    assert t == pytest.approx((np.mean(a) - np.mean(b)) / math.sqrt(va + vb))
+    assert df == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3))
+    assert 0 < p < 1e-3
+    assert rp.welch_t_test([0.8], b) is None and rp.welch_t_test([0.5, 0.5], [0.5, 0.5]) is None
+
+
+def test_conclusion_names_winner_gap_and_test(study):
+    text = " ".join(rp.conclusion(groups_of(study)))
+    assert "**convmixer_256_8** has the highest" in text and "82.0% ± 2.0 over n=3" in text
+    assert "by 20.0 points" in text and "Welch's t-test: t=12.25, df=4.0" in text and "significant" in text
+
+
+def test_conclusion_with_one_seed_says_no_test(tmp_path):
+    for model, acc in [("a", 0.7), ("b", 0.6)]:
+        fx.write_run(tmp_path / "runs" / f"{model}-s0", model=model, seed=0, val_top1=[acc])
+    text = " ".join(rp.conclusion(groups_of(tmp_path)))
+    assert "by 10.0 points" in text and "no test is possible" in text and "t=" not in text
+
+
+def test_accuracy_figure_plots_means_with_legend(study):
+    fig = rp.figure_accuracy_curves(groups_of(study))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val top-1 (%)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["convmixer_256_8 (n=3)", "vit_tiny_6l8h (n=3)"]
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3]
+    assert np.allclose(line.get_ydata(), 100 * np.mean(fx.COMPARE_CURVES["convmixer_256_8"], axis=0))
+    assert len(ax.collections) == 2  # one min-max band per model
+
+
+def test_loss_and_tradeoff_figures_have_their_axes(study):
+    groups = groups_of(study)
+    loss = rp.figure_loss_curves(groups)
+    assert [a.get_ylabel() for a in loss.axes] == ["train loss", "val loss"]
+    train_line = loss.axes[0].get_lines()[0]  # fixture: train_loss = 2 - 2 * acc
+    assert np.allclose(train_line.get_ydata(), 2 - 2 * np.mean(fx.COMPARE_CURVES["convmixer_256_8"], axis=0))
+    trade = rp.figure_tradeoffs(rp.results_rows(groups))
+    assert [a.get_xlabel() for a in trade.axes] == ["parameters (log)", "MACs per image (log)",
+                                                    "inference images/s (log)"]
+    assert all(a.get_xscale() == "log" for a in trade.axes)
+    assert trade.axes[0].get_ylabel() == "final val top-1 (%)"
+    assert [t.get_text() for t in trade.axes[1].get_legend().get_texts()] == ["convmixer_256_8", "vit_tiny_6l8h"]
+
+
+def test_confusion_matrix_sums_seeds_as_row_percent(tmp_path):
+    conf = [[8, 2, 0, 0], [1, 9, 0, 0], [0, 0, 10, 0], [5, 0, 0, 5]]
+    for seed in (0, 1):
+        fx.write_run(tmp_path / "runs" / f"m-s{seed}", model="m", seed=seed, val_top1=[0.8], confusion=conf)
+    fig = rp.figure_confusion(groups_of(tmp_path)[0])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    assert np.allclose(ax.get_images()[0].get_array(), 100 * np.array(conf) / 10)
+    assert [t.get_text() for t in ax.get_yticklabels()] == fx.CLASSES
+    assert "n=2" in ax.get_title()
+
+
+def test_patch_grid_has_a_column_per_patch_size(study):
+    s = rp.load_study(study)
+    views = rp.patch_views(rp.group_runs(s.runs))
+    assert views == {(2, 32): ["convmixer_256_8"], (16, 32): ["vit_tiny_6l8h"]}
+    fig = rp.figure_patch_grid(s.samples, views)
+    assert len(fig.axes) == 3 * 2  # three sample images x two patch sizes
+    assert "patch 2 at 32px" in fig.axes[0].get_title() and "(256 patches)" in fig.axes[0].get_title()
+    assert "patch 16 at 32px" in fig.axes[1].get_title()
+    assert fig.axes[0].get_ylabel() == fx.CLASSES[0]
+
+
+def test_patch_size_falls_back_to_study_json(tmp_path):
+    fx.write_run(tmp_path / "runs" / "m-s0", model="m", seed=0, val_top1=[0.5], patch_size=None)
+    groups = groups_of(tmp_path)
+    assert rp.patch_views(groups) == {}
+    assert rp.patch_views(groups, {"m": 4}) == {(4, 32): ["m"]}
+
+
+def test_sweep_heatmap_holds_the_grid(tmp_path):
+    study = fx.write_sweep_study(tmp_path / "sweep")
+    s = rp.load_study(study)
+    groups = rp.group_runs(s.runs)
+    assert sorted(g.label for g in groups)[0] == "convmixer_256_8 kernel_size=3 patch_size=2"
+    fig = rp.figure_sweep_heatmap(groups, s.meta["grid"])
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "patch_size" and ax.get_xlabel() == "kernel_size"
+    expected = [[100 * (0.5 + p / 100 + k / 50) for k in (3, 5)] for p in (2, 4)]
+    assert np.allclose(ax.get_images()[0].get_array(), expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "5"]
+    stems = [stem for stem, _, _ in rp.build_report(s).figures]
+    assert "sweep" in stems
+
+
+def test_html_is_self_contained_with_table_and_images(study):
+    paths = rp.write_report(study)
+    assert [p.name for p in paths] == ["report.md", "report.html"]
+    page = (study / "report.html").read_text()
+    assert "<table id='results'>" in page and "<td>82.0 ± 2.0</td>" in page and "<td>594,186</td>" in page
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 6  # accuracy, loss, tradeoffs, patches, 2 confusion matrices
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "src='figures/" not in page and "http" not in page.replace("http-equiv", "")
+    assert page.count("<details>") == 6  # one config per run
+    md = (study / "report.md").read_text()
+    assert "| convmixer_256_8 | 594,186 |" in md and "![Validation top-1 per epoch](figures/accuracy.png)" in md
+    assert sorted(p.name for p in (study / "figures").iterdir()) == sorted(
+        ["accuracy.png", "loss.png", "tradeoffs.png", "patches.png", "confusion-convmixer_256_8.png",
+         "confusion-vit_tiny_6l8h.png"])
+
+
+def test_missing_and_partial_runs_are_reported_not_counted(study):
+    runs = study / "runs"
+    fx.write_run(runs / "vit_tiny_6l8h-s3", model="vit_tiny_6l8h", seed=3, val_top1=[0.3, 0.4], epochs=3,
+                 status="running", truncate_metrics=True)
+    fx.write_run(runs / "vit_tiny_6l8h-s4", model="vit_tiny_6l8h", seed=4, val_top1=[0.2], status="failed")
+    fx.write_run(runs / "vit_tiny_6l8h-s5", model="vit_tiny_6l8h", seed=5, val_top1=[], write_summary=False)
+    (runs / "broken").mkdir()
+    (runs / "broken" / "summary.json").write_text("{not json")
+    meta = json.loads((study / "study.json").read_text())
+    meta["runs"] = ["vit_tiny_6l8h-s0", "resnet9-s0"]
+    (study / "study.json").write_text(json.dumps(meta))
+
+    s = rp.load_study(study)
+    rows = {r["label"]: r for r in rp.results_rows(rp.group_runs(s.runs))}
+    assert rows["vit_tiny_6l8h"]["n"] == 3 and rows["vit_tiny_6l8h"]["runs"] == 6
+    assert rows["vit_tiny_6l8h"]["final_mean"] == pytest.approx(0.62)  # unchanged by the partial runs
+    problems = "\n".join(rp.problem_lines(s))
+    assert "vit_tiny_6l8h-s3: metrics.jsonl line 2 is not valid JSON" in problems
+    assert "vit_tiny_6l8h-s3: status running, 2 of 3 epochs done" in problems
+    assert "vit_tiny_6l8h-s4: status failed, 1 of 1 epochs done: loss became NaN" in problems
+    assert "vit_tiny_6l8h-s5: no summary.json" in problems
+    assert "broken: summary.json is unreadable" in problems
+    assert "run resnet9-s0 was planned but has no directory" in problems
+    page = rp.to_html(rp.build_report(s))
+    assert "<ul id='problems'>" in page and "3 of 6" in page
+
+
+def test_cli_report_writes_and_prints_the_table(study, capsys):
+    assert main(["report", str(study), "--format", "html"]) == 0
+    out = capsys.readouterr().out
+    assert "82.0 ± 2.0" in out and f"wrote {study / 'report.html'}" in out
+    assert not (study / "report.md").exists()
+    assert main(["report", str(study / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(study), "--format", "pdf"]) == 2
+
+
+def test_report_never_imports_training_code():
+    tree = ast.parse(Path(rp.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.startswith("patchbench")} == {"patchbench.errors"}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(study, tmp_path):
+    rp.write_report(study, ["html"])
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run"]
+    url = (study / "report.html").resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert "<table id=\"results\">" in dom.stdout and "82.0 ± 2.0" in dom.stdout
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("L"))
+    assert im.size == (1200, 1600) and pixels.std() > 10  # a rendered page, not a blank one
