@@ -655,17 +655,18 @@ def to_html(report: Report) -> str:
     """One self-contained page: figures are embedded as base64 PNGs."""
     e = html.escape
 
-    def bold(text):  # the conclusion's **name** markers
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", e(text))
+    def inline(text):  # the few markdown marks the text uses: **bold** and `code`
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", e(text))
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in report.table)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>",
-           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(report.title)}</h1>", f"<p>{e(report.setup)}</p>",
+           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(report.title)}</h1>", f"<p>{inline(report.setup)}</p>",
            "<h2>Results</h2>", f"<table id='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
            "<p>Final top-1: the last epoch's val accuracy, mean ± sample std over the n finished seeds. "
            "Best-epoch top-1 is optimistic (chosen on the val set) and shown only for comparison.</p>",
-           "<h2>Conclusion</h2><ul>", *[f"<li>{bold(line)}</li>" for line in report.conclusion], "</ul>"]
+           "<h2>Conclusion</h2><ul>", *[f"<li>{inline(line)}</li>" for line in report.conclusion], "</ul>"]
     if report.budget:
         out += ["<h2>Matched budgets</h2><ul>", *[f"<li>{e(line)}</li>" for line in report.budget], "</ul>"]
     if report.problems:

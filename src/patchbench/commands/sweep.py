@@ -1,12 +1,35 @@
-"""`patchbench sweep` (placeholder while it is being built; replaced by its owner)."""
+"""`patchbench sweep --grid 'patch_size=2,4,8 kernel_size=3,5,7,9' --model M --preset P --out STUDY`.
 
+Each grid cell is a set of model overrides; every (cell, seed) is a run of the study, with compare's
+skip/resume rules and per-run locks, so several processes or machines can share one sweep folder.
+The report gains a heatmap of final top-1 over the grid.
+"""
+
+from __future__ import annotations
+
+from patchbench.commands.compare import add_study_args, print_result, report_formats
+from patchbench.config import get_preset
 from patchbench.errors import UserError
 
 
 def add_parser(sub):
-    p = sub.add_parser("sweep", help="(being built)")
+    p = sub.add_parser("sweep", help="train a grid of model overrides x seeds into a study folder",
+                       description="Expand --grid into runs of one model (each cell: model overrides), train "
+                       "them into STUDY/runs/ like compare does, then write the report with a heatmap.")
+    p.add_argument("--grid", required=True, metavar="'K=V1,V2 K2=...'",
+                   help="space-separated KEY=V1,V2,... model overrides, e.g. 'patch_size=2,4,8 kernel_size=3,5,7,9'")
+    p.add_argument("--model", required=True, metavar="NAME", help="the model to sweep, e.g. convmixer_256_8")
+    add_study_args(p, default_seeds="0")
     p.set_defaults(func=run)
 
 
-def run(args):
-    raise UserError("'patchbench sweep' is not built yet")
+def run(args) -> int:
+    from patchbench.compare import parse_grid, parse_seeds, sweep
+
+    if args.lock_timeout <= 0:
+        raise UserError(f"--lock-timeout must be a positive number of seconds, got {args.lock_timeout}")
+    result = sweep(get_preset(args.preset), args.model, parse_grid(args.grid), parse_seeds(args.seeds), args.out,
+                   source=args.data, progress=not args.quiet, stale_after=args.lock_timeout,
+                   report_formats=report_formats(args))
+    print_result(result)
+    return 1 if result.outcome["failed"] else 0

@@ -1,0 +1,516 @@
+"""Run a study: every (model, seed) or (sweep cell, seed) as a run directory under STUDY/runs/.
+
+    plan = plan_compare(get_preset("quick"), models, seeds=[0, 1, 2], source="imagenette-160")
+    run_study("studies/quick", plan)         # trains what is missing, then `write_report`
+
+A study is idempotent: a finished run is skipped, an interrupted one resumes from its checkpoint
+(`train_run(..., resume=True)`), so running the same command again does only what is missing.
+Several processes, on one machine or many sharing the folder, can work on one study at once: a
+worker takes a run only by creating its lock file `STUDY/locks/<run>.lock` with O_CREAT|O_EXCL,
+refreshes the file's mtime while it trains (a heartbeat), and removes it when done. A lock whose
+process is gone (same host, dead pid) or whose heartbeat stopped longer than `stale_after` seconds
+ago is stale and is taken over.
+
+Matched budgets (`match_budget`) size each family by its width argument so that the model has
+`budget` parameters within ±5% at the study's image size and class count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from patchbench.config import Preset, RunConfig
+from patchbench.errors import UserError
+from patchbench.flops import count_params
+from patchbench.models import create_model
+
+BUDGET_TOLERANCE = 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing command-line values
+
+
+def parse_names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"{what} {text!r} is empty; give a comma-separated list")
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in parse_names(text, "--seeds")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if min(seeds) < 0:
+        raise UserError(f"--seeds {text!r}: seeds must be >= 0")
+    return seeds
+
+
+def parse_budget(text: str) -> int:
+    """'1.0M', '800K', '1500000' -> a parameter count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--param-budget {text!r}: give a positive count such as 1.0M, 800K or 1500000")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    return int(round(float(m.group(1)) * scale))
+
+
+def _value(text: str) -> Any:
+    """A grid value: int, float, true/false/none, or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_grid(text: str) -> dict[str, list]:
+    """'patch_size=2,4,8 kernel_size=3,5' -> {"patch_size": [2, 4, 8], "kernel_size": [3, 5]}."""
+    grid: dict[str, list] = {}
+    for item in text.split():
+        key, sep, values = item.partition("=")
+        if not sep or not key.isidentifier() or not values.strip(","):
+            raise UserError(f"--grid item {item!r}: write KEY=V1,V2,... (space-separated items), "
+                            f"e.g. 'patch_size=2,4,8 kernel_size=3,5,7,9'")
+        if key in grid:
+            raise UserError(f"--grid names {key!r} twice; give each key once")
+        grid[key] = list(dict.fromkeys(_value(v) for v in values.split(",") if v))
+    if not grid:
+        raise UserError("--grid is empty; e.g. --grid 'patch_size=2,4,8 kernel_size=3,5,7,9'")
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------
+# Matched parameter budgets
+
+
+def model_params(model: str, *, num_classes: int, img_size: int, **overrides) -> int:
+    """Parameter count of `model` built with `overrides`, on the meta device (no memory, instant)."""
+    with torch.device("meta"):
+        return count_params(create_model(model, num_classes=num_classes, img_size=img_size, **overrides))
+
+
+def width_knob(model: str, *, num_classes: int, img_size: int) -> tuple[str, int, Callable[[int], dict], str | None]:
+    """(what is varied, its default, width -> overrides, a finer knob or None) for the model's family.
+
+    ConvMixer: `dim`; ResNet-18 / ResNet-9: `width` (the first stage's channels); ViT: `dim` in steps of
+    the head count with the MLP width in proportion, then, if that misses the tolerance, `mlp_dim`
+    alone (a step of the head count moves a small ViT's size by ~10%).
+    """
+    with torch.device("meta"):
+        net = create_model(model, num_classes=num_classes, img_size=img_size)
+    kind = type(net).__name__
+    if kind == "ConvMixer":
+        return "dim", net.head[-1].in_features, lambda w: {"dim": w}, None
+    if kind in ("ResNet", "ResNet9"):
+        return "width", net.stem.conv.out_channels, lambda w: {"width": w}, None
+    if kind in ("ViT", "SeedViT"):
+        dim, heads = net.head.in_features, net.blocks[0].attn.num_heads
+        ratio = net.blocks[0].mlp.fc1.out_features / dim
+        return "dim", dim // heads, lambda w: {"dim": heads * w, "mlp_dim": round(ratio * heads * w)}, "mlp_dim"
+    raise UserError(f"model {model!r} ({kind}) has no width to size for --param-budget; "
+                    f"use a convmixer_*, vit_* or resnet* model")
+
+
+def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) -> int:
+    """The integer w in [1, limit] whose params(w) is closest to budget; params must grow with w."""
+    lo, hi = 1, max(2, start)
+    while params(hi) < budget and hi < limit:  # grow the bracket until it holds the budget
+        lo, hi = hi, min(limit, hi * 2)
+    while hi - lo > 1:  # params(lo) < budget <= params(hi), or lo == 1
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if params(mid) < budget else (lo, mid)
+    return min((lo, hi), key=lambda w: abs(params(w) - budget))
+
+
+def match_budget(model: str, budget: int, *, num_classes: int, img_size: int,
+                 tolerance: float = BUDGET_TOLERANCE) -> tuple[dict, int]:
+    """(overrides, params): the width whose parameter count is closest to `budget`.
+
+    Raises UserError when even the closest width misses by more than `tolerance` (relative).
+    """
+    knob, default, overrides_for, fine = width_knob(model, num_classes=num_classes, img_size=img_size)
+
+    def count(overrides: dict) -> int:
+        return model_params(model, num_classes=num_classes, img_size=img_size, **overrides)
+
+    overrides = overrides_for(_closest(lambda w: count(overrides_for(w)), budget, default, 1 << 14))
+    if fine and abs(count(overrides) - budget) > tolerance * budget:
+        coarse = dict(overrides)
+        overrides[fine] = _closest(lambda v: count({**coarse, fine: v}), budget, coarse[fine], 1 << 16)
+    got = count(overrides)
+    if abs(got - budget) > tolerance * budget:
+        raise UserError(f"--param-budget {budget:,}: the closest {model} ({knob}={overrides[knob]}) has "
+                        f"{got:,} parameters, more than {tolerance:.0%} off; choose another budget")
+    return overrides, got
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning runs
+
+
+@dataclass
+class PlannedRun:
+    name: str  # directory name under STUDY/runs/
+    config: RunConfig
+
+
+def run_name(model: str, seed: int, cell: dict | None = None) -> str:
+    parts = [model, *(f"{k}={v}" for k, v in (cell or {}).items()), f"s{seed}"]
+    return "-".join(parts)
+
+
+def _with_source(cfg: RunConfig, source: str | None) -> RunConfig:
+    if source:
+        cfg.data = dataclasses.replace(cfg.data, source=source)
+    return cfg
+
+
+def plan_compare(preset: Preset, models: list[str], seeds: list[int], *, source: str | None = None,
+                 chosen: dict[str, dict] | None = None) -> list[PlannedRun]:
+    """Seed-major order, so the first seed of every model finishes before the second starts."""
+    chosen = chosen or {}
+    return [PlannedRun(run_name(m, s), _with_source(preset.config_for(m, s, **chosen.get(m, {})), source))
+            for s in seeds for m in models]
+
+
+def grid_cells(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+
+def check_cells(model: str, cells: list[dict], *, num_classes: int, img_size: int) -> None:
+    """Build every cell on the meta device first, so a bad grid fails before any training."""
+    for cell in cells:
+        try:
+            model_params(model, num_classes=num_classes, img_size=img_size, **cell)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--grid cell {cell} does not build {model} at {img_size}px: "
+                            f"{str(e).splitlines()[0]}") from None
+
+
+def plan_sweep(preset: Preset, model: str, grid: dict[str, list], seeds: list[int], *,
+               source: str | None = None) -> list[PlannedRun]:
+    return [PlannedRun(run_name(model, s, cell), _with_source(preset.config_for(model, s, **cell), source))
+            for s in seeds for cell in grid_cells(grid)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Run locks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive claim on one run, shared through the file system (see the module docstring).
+
+    acquire() never waits: it returns False when a live worker holds the run.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, stale_after: float = 600.0):
+        self.path = Path(path)
+        self.stale_after = stale_after
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def holder(self) -> tuple[dict | None, float] | None:
+        """(the lock's JSON or None if unreadable, its mtime); None when there is no lock."""
+        try:
+            mtime = self.path.stat().st_mtime
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text), mtime
+        except ValueError:
+            return None, mtime  # being written right now, or its writer died mid-write
+
+    def is_stale(self, info: dict | None, mtime: float) -> bool:
+        if time.time() - mtime > self.stale_after:
+            return True
+        return bool(info) and info.get("host") == self.host and not _pid_alive(int(info.get("pid", -1)))
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if attempt == 0 and self._remove_if_stale():
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": self.host, "time": time.time()}, f)
+            self._start_heartbeat()
+            return True
+        return False
+
+    def _remove_if_stale(self) -> bool:
+        """Remove a stale lock; True when the path is free now. Only one worker may judge at a time
+        (a second lock, `.break`), so two workers cannot both remove it, one of them the new holder's."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # a breaker that died in these few lines leaves its file; clear it after a while
+                if time.time() - breaker.stat().st_mtime > 30:
+                    breaker.unlink()
+            except FileNotFoundError:
+                pass
+            return False
+        try:
+            held = self.holder()
+            if held is None:
+                return True
+            if self.is_stale(*held):
+                self.path.unlink(missing_ok=True)
+                return True
+            return False
+        finally:
+            os.close(fd)
+            breaker.unlink(missing_ok=True)
+
+    def _start_heartbeat(self) -> None:
+        interval = max(0.05, min(60.0, self.stale_after / 4))
+
+        def beat():
+            while not self._stop.wait(interval):
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:
+                    return
+
+        self._stop.clear()
+        self._beat = threading.Thread(target=beat, daemon=True)
+        self._beat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        held = self.holder()
+        if held and held[0] and held[0].get("pid") == os.getpid() and held[0].get("host") == self.host:
+            self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a study
+
+
+def run_status(run_dir: Path) -> str:
+    """summary.json's status ("finished", "running", "failed", "interrupted"), or "new"."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status", "new")
+    except (OSError, ValueError):
+        return "new"
+
+
+def train_work(progress: bool) -> Callable[[RunConfig, Path], None]:
+    """The real work: train (or resume) one run."""
+    from patchbench.train import train_run
+
+    def work(cfg: RunConfig, out: Path) -> None:
+        train_run(cfg, out, resume=True, progress=progress)
+
+    return work
+
+
+def _diverged(e: BaseException) -> bool:
+    return type(e).__name__ == "TrainingDiverged"
+
+
+def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callable[[RunConfig, Path], None],
+              progress: bool = True, stale_after: float = 600.0) -> dict[str, list[str]]:
+    """Do every planned run that is not finished and not held by another worker.
+
+    Returns run names by outcome: "trained", "done" (already finished), "held" (another worker has
+    it), "failed" (diverged now or before; delete its folder to try again).
+    """
+    study = Path(study)
+    outcome: dict[str, list[str]] = {"trained": [], "done": [], "held": [], "failed": []}
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    with tqdm(total=len(plan), desc="study", unit="run", disable=not progress, file=sys.stderr) as bar:
+        for p in plan:
+            out = study / "runs" / p.name
+            status = run_status(out)
+            if status in ("finished", "failed"):
+                outcome["done" if status == "finished" else "failed"].append(p.name)
+                bar.update()
+                continue
+            lock = RunLock(study / "locks" / f"{p.name}.lock", stale_after=stale_after)
+            if not lock.acquire():
+                held = lock.holder()
+                who = f"{held[0].get('host')}:{held[0].get('pid')}" if held and held[0] else "another worker"
+                say(f"{p.name}: taken by {who}, skipped")
+                outcome["held"].append(p.name)
+                bar.update()
+                continue
+            try:
+                if run_status(out) == "finished":  # finished by another worker since we looked
+                    outcome["done"].append(p.name)
+                else:
+                    bar.set_postfix_str(p.name)
+                    say(f"{p.name}: {'resuming' if status != 'new' else 'starting'}")
+                    work(p.config, out)
+                    outcome["trained"].append(p.name)
+            except Exception as e:
+                if not _diverged(e):
+                    raise
+                say(f"{p.name}: failed ({e})")
+                outcome["failed"].append(p.name)
+            finally:
+                lock.release()
+            bar.update()
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------------
+# study.json and samples.npz
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_study_json(study: Path, meta: dict) -> dict:
+    """Create or extend study.json. Runs, models, seeds and chosen configurations accumulate; a study of
+    another preset, data or grid in the same folder is refused."""
+    study.mkdir(parents=True, exist_ok=True)
+    path = study / "study.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in ("preset", "data", "grid", "param_budget"):
+            if old.get(key) != meta.get(key):
+                raise UserError(f"{study} holds a study with {key}={old.get(key)!r}, not {meta.get(key)!r}; "
+                                f"use another --out (or the same settings to extend it)")
+        for key in ("models", "seeds", "runs"):
+            meta[key] = list(dict.fromkeys([*old.get(key, []), *meta[key]]))
+        for key in ("chosen", "chosen_params", "patch_sizes"):
+            meta[key] = {**old.get(key, {}), **meta.get(key, {})}
+    _atomic_write_text(path, json.dumps(meta, indent=2))
+    return meta
+
+
+def write_samples(study: Path, data, n: int = 4) -> Path:
+    """samples.npz: the first val image of `n` evenly spaced classes, at the prepared size."""
+    labels = np.asarray(data.val.labels)
+    classes = sorted({int(c) for c in np.linspace(0, len(data.classes) - 1, n).round()})
+    idx = [int(np.flatnonzero(labels == c)[0]) for c in classes if (labels == c).any()]
+    path = study / "samples.npz"
+    tmp = study / f".samples.tmp{os.getpid()}.npz"
+    np.savez(tmp, images=np.asarray(data.val.images[idx]), labels=labels[idx], classes=np.array(data.classes))
+    os.replace(tmp, path)
+    return path
+
+
+def patch_size_of(model: str, overrides: dict, *, num_classes: int, img_size: int) -> int | None:
+    with torch.device("meta"):
+        net = create_model(model, num_classes=num_classes, img_size=img_size, **overrides)
+    return getattr(net, "patch_size", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two entry points: compare (models x seeds) and sweep (grid cells x seeds)
+
+
+@dataclass
+class StudyResult:
+    study: Path
+    meta: dict
+    outcome: dict[str, list[str]]
+    reports: list[Path]
+
+
+def _prepare(preset: Preset, source: str | None, progress: bool):
+    from patchbench.data import prepare
+
+    cfg = dataclasses.replace(preset.data, source=source) if source else preset.data
+    return prepare(cfg, progress=progress)
+
+
+def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, progress: bool,
+             stale_after: float, report_formats) -> StudyResult:
+    for p in plan:
+        p.config.validate()
+    meta["runs"] = [p.name for p in plan]
+    meta = write_study_json(study, meta)
+    write_samples(study, data)
+    outcome = run_study(study, plan, work=work or train_work(progress), progress=progress,
+                        stale_after=stale_after)
+    reports = []
+    if report_formats:
+        from patchbench.report import write_report
+
+        reports = write_report(study, report_formats)
+    return StudyResult(study, meta, outcome, reports)
+
+
+def compare(preset: Preset, models: list[str], seeds: list[int], out: str | os.PathLike, *,
+            source: str | None = None, param_budget: int | None = None, progress: bool = True,
+            stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
+    """Train models x seeds into `out` (skipping finished runs), then write the report."""
+    study = Path(out)
+    data = _prepare(preset, source, progress)
+    num_classes, img_size = len(data.classes), preset.data.img_size
+    chosen, chosen_params = {}, {}
+    for m in models:
+        if param_budget:
+            chosen[m], chosen_params[m] = match_budget(m, param_budget, num_classes=num_classes, img_size=img_size)
+        else:
+            chosen[m] = {}
+            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size)
+    meta = {"kind": "compare", "preset": preset.name, "models": models, "seeds": seeds,
+            "data": source or preset.data.source, "param_budget": param_budget, "chosen": chosen,
+            "chosen_params": chosen_params, "img_size": img_size, "num_classes": num_classes,
+            "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=img_size)
+                            for m in models}}
+    plan = plan_compare(preset, models, seeds, source=source, chosen=chosen)
+    return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
+                    report_formats=report_formats)
+
+
+def sweep(preset: Preset, model: str, grid: dict[str, list], seeds: list[int], out: str | os.PathLike, *,
+          source: str | None = None, progress: bool = True, stale_after: float = 600.0,
+          report_formats=("md", "html"), work=None) -> StudyResult:
+    """Train every grid cell (model overrides) x seed into `out`, then write the report with its heatmap."""
+    study = Path(out)
+    data = _prepare(preset, source, progress)
+    num_classes, img_size = len(data.classes), preset.data.img_size
+    cells = grid_cells(grid)
+    check_cells(model, cells, num_classes=num_classes, img_size=img_size)
+    meta = {"kind": "sweep", "preset": preset.name, "models": [model], "seeds": seeds,
+            "data": source or preset.data.source, "param_budget": None, "grid": grid,
+            "chosen": {}, "chosen_params": {}, "img_size": img_size, "num_classes": num_classes,
+            "patch_sizes": {model: patch_size_of(model, {}, num_classes=num_classes, img_size=img_size)}}
+    plan = plan_sweep(preset, model, grid, seeds, source=source)
+    return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
+                    report_formats=report_formats)
