@@ -202,7 +202,7 @@ def check_cells(model: str, cells: list[dict], *, num_classes: int, img_size: in
     for cell in cells:
         try:
             model_params(model, num_classes=num_classes, img_size=img_size, **cell)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, UserError) as e:
             raise UserError(f"--grid cell {cell} does not build {model} at {img_size}px: "
                             f"{str(e).splitlines()[0]}") from None
 
