@@ -1,12 +1,64 @@
-"""`patchbench bench` (placeholder while it is being built; replaced by its owner)."""
+"""`patchbench bench`: images/s, achieved GFLOP/s and the matmul ceiling; `--against` a reference model."""
 
-from patchbench.errors import UserError
+from __future__ import annotations
+
+import sys
+
+from patchbench.bench import AGAINST, DTYPES, MODES, Settings, format_table, run_bench, write_json
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="(being built)")
+    p = sub.add_parser(
+        "bench", help="measure a model's train/infer step, optionally against timm/torchvision",
+        description="Time a model's train step (forward + backward + AdamW) or forward pass on a random batch. "
+        "Prints images/s (median of --repeats, warm-up excluded), step time, achieved GFLOP/s and its "
+        "fraction of a matmul measured in the same run; with --against, the same model from timm or "
+        "torchvision at its own best settings, timed interleaved with ours; the last line is ratio=ours/reference.",
+    )
+    p.add_argument("--model", required=True, help="registered model name (see `patchbench models`)")
+    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (autocast below fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (references are then tried compiled too)")
+    p.add_argument("--mode", choices=list(MODES), default="train")
+    p.add_argument("--against", choices=list(AGAINST), default=None, help="reference implementation")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
+                   help="do not use patchbench.kernels' depthwise weight-gradient kernel (CPU training)")
+    p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.set_defaults(func=run)
 
 
-def run(args):
-    raise UserError("'patchbench bench' is not built yet")
+def command_line(args) -> str:
+    """The command that reproduces this measurement, every setting spelled out."""
+    words = ["patchbench bench", f"--model {args.model}", f"--img-size {args.img_size}",
+             f"--batch-size {args.batch_size}", f"--dtype {args.dtype}", f"--mode {args.mode}",
+             f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--device {args.device}"]
+    words += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    words += [f"--against {args.against}"] * (args.against is not None) + ["--no-fast-kernels"] * (not args.fast_kernels)
+    return " ".join(words + [f"--out {args.out}"])
+
+
+def run(args) -> int:
+    settings = Settings(args.dtype, args.channels_last, args.compile)
+    result = run_bench(
+        args.model, img_size=args.img_size, batch_size=args.batch_size, settings=settings, mode=args.mode,
+        against=args.against, repeats=args.repeats, warmup=args.warmup, device=args.device,
+        fast_kernels=args.fast_kernels, log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    result["command"] = command_line(args)
+    write_json(args.out, result)
+    print(f"{result['mode']} step, {result['model']} at {result['img_size']}px, batch {result['batch_size']}, "
+          f"{result['device_name']}; median of {result['repeats']} (FLOPs: {result['flops_note']})")
+    print(format_table(result))
+    for r in result["results"]:
+        for note in r["notes"]:
+            print(f"{r['label']}: {note}")
+    ceilings = ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in result["matmul_ceiling_gflops"].items())
+    print(f"matmul ceiling: {ceilings}; results in {args.out}")
+    if "ratio" in result:
+        print(f"ratio={result['ratio']:.2f}")
+    return 0

@@ -1,0 +1,375 @@
+"""Throughput, achieved GFLOP/s, a measured matmul ceiling, and reference models measured side by side.
+
+What is measured, exactly:
+- A *train step* is forward + cross-entropy + backward + AdamW step (+ zero_grad), on a fixed random
+  batch already on the device; an *infer step* is a forward pass under `torch.inference_mode`.
+  Data loading is not included (benchmarks/epoch_time.py times whole epochs).
+- Images/s is batch / median step time over `repeats` timed steps, after `warmup` untimed ones
+  (which also absorb torch.compile's compilation).
+- FLOPs are the forward pass's convolutions, linear layers, matrix products and attention as counted
+  by `torch.utils.flop_counter` (the counter behind `patchbench models`' MACs, x2), times 3 for a
+  train step (backward = input + weight gradients); normalisation, activations and the optimizer
+  are not counted. Achieved GFLOP/s = FLOPs per image x
+  images/s. The ceiling is a square matmul in the step's compute dtype timed in the same run, so
+  `fraction_of_ceiling` says how far the step is from being matmul-bound on this device.
+- With a reference (`against`), ours and the reference's steps alternate (A, B, A, B, ...) so that
+  load from other processes hits both alike. The reference gets its own best settings: every
+  dtype (fp32, bf16, and ours) x layout (NCHW, channels_last) x compile (only if ours compiles) is
+  screened with a few steps and the fastest is measured against ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from patchbench.errors import UserError
+from patchbench.kernels import use_fast_depthwise
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("train", "infer")
+AGAINST = ("timm", "torchvision")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a model is run: compute dtype (autocast below fp32), memory layout, torch.compile."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{' channels_last' if self.channels_last else ''}{' compile' if self.compile else ''}"
+
+
+@dataclass
+class Measurement:
+    label: str  # "ours" or the reference's name
+    model: str
+    settings: Settings
+    params: int
+    step_times_s: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_times_s)
+
+
+# ----------------------------------------------------------------------------- devices and ceilings
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work (asynchronous accelerators); a no-op on CPU."""
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "synchronize"):
+            module.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` on `device` (median of `repeats`): the practical peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 1):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i:  # the first call is a warm-up
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def flops_per_image(build: Callable[[], nn.Module], img_size: int, mode: str) -> float:
+    """FLOPs of one image: the forward pass as counted by torch.utils.flop_counter (on the meta device, so
+    nothing is computed), x3 for a train step (backward = input + weight gradients = 2x forward).
+
+    The counter's own backward count is not used: it ignores `groups` in convolution_backward, so a
+    depthwise conv's backward would be counted `channels` times over (torch 2.14).
+    """
+    with torch.device("meta"):
+        model = build().eval()
+        x = torch.zeros(1, 3, img_size, img_size)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() * (3 if mode == "train" else 1)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_step(model: nn.Module, settings: Settings, *, mode: str, batch_size: int, img_size: int,
+              device: torch.device, num_classes: int) -> Callable[[], None]:
+    """A closure running one train (or infer) step of `model` with `settings` on a fixed random batch."""
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    dtype = DTYPES[settings.dtype]
+    amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    run = torch.compile(model) if settings.compile else model
+
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast(**amp):
+                run(x)
+        return step
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # one kernel for all parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step():
+        with torch.autocast(**amp):
+            logits = run(x)
+        loss = F.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_steps(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Time each step `repeats` times, interleaved (A, B, A, B, ...): load changes hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            t = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def warm_up(step: Callable[[], None], warmup: int, device: torch.device) -> float:
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_for(model: nn.Module, against: str) -> tuple[str, Callable[[], nn.Module]]:
+    """(name, constructor) of the timm/torchvision model with the same parameter shapes as `model`.
+
+    Read from the model's structure, so any registered size maps: ConvMixer <-> timm ConvMixer,
+    ViT <-> timm VisionTransformer, ResNet-18 <-> torchvision resnet18. Raises UserError otherwise.
+    """
+    from patchbench.models.convmixer import ConvMixer
+    from patchbench.models.resnet import ResNet
+    from patchbench.models.vit import ViT
+
+    num_classes = model.head[-1].out_features if isinstance(model.head, nn.Sequential) else model.head.out_features
+    if isinstance(model, ConvMixer) and against == "timm":
+        stem, block = model.stem[0], model.blocks[0]
+        residual, act = block[0], type(model.stem[1])
+        if stem.stride != stem.kernel_size or residual.gain is not None:
+            raise UserError("--against timm: this ConvMixer has an overlapping stem or residual gains "
+                            "(the study's seed_convmixer), which timm's ConvMixer has not; bench a convmixer_* model")
+        from timm.models.convmixer import ConvMixer as TimmConvMixer
+
+        args = dict(dim=stem.out_channels, depth=len(model.blocks), kernel_size=residual.fn[0].kernel_size[0],
+                    patch_size=stem.kernel_size[0], in_chans=stem.in_channels, num_classes=num_classes, act_layer=act)
+        return "timm ConvMixer", lambda: TimmConvMixer(**args)
+    if isinstance(model, ViT) and against == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        block = model.blocks[0]
+        args = dict(img_size=model.default_img_size, patch_size=model.patch_size,
+                    in_chans=model.patch_embed.in_channels, num_classes=num_classes,
+                    embed_dim=model.patch_embed.out_channels, depth=len(model.blocks),
+                    num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / block.mlp.fc1.in_features,
+                    qkv_bias=True, class_token=True, global_pool="token")
+        return "timm VisionTransformer", lambda: VisionTransformer(**args)
+    if isinstance(model, ResNet) and against == "torchvision":
+        depths = [len(stage) for stage in model.blocks]
+        if depths != [2, 2, 2, 2] or model.stem.conv.kernel_size != (7, 7) or model.stem.conv.out_channels != 64:
+            raise UserError("--against torchvision maps only resnet18 (standard stem, width 64)")
+        import torchvision
+
+        return "torchvision resnet18", lambda: torchvision.models.resnet18(num_classes=num_classes)
+    raise UserError(f"--against {against}: no equivalent for {type(model).__name__}; "
+                    "use convmixer_* or vit_* with --against timm, resnet18 with --against torchvision")
+
+
+def reference_candidates(ours: Settings, device: torch.device) -> list[Settings]:
+    """The settings a reference is screened over: its best is at least as well equipped as ours."""
+    dtypes = ["fp32", "bf16"] + ([ours.dtype] if ours.dtype not in ("fp32", "bf16") else [])
+    compiles = [False, True] if ours.compile else [False]
+    return [Settings(d, cl, c) for c in compiles for d in dtypes for cl in (False, True)]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Settings, mode: str = "train",
+              against: str | None = None, repeats: int = 5, warmup: int = 2, device: str = "auto",
+              fast_kernels: bool = True, num_classes: int = 10, log: Callable[[str], None] = print) -> dict:
+    """Measure `model_name` (and a reference) and return the dict that goes into bench.json."""
+    from patchbench.flops import count_params
+    from patchbench.models import create_model
+
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if settings.dtype not in DTYPES:
+        raise UserError(f"--dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if against is not None and against not in AGAINST:
+        raise UserError(f"--against {against!r} is not one of {', '.join(AGAINST)}")
+    for flag, value in [("--img-size", img_size), ("--batch-size", batch_size), ("--repeats", repeats)]:
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if warmup < 1:
+        raise UserError(f"--warmup must be >= 1, got {warmup}")
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+
+    def build():
+        return create_model(model_name, num_classes=num_classes, img_size=img_size)
+
+    model = build()
+    reference = reference_for(model, against) if against is not None else None  # fail before any timing
+    flops = flops_per_image(build, img_size, mode)
+    swapped = use_fast_depthwise(model) if fast_kernels and mode == "train" and dev.type == "cpu" else 0
+    ours = Measurement("ours", model_name, settings, count_params(model))
+    if swapped:
+        ours.notes.append(f"{swapped} depthwise convs with the C weight-gradient kernel (patchbench.kernels)")
+    step_args = dict(mode=mode, batch_size=batch_size, img_size=img_size, device=dev, num_classes=num_classes)
+    steps = {"ours": make_step(model, settings, **step_args)}
+    log(f"ours: {model_name} [{settings}] warm-up {warm_up(steps['ours'], warmup, dev):.1f}s")
+
+    ref = None
+    if reference is not None:
+        ref_name, ref_build = reference
+        screened = {}
+        for s in reference_candidates(settings, dev):
+            step = make_step(ref_build(), s, **step_args)
+            warm_up(step, warmup, dev)
+            screened[s] = step
+        times = time_steps(screened, 2, dev)
+        for s in screened:
+            log(f"  {ref_name} [{s}]: {statistics.median(times[s]) * 1e3:.0f} ms/step (screening)")
+        best = min(screened, key=lambda s: statistics.median(times[s]))
+        ref = Measurement(ref_name, ref_name, best, count_params(ref_build()))
+        ref.notes.append("best of " + ", ".join(f"[{s}] {statistics.median(times[s]) * 1e3:.0f} ms" for s in screened))
+        if ref.params != ours.params:
+            ref.notes.append(f"parameter count differs from ours: {ref.params:,} vs {ours.params:,}")
+        steps[ref_name] = screened[best]
+        del screened
+
+    times = time_steps(steps, repeats, dev)
+    ours.step_times_s = times["ours"]
+    if ref is not None:
+        ref.step_times_s = times[ref.label]
+
+    dtypes = {settings.dtype} | ({ref.settings.dtype} if ref is not None else set())
+    ceilings = {d: matmul_ceiling(dev, DTYPES[d]) for d in sorted(dtypes)}
+    result = {
+        "model": model_name, "mode": mode, "img_size": img_size, "batch_size": batch_size, "repeats": repeats,
+        "warmup": warmup, "device": str(dev), "device_name": device_name(dev),
+        "flops_per_image": flops,
+        "flops_note": "torch.utils.flop_counter forward FLOPs (conv/linear/matmul/attention)"
+                      + (" x3 for forward + backward" if mode == "train" else "") + "; norms, activations, optimizer not counted",
+        "matmul_ceiling_gflops": ceilings, "matmul_ceiling_note": "2048x2048x2048 matmul, median of 5, same run",
+        "results": [summarise(m, batch_size, flops, ceilings) for m in [ours] + ([ref] if ref else [])],
+        "env": environment(),
+    }
+    if ref is not None:
+        result["ratio"] = ref.step_s / ours.step_s  # ours / reference in images per second
+    return result
+
+
+def summarise(m: Measurement, batch_size: int, flops: float, ceilings: dict[str, float]) -> dict:
+    images_per_s = batch_size / m.step_s
+    gflops = flops * images_per_s / 1e9
+    return {
+        "label": m.label, "model": m.model, "settings": dataclasses.asdict(m.settings), "params": m.params,
+        "step_s": m.step_s, "step_times_s": m.step_times_s, "images_per_s": images_per_s,
+        "achieved_gflops": gflops, "fraction_of_ceiling": gflops / ceilings[m.settings.dtype], "notes": m.notes,
+    }
+
+
+def environment() -> dict:
+    import torchvision
+
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def format_table(result: dict) -> str:
+    rows = ["| model | settings | params | step (ms) | images/s | GFLOP/s | of ceiling |", "|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        s = Settings(**r["settings"])
+        rows.append(f"| {r['model']} | {s} | {r['params']:,} | {r['step_s'] * 1e3:.0f} | {r['images_per_s']:.1f} "
+                    f"| {r['achieved_gflops']:.0f} | {r['fraction_of_ceiling']:.0%} |")
+    return "\n".join(rows)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON atomically: a temporary file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
