@@ -10,14 +10,13 @@ listed in the report and left out of the statistics; they never crash it.
 
 Runs are grouped into *configurations* (model name + model overrides); the seeds of a configuration
 give the mean, the sample standard deviation and n. Accuracies are fractions in the files and
-percent here.
+percent here. The figures are drawn in patchbench.report_figures, one function each.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -27,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from patchbench.errors import UserError
+from patchbench.report_figures import (figure_accuracy_curves, figure_confusion, figure_loss_curves,
+                                       figure_patch_grid, figure_png, figure_sweep_heatmap, figure_tradeoffs,
+                                       patch_views)
 
 FORMATS = ("md", "html")
 
@@ -319,190 +320,6 @@ def conclusion(groups: list[Group]) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------------------------------
-# Figures: one function each, Figure in, nothing global (no pyplot state)
-
-
-def _curves(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(epochs, values (n_runs, n_epochs)) over the epochs every run has."""
-    series = [[m[key] for m in r.metrics if m.get(key) is not None] for r in runs]
-    n = min((len(s) for s in series), default=0)
-    if n == 0:
-        return None
-    return np.arange(1, n + 1), np.array([s[:n] for s in series], dtype=float)
-
-
-def _band(ax, epochs, values, label, color, scale=1.0, style="-"):
-    mean = values.mean(0) * scale
-    ax.plot(epochs, mean, style, color=color, label=f"{label} (n={len(values)})", marker="o", markersize=3)
-    if len(values) > 1:
-        ax.fill_between(epochs, values.min(0) * scale, values.max(0) * scale, color=color, alpha=0.2)
-
-
-def _colors(n: int) -> list:
-    return [f"C{i % 10}" for i in range(n)]
-
-
-def figure_accuracy_curves(groups: list[Group]) -> Figure:
-    """Val top-1 per epoch: the mean over seeds, with a band from the lowest to the highest seed."""
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.add_subplot()
-    for g, color in zip(groups, _colors(len(groups))):
-        c = _curves(g.done, "val_top1")
-        if c:
-            _band(ax, *c, g.label, color, scale=100)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title("Validation accuracy (line: mean over seeds; band: min to max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def figure_loss_curves(groups: list[Group]) -> Figure:
-    """Train and val loss per epoch, side by side, mean over seeds with a min-max band."""
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, title in zip(axes, ("train_loss", "val_loss"), ("train loss", "val loss")):
-        for g, color in zip(groups, _colors(len(groups))):
-            c = _curves(g.done, key)
-            if c:
-                _band(ax, *c, g.label, color)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(title)
-        ax.set_title(title.capitalize())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-TRADEOFF_AXES = [("params", "parameters"), ("macs", "MACs per image"),
-                 ("infer_images_per_s", "inference images/s")]
-
-
-def figure_tradeoffs(rows: list[dict]) -> Figure:
-    """Final top-1 (mean, error bar = std over seeds) against params, MACs and inference throughput."""
-    fig = Figure(figsize=(12, 3.8))
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, (key, xlabel) in zip(axes, TRADEOFF_AXES):
-        for row, color in zip(rows, _colors(len(rows))):
-            if row["final_mean"] is None or not row.get(key):
-                continue
-            ax.errorbar(row[key], 100 * row["final_mean"], yerr=100 * (row["final_std"] or 0), fmt="o",
-                        color=color, capsize=3, label=row["label"])
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel + " (log)")
-        ax.set_title(f"accuracy vs {xlabel}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("final val top-1 (%)")
-    fig.tight_layout()
-    return fig
-
-
-def figure_confusion(group: Group) -> Figure | None:
-    """Confusion matrix summed over the group's seeds, each row as % of that true class."""
-    evals = [r.eval for r in group.done if r.eval and r.eval.get("confusion")]
-    if not evals:
-        return None
-    conf = np.sum([np.array(e["confusion"], dtype=float) for e in evals], axis=0)
-    rows = 100 * conf / np.maximum(conf.sum(1, keepdims=True), 1)
-    classes = evals[0].get("classes") or [str(i) for i in range(len(conf))]
-    fig = Figure(figsize=(1.0 + 0.55 * len(classes), 0.8 + 0.5 * len(classes)))
-    ax = fig.add_subplot()
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{rows[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if rows[i, j] > 50 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"{group.label}: confusion (% of row, n={len(evals)})")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
-def patch_views(groups: list[Group], known: dict[str, int | None] | None = None) -> dict[tuple[int, int], list[str]]:
-    """(patch_size, img_size) -> labels of the configurations that cut images that way.
-
-    A run's patch size is its model override, else summary.json's, else `known[model]` (study.json's
-    "patch_sizes", recorded by compare)."""
-    views: dict[tuple[int, int], list[str]] = {}
-    for g in groups:
-        run = (g.done or g.runs)[0]
-        patch = run.patch_size or (known or {}).get(g.model)
-        if patch and run.img_size:
-            views.setdefault((int(patch), int(run.img_size)), []).append(g.label)
-    return dict(sorted(views.items()))
-
-
-def figure_patch_grid(samples: dict, views: dict[tuple[int, int], list[str]], max_images: int = 4) -> Figure | None:
-    """A few val images (rows) as each model sees them, cut into its patches (columns: patch sizes)."""
-    if samples is None or not views:
-        return None
-    images, labels, classes = samples["images"][:max_images], samples["labels"], samples["classes"]
-    fig = Figure(figsize=(2.2 * len(views) + 0.6, 2.2 * len(images) + 0.4))
-    axes = np.array(fig.subplots(len(images), len(views), squeeze=False))
-    for col, ((patch, size), users) in enumerate(views.items()):
-        for row, img in enumerate(images):
-            ax = axes[row, col]
-            ax.imshow(img, extent=(0, size, size, 0), interpolation="nearest")  # image drawn at the model's size
-            ticks = np.arange(0, size + 1, patch)
-            ax.vlines(ticks, 0, size, colors="white", linewidth=0.6, alpha=0.8)
-            ax.hlines(ticks, 0, size, colors="white", linewidth=0.6, alpha=0.8)
-            ax.set_xlim(0, size)
-            ax.set_ylim(size, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"patch {patch} at {size}px\n({(size // patch) ** 2} patches)\n" + ", ".join(users),
-                             fontsize=7)
-            if col == 0:
-                ax.set_ylabel(str(classes[labels[row]]), fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def figure_sweep_heatmap(groups: list[Group], grid: dict[str, list]) -> Figure | None:
-    """Mean final top-1 over a 1- or 2-key grid (rows: first key, columns: second key)."""
-    keys = list(grid)
-    if not 1 <= len(keys) <= 2:
-        return None
-    rows_k, cols_k = keys[0], keys[1] if len(keys) == 2 else None
-    row_vals, col_vals = grid[rows_k], grid[cols_k] if cols_k else [None]
-    acc = np.full((len(row_vals), len(col_vals)), np.nan)
-    counts = np.zeros_like(acc, dtype=int)
-    for g in groups:
-        vals = [r.summary["final_top1"] for r in g.done]
-        rv, cv = g.overrides.get(rows_k), g.overrides.get(cols_k) if cols_k else None
-        if vals and rv in row_vals and cv in col_vals:
-            i, j = row_vals.index(rv), col_vals.index(cv)
-            acc[i, j], counts[i, j] = 100 * sum(vals) / len(vals), len(vals)
-    fig = Figure(figsize=(1.6 + 1.1 * len(col_vals), 1.2 + 0.8 * len(row_vals)))
-    ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
-    for i in range(len(row_vals)):
-        for j in range(len(col_vals)):
-            text = "missing" if np.isnan(acc[i, j]) else f"{acc[i, j]:.1f}\nn={counts[i, j]}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="black" if np.isnan(acc[i, j]) or acc[i, j] > np.nanmean(acc) else "white")
-    ax.set_yticks(range(len(row_vals)), [str(v) for v in row_vals])
-    ax.set_ylabel(rows_k)
-    ax.set_xticks(range(len(col_vals)), [str(v) for v in col_vals] if cols_k else [""])
-    ax.set_xlabel(cols_k or "")
-    ax.set_title("final val top-1 (%), mean over seeds")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
 def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tuple[str, str, Figure]]:
     """(file stem, caption, figure) for every figure the study's files allow."""
     figs = [("accuracy", "Validation top-1 per epoch", figure_accuracy_curves(groups)),
@@ -520,12 +337,6 @@ def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tu
         if conf is not None:
             figs.append((f"confusion-{_slug(g.label)}", f"Confusion matrix: {g.label}", conf))
     return figs
-
-
-def figure_png(fig: Figure, dpi: int = 90) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------
