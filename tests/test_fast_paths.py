@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 
 from patchbench import kernels
-from patchbench.kernels import FastDepthwiseConv2d, depthwise_weight_grad, use_fast_depthwise
+from patchbench.kernels import FastDepthwiseConv2d, depthwise_param_grads, use_fast_depthwise
 from patchbench.models import create_model
 
 pytestmark = pytest.mark.skipif(not kernels.fast_depthwise_available(7), reason="no C compiler here")
@@ -30,15 +30,16 @@ def test_weight_grad_matches_float64_fp32(k, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(3, 32, 9, 11).contiguous(memory_format=fmt)  # H != W catches swapped axes
     g = torch.randn(3, 32, 9, 11)
-    ours = depthwise_weight_grad(x, g, k)
+    ours, bias = depthwise_param_grads(x, g, k)
     assert ours.shape == (32, 1, k, k) and ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), reference_weight_grad(x, g, k), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bias.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
 def test_weight_grad_bf16_inputs_accumulate_in_fp32():
     x = torch.randn(4, 16, 12, 12).bfloat16().contiguous(memory_format=torch.channels_last)
     g = torch.randn(4, 16, 12, 12).bfloat16()
-    ours = depthwise_weight_grad(x, g, 7)
+    ours, _ = depthwise_param_grads(x, g, 7)
     # exact up to fp32 summation: the bf16 values are converted, never rounded again
     torch.testing.assert_close(ours.double(), reference_weight_grad(x, g, 7), rtol=1e-5, atol=1e-4)
 
@@ -46,7 +47,7 @@ def test_weight_grad_bf16_inputs_accumulate_in_fp32():
 def test_weight_grad_is_usable_by_torch_library_checks():
     x = torch.randn(2, 16, 6, 6)
     g = torch.randn(2, 16, 6, 6)
-    torch.library.opcheck(depthwise_weight_grad, (x, g, 5), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(depthwise_param_grads, (x, g, 5), test_utils=("test_schema", "test_faketensor"))
 
 
 def small_convmixer(**kw):

@@ -49,11 +49,12 @@ typedef float v16 __attribute__((vector_size(64)));  /* 16 channels of fp32 */
 static inline float from_f32(float v) { return v; }
 static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 
-/* dw[k][c] = sum_{b,h,w} x[b][h+i-P][w+j-P][c] * g[b][h][w][c] for k = i*KS + j; x and g are (B, H, W, C)
-   contiguous (channels_last), dw is (KS*KS, C) fp32. Blocks of 16 channels are shared out among the
+/* dw[k][c] = sum_{b,h,w} x[b][h+i-P][w+j-P][c] * g[b][h][w][c] for k = i*KS + j, and the bias gradient
+   db[c] = sum_{b,h,w} g[b][h][w][c]; x and g are (B, H, W, C) contiguous (channels_last), dw is
+   (KS*KS, C) and db (C,), both fp32. Blocks of 16 channels are shared out among the
    OpenMP threads (torch's own pool: the library links the libgomp that torch has loaded). */
 #define DEFINE_WGRAD(NAME, T, LOAD)                                                                  \
-int NAME(const T *x, const T *g, float *dw, long B, long H, long W, long C) {                        \
+int NAME(const T *x, const T *g, float *dw, float *db, long B, long H, long W, long C) {                        \
     long WP = W + 2 * P, failed = 0;                                                                 \
     _Pragma("omp parallel for schedule(static) reduction(|: failed)")                                \
     for (long cb = 0; cb < C / 16; cb++) {                                                           \
@@ -61,7 +62,7 @@ int NAME(const T *x, const T *g, float *dw, long B, long H, long W, long C) {   
         v16 *xb = aligned_alloc(64, sizeof(v16) * (H + 2 * P) * WP);  /* zero-padded input plane */  \
         v16 *gb = aligned_alloc(64, sizeof(v16) * H * W);             /* output-gradient plane */    \
         if (!xb || !gb) { free(xb); free(gb); failed = 1; continue; }                                \
-        v16 total[KS * KS];                                                                          \
+        v16 total[KS * KS], bias = {0};                                                              \
         memset(total, 0, sizeof total);                                                              \
         for (long b = 0; b < B; b++) {                                                               \
             memset(xb, 0, sizeof(v16) * (H + 2 * P) * WP);                                           \
@@ -73,6 +74,7 @@ int NAME(const T *x, const T *g, float *dw, long B, long H, long W, long C) {   
                     for (int l = 0; l < 16; l++) { xv[l] = LOAD(xp[l]); gv[l] = LOAD(gp[l]); }      \
                     xb[(h + P) * WP + w + P] = xv;                                                   \
                     gb[h * W + w] = gv;                                                              \
+                    bias += gv;                                                                      \
                 }                                                                                    \
             for (long h = 0; h < H; h++)                                                             \
                 for (int i = 0; i < KS; i++) {  /* KS running sums of one output row, in registers */\
@@ -87,6 +89,7 @@ int NAME(const T *x, const T *g, float *dw, long B, long H, long W, long C) {   
                 }                                                                                    \
         }                                                                                            \
         for (int k = 0; k < KS * KS; k++) memcpy(dw + k * C + c0, &total[k], sizeof(v16));          \
+        memcpy(db + c0, &bias, sizeof(v16));                                                         \
         free(xb); free(gb);                                                                          \
     }                                                                                                \
     return (int)failed;                                                                              \
@@ -143,7 +146,7 @@ def _compile(kernel_size: int) -> ctypes.CDLL | None:
     for name in ("dw_wgrad_f32", "dw_wgrad_bf16"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 4
     return lib
 
 
@@ -158,9 +161,10 @@ def fast_depthwise_available(kernel_size: int = 7) -> bool:
     return kernel_size % 2 == 1 and _library(kernel_size) is not None
 
 
-@torch.library.custom_op("patchbench::depthwise_weight_grad", mutates_args=())
-def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Weight gradient of a stride-1 'same' depthwise conv: (B, C, H, W) x2 -> (C, 1, k, k) fp32.
+@torch.library.custom_op("patchbench::depthwise_param_grads", mutates_args=())
+def depthwise_param_grads(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradients of a stride-1 'same' depthwise conv: input and output gradient, both
+    (B, C, H, W), -> (C, 1, k, k) and (C,), fp32.
 
     A registered op (opaque to torch.compile) so compiled models can call it too.
     """
@@ -171,19 +175,21 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
     xs = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): a view when x is channels_last
     gs = grad_out.to(x.dtype).permute(0, 2, 3, 1).contiguous()
     dw = torch.empty(kernel_size * kernel_size, C, dtype=torch.float32)  # (k*k, C)
+    db = torch.empty(C, dtype=torch.float32)
     fn = lib.dw_wgrad_f32 if x.dtype == torch.float32 else lib.dw_wgrad_bf16
-    if fn(xs.data_ptr(), gs.data_ptr(), dw.data_ptr(), B, H, W, C) != 0:
+    if fn(xs.data_ptr(), gs.data_ptr(), dw.data_ptr(), db.data_ptr(), B, H, W, C) != 0:
         raise MemoryError("depthwise weight-gradient kernel could not allocate its buffers")
-    return dw.t().contiguous().view(C, 1, kernel_size, kernel_size)
+    return dw.t().contiguous().view(C, 1, kernel_size, kernel_size), db
 
 
-@depthwise_weight_grad.register_fake
+@depthwise_param_grads.register_fake
 def _(x, grad_out, kernel_size):
-    return x.new_empty((x.shape[1], 1, kernel_size, kernel_size), dtype=torch.float32)
+    C = x.shape[1]
+    return x.new_empty((C, 1, kernel_size, kernel_size), dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """F.conv2d forward and input gradient; the weight gradient from the C kernel."""
+    """F.conv2d forward and input gradient; the weight and bias gradients from the C kernel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -199,10 +205,10 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # correlation with the kernel turned 180 degrees: the transpose of a 'same' stride-1 conv
             grad_x = F.conv2d(grad_out, weight.flip((-2, -1)), padding=k // 2, groups=groups)
-        if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad_out, k).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w, grad_b = depthwise_param_grads(x, grad_out, k)
+            grad_w = grad_w.to(weight.dtype)
+            grad_b = grad_b.to(weight.dtype) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
