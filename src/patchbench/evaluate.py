@@ -110,7 +110,7 @@ def _load_image(path: str | Path, transform: dict) -> torch.Tensor:
     from patchbench.data.cache import decode_image
 
     try:
-        return torch.from_numpy(np.ascontiguousarray(decode_image(path, transform["prepare_size"])))
+        return torch.from_numpy(np.array(decode_image(path, transform["prepare_size"])))  # writable copy
     except FileNotFoundError:
         raise UserError(f"image {path}: no such file") from None
     except OSError as e:

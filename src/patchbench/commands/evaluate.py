@@ -1,12 +1,52 @@
-"""`patchbench eval` (placeholder while it is being built; replaced by its owner)."""
+"""`patchbench eval RUN_DIR|CHECKPOINT [--data SRC]`: loss, top-1/top-5, per-class accuracy, confusion matrix.
 
+Deterministic: the full val split, in order, with the run's centre-crop transform.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from patchbench.checkpoint import atomic_write_text
 from patchbench.errors import UserError
 
 
 def add_parser(sub):
-    p = sub.add_parser("eval", help="(being built)")
+    p = sub.add_parser("eval", help="evaluate a run's (or checkpoint's) weights on a val split",
+                       description="Evaluate the weights of a run directory (its checkpoint/last) or of a "
+                       "checkpoint file on the full val split: loss, top-1, top-5, per-class accuracy and "
+                       "the confusion matrix (rows = true class).")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--data", help="dataset to evaluate on (default: the one the run trained on)")
+    p.add_argument("--cache-dir", help="dataset cache folder (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", default="128", metavar="N", help="evaluation batch size (default 128)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
     p.set_defaults(func=run)
 
 
 def run(args):
-    raise UserError("'patchbench eval' is not built yet")
+    from patchbench.evaluate import evaluate
+
+    try:
+        batch_size = int(args.batch_size)
+    except ValueError:
+        raise UserError(f"--batch-size {args.batch_size!r}: need a whole number") from None
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: need at least 1")
+    result = evaluate(args.path, args.data, device=args.device, batch_size=batch_size,
+                      cache_dir=args.cache_dir, progress=sys.stderr.isatty())
+    text = json.dumps(result, indent=1)
+    if args.output:
+        atomic_write_text(args.output, text)
+    if args.json:
+        print(text)
+        return 0
+    print(f"{result['checkpoint']}: {result['images']} images  loss {result['loss']:.4f}  "
+          f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+    width = max(len(c) for c in result["classes"])
+    for name, acc in zip(result["classes"], result["per_class_top1"]):
+        print(f"  {name:<{width}}  {'n/a' if acc is None else f'{100 * acc:6.2f}%'}")
+    return 0

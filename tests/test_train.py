@@ -1,0 +1,223 @@
+"""The training loop on a tiny generated image folder, through the real data pipeline.
+
+Covers: loss falls, the run directory's contract, exact resume (after a crash at an epoch boundary
+and after SIGINT mid-epoch), the NaN stop, and bad input (one-line errors, nothing overwritten).
+"""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import patchbench.train as train_mod
+from patchbench.cli import main
+from patchbench.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from patchbench.errors import UserError
+from patchbench.train import TrainingDiverged, train_run
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def make_image_folder(root, classes=3, train=8, val=4, size=32, seed=0):
+    """train/<class>/*.JPEG and val/<class>/*.JPEG: one noisy colour per class (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"n0{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = np.clip(np.array(COLOURS[c]) + rng.normal(0, 50, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(d / f"img{i}.JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def tiny_config(folder, cache, model="vit_tiny_6l8h", **train):
+    overrides = {"vit_tiny_6l8h": {"dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8,
+                                   "dropout": 0.1},
+                 "resnet9": {"width": 8}}.get(model, {})
+    t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu")
+    t.update(train)
+    return RunConfig(model=ModelConfig(model, overrides),
+                     data=DataConfig(source=str(folder), cache_dir=str(cache), prepare_size=32, img_size=32),
+                     train=TrainConfig(**t))
+
+
+def weights(run_dir, name="last"):
+    return load_file(str(run_dir / "checkpoint" / f"{name}.safetensors"))
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]  # noqa: E731
+    assert strip(metrics(a)) == strip(metrics(b))
+
+
+def test_loss_falls_and_run_dir_follows_the_contract(folder, tmp_path):
+    out = tmp_path / "run"
+    summary = train_run(tiny_config(folder, tmp_path, "resnet9", epochs=4, lr=1e-2), out, progress=False)
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < 0.6 * rows[0]["train_loss"]
+    assert rows[-1]["val_top1"] > 0.5  # chance is 1/3
+    for key in ("epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+                "epoch_time_s", "train_images_per_s"):
+        assert key in rows[0]
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 4
+    assert summary["final_top1"] == rows[-1]["val_top1"]
+    assert summary["best_top1"] == max(r["val_top1"] for r in rows) and summary["params"] > 0 and summary["macs"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["name"] == "resnet9" and cfg["train"]["seed"] == 0
+    assert {"torch", "torchvision", "patchbench", "python", "git_commit", "device", "world_size"} <= set(cfg["env"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["classes"] == ["n00", "n01", "n02"] and ev["top1"] == rows[-1]["val_top1"]
+    assert np.array(ev["confusion"]).sum() == 12 and len(ev["per_class_top1"]) == 3
+    best = json.loads((out / "checkpoint" / "best.json").read_text())
+    assert best["epoch"] == 1 + int(np.argmin([r["val_loss"] for r in rows]))
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    # a finished run resumes to its summary without doing any work
+    before = (out / "checkpoint" / "last.safetensors").stat().st_mtime_ns
+    assert train_run(tiny_config(folder, tmp_path, "resnet9", epochs=4, lr=1e-2), out, resume=True,
+                     progress=False) == summary
+    assert (out / "checkpoint" / "last.safetensors").stat().st_mtime_ns == before
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monkeypatch):
+    cfg = tiny_config(folder, tmp_path)
+    train_run(cfg, tmp_path / "full", progress=False)
+
+    real = train_mod.evaluate_model
+    calls = []
+
+    def crash_in_second_validation(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_model", crash_in_second_validation)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_mod, "evaluate_model", real)
+    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1]
+    train_run(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert_same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch):
+    cfg = tiny_config(folder, tmp_path)
+    train_run(cfg, tmp_path / "full", progress=False)
+
+    real = train_mod.lr_at
+
+    def signal_at_step_4(step, total, t):
+        if step == 4:  # epoch 2 (3 steps per epoch), batch 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, total, t)
+
+    monkeypatch.setattr(train_mod, "lr_at", signal_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_mod, "lr_at", real)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "last.json").read_text())
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 5)
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "interrupted"
+    train_run(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    cfg = tiny_config(folder, tmp_path)
+    real = torch.nn.functional.cross_entropy
+    steps = []
+
+    def nan_in_epoch_2(logits, y, **kw):
+        loss = real(logits, y, **kw)
+        if logits.requires_grad:
+            steps.append(1)
+            if len(steps) == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", nan_in_epoch_2)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        train_run(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "run"
+    state = json.loads((out / "checkpoint" / "last.json").read_text())
+    assert state["epoch"] == 1 and state["batch"] == 0
+    assert all(torch.isfinite(w).all() for w in weights(out).values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "nan" in summary["error"]
+
+
+def cli(capsys, *argv):
+    code = main(["train", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_trains_resumes_and_rejects_bad_input(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", "resnet9", "--model-arg", "width=8", "--data", str(folder), "--cache-dir", str(tmp_path),
+            "--preset", "smoke", "--device", "cpu", "--no-progress"]
+    code, stdout, err = cli(capsys, *base, "--epochs", "2", "--out", str(out))
+    assert code == 0, err
+    assert "resnet9: final top-1" in stdout
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["preset"] == "smoke" and saved["train"]["epochs"] == 2 and saved["model"]["overrides"] == {"width": 8}
+    mtime = (out / "config.json").stat().st_mtime_ns
+
+    bad = [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--lr", "abc"], "--lr 'abc': need a number"),
+        (["--amp", "fp8"], "--amp 'fp8': choose one of none, bf16, fp16"),
+        (["--epochs", "0"], "--epochs 0: need a whole number >= 1"),
+        (["--img-size", "64"], "--img-size 64: need between 1 and --prepare-size (32)"),
+        (["--scale", "1"], "--scale '1': need two numbers MIN,MAX"),
+    ]
+    for extra, message in bad:
+        args = base + extra + ["--out", str(tmp_path / "other")]
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    code, _, err = cli(capsys, *base, "--out", str(out))
+    assert code == 2 and "already holds a run of resnet9; pass --resume" in err
+    code, _, err = cli(capsys, *[a if a != "resnet9" else "convmixer_256_8" for a in base], "--out", str(out))
+    assert code == 2 and "belongs to another model (resnet9, not convmixer_256_8)" in err
+    code, _, err = cli(capsys, "--resume", str(out), "--lr", "0.5", "--no-progress")
+    assert code == 2 and "cannot resume" in err and "train.lr" in err
+    code, _, err = cli(capsys, *base[:4], "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "no such file or folder" in err
+    code, _, err = cli(capsys, "--resume", str(tmp_path / "nothing"))
+    assert code == 2 and "no run there" in err
+    assert (out / "config.json").stat().st_mtime_ns == mtime  # nothing was overwritten
+    assert not (tmp_path / "other").exists()
+
+    code, stdout, err = cli(capsys, "--resume", str(out), "--no-progress")  # finished: no work
+    assert code == 0 and "final top-1" in stdout
+    code, _, err = cli(capsys, *base, "--epochs", "1", "--out", str(out), "--overwrite")
+    assert code == 0 and len(metrics(out)) == 1
+
+
+def test_list_presets(capsys):
+    code, out, _ = cli(capsys, "--list-presets")
+    assert code == 0
+    for name in ("seed", "study160", "quick", "smoke"):
+        assert f"{name}:" in out
+    assert "sized for 100 epochs" in out
