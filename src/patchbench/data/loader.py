@@ -25,7 +25,7 @@ import torch
 
 from patchbench.config import DataConfig
 from patchbench.data.augment import (center_crop_boxes, check_crop_args, crop_resize_normalize,
-                                     random_resized_crop_boxes)
+                                     one_thread, random_resized_crop_boxes)
 from patchbench.data.cache import Split
 from patchbench.errors import UserError
 
@@ -123,13 +123,14 @@ class Loader:
         perm = self._permutation()
         for b in range(self.num_batches):
             idx = self._indices(b, perm)
-            if self.train:
-                g = seeded_generator(self.seed, self.epoch, _AUGMENT, b)
-                # drawn for the whole global batch, this rank keeps its part
-                boxes = random_resized_crop_boxes(B * W, self.size, cfg.scale, cfg.ratio, g)[r * B:(r + 1) * B]
-                flip = (torch.rand(B * W, generator=g) < 0.5)[r * B:(r + 1) * B] if cfg.hflip else None
-            else:
-                boxes = center_crop_boxes(len(idx), self.size, cfg.eval_crop)
-                flip = None
+            with one_thread():
+                if self.train:
+                    g = seeded_generator(self.seed, self.epoch, _AUGMENT, b)
+                    # drawn for the whole global batch, this rank keeps its part
+                    boxes = random_resized_crop_boxes(B * W, self.size, cfg.scale, cfg.ratio, g)[r * B:(r + 1) * B]
+                    flip = (torch.rand(B * W, generator=g) < 0.5)[r * B:(r + 1) * B] if cfg.hflip else None
+                else:
+                    boxes = center_crop_boxes(len(idx), self.size, cfg.eval_crop)
+                    flip = None
             images, labels = self._gather(idx)
             yield crop_resize_normalize(images, boxes, flip, cfg.img_size, cfg.mean, cfg.std), labels
