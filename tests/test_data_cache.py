@@ -1,6 +1,8 @@
 """`prepare`: decode once into a uint8 memmap cache, reuse it, skip and report corrupt images."""
 
+import hashlib
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -107,7 +109,6 @@ def test_cli_prepare_archive_with_md5(tmp_path, capsys):
     archive = tmp_path / "toy.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="toy")
-    import hashlib
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     argv = ["data", "prepare", "--data", str(archive), "--md5", md5, "--img-size", "20",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
@@ -143,3 +144,15 @@ def test_bad_prepare_size(tmp_path, size):
     from patchbench.errors import UserError
     with pytest.raises(UserError, match="prepare_size"):
         prepare(cfg_for(make_folder(tmp_path / "toy"), tmp_path, prepare_size=size), progress=False)
+
+
+def test_reextracting_the_same_archive_reuses_the_prepared_cache(tmp_path):
+    root = make_folder(tmp_path / "toy")
+    archive = tmp_path / "toy.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    cfg = cfg_for(archive, tmp_path, prepare_size=12)
+    first = prepare(cfg, progress=False, workers=1)
+    shutil.rmtree(tmp_path / "cache" / "extracted")  # files come back with the archive's mtimes
+    again = prepare(cfg, progress=False, workers=1)
+    assert again.reused and again.path == first.path

@@ -19,6 +19,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -226,6 +227,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 src = tar.extractfile(member)
                 with src, open(out, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 20)
+                os.utime(out, (member.mtime, member.mtime))  # the archive's times: a stable cache key
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, UserError):
             raise
@@ -252,6 +254,8 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(out, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 20)
+                mtime = time.mktime(info.date_time + (0, 0, -1))
+                os.utime(out, (mtime, mtime))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise UserError(f"cannot read archive {archive}: {e} (truncated or corrupt? "
                         f"download it again)") from e
