@@ -114,10 +114,6 @@ class Loader:
         lo, hi = self._eval_range
         return torch.arange(lo + b * B, min(lo + (b + 1) * B, hi))
 
-    def batch_indices(self, b: int) -> torch.Tensor:
-        """Dataset indices of this rank's batch b in the current epoch (what `iter` yields labels for)."""
-        return self._indices(b, self._permutation())
-
     def __iter__(self):
         cfg, B, W, r = self.cfg, self.batch_size, self.world_size, self.rank
         perm = self._permutation()
