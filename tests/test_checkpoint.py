@@ -1,0 +1,112 @@
+"""Checkpoints: a faithful round trip, atomic replacement, corruption detected, no pickle anywhere."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from patchbench import checkpoint as ck
+from patchbench.errors import UserError
+
+
+def trained_model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(torch.randn(5, 4)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+def save(folder, model, opt, **extra):
+    opt_doc, opt_t = ck.optimizer_to_parts(opt)
+    rng_doc, rng_t = ck.rng_to_parts()
+    return ck.save_checkpoint(folder, "last", model.state_dict(),
+                              {"epoch": 3, "optimizer": opt_doc, "rng": rng_doc, **extra}, {**opt_t, **rng_t})
+
+
+def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    model, opt = trained_model_and_optimizer()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save(tmp_path, model, opt)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    state, weights, tensors = ck.load_checkpoint(tmp_path / "last.json")
+    assert state["epoch"] == 3
+    fresh, fresh_opt = trained_model_and_optimizer(seed=9)
+    fresh.load_state_dict(weights)
+    ck.optimizer_from_parts(fresh_opt, state["optimizer"], tensors)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    # the next optimizer step is the same, so the moments and step counts came back
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        torch.manual_seed(0)
+        loss = m(torch.randn(5, 4)).square().mean()
+        o.zero_grad()
+        loss.backward()
+        o.step()
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    ck.rng_from_parts(state["rng"], tensors)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, opt = trained_model_and_optimizer()
+    save(tmp_path, model, opt)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def crash_on_second_file(tensors, path, *a, **k):
+        calls.append(path)
+        real(tensors, path, *a, **k)
+        if len(calls) == 2:  # the weights were written to their temp file, the state half-way
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ck, "save_file", crash_on_second_file)
+    model2, opt2 = trained_model_and_optimizer(seed=5)
+    with pytest.raises(OSError, match="simulated"):
+        save(tmp_path, model2, opt2)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # same files, same bytes, no temporary files left behind
+    state, weights, _ = ck.load_checkpoint(tmp_path)
+    assert torch.equal(weights["0.weight"], model.state_dict()["0.weight"])
+
+
+def test_mismatched_or_missing_files_are_reported(tmp_path):
+    model, opt = trained_model_and_optimizer()
+    save(tmp_path, model, opt)
+    other, other_opt = trained_model_and_optimizer(seed=4)
+    safetensors.torch.save_file(other.state_dict(), str(tmp_path / "last.safetensors"))
+    with pytest.raises(UserError, match="does not match"):
+        ck.load_checkpoint(tmp_path / "last.safetensors")
+    (tmp_path / "last.safetensors").unlink()
+    with pytest.raises(UserError, match="is missing"):
+        ck.load_checkpoint(tmp_path / "last.json")
+    with pytest.raises(UserError, match="no checkpoint"):
+        ck.load_checkpoint(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "pickle"}))
+    with pytest.raises(UserError, match="not a patchbench checkpoint"):
+        ck.load_checkpoint(tmp_path / "bad.json")
+
+
+def test_files_are_safetensors_and_json_only(tmp_path):
+    model, opt = trained_model_and_optimizer()
+    save(tmp_path, model, opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors", "last.state.safetensors"]
+    json.loads((tmp_path / "last.json").read_text())
+    keys = safetensors.torch.load_file(str(tmp_path / "last.state.safetensors")).keys()
+    assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in keys) and "rng.torch" in keys
+    assert set(safetensors.torch.load_file(str(tmp_path / "last.safetensors"))) == set(model.state_dict())
