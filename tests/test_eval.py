@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from patchbench.cli import main
-from patchbench.evaluate import evaluate, predict
+from patchbench.evaluate import evaluate_run, predict
 from patchbench.train import train_run
 from test_train import make_image_folder, tiny_config
 
@@ -23,8 +23,8 @@ def run(tmp_path_factory):
 
 def test_eval_is_deterministic_and_matches_the_run(run):
     out, folder = run
-    a = evaluate(out, device="cpu", progress=False)
-    b = evaluate(out / "checkpoint" / "last.safetensors", str(folder), device="cpu", batch_size=5, progress=False)
+    a = evaluate_run(out, device="cpu", progress=False)
+    b = evaluate_run(out / "checkpoint" / "last.safetensors", str(folder), device="cpu", batch_size=5, progress=False)
     saved = json.loads((out / "eval.json").read_text())
     assert a["classes"] == ["n00", "n01", "n02"] and a["images"] == 12
     assert a["confusion"] == b["confusion"] == saved["confusion"]

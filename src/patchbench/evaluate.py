@@ -80,7 +80,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), info
 
 
-def evaluate(path: str | Path, data: str | None = None, *, device: str = "auto", batch_size: int = 128,
+def evaluate_run(path: str | Path, data: str | None = None, *, device: str = "auto", batch_size: int = 128,
              cache_dir: str | None = None, progress: bool = True) -> dict:
     """Evaluate a run's (or a checkpoint's) weights on the full val split of `data` (default: the run's).
 

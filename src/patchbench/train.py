@@ -410,7 +410,8 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
             save_checkpoint(out / "checkpoint", name, eval_model.state_dict(), state, tensors)
 
     summary_base = {"model": cfg.model.name, "params": params, "macs": macs, "img_size": cfg.data.img_size,
-                    "epochs": t.epochs, "device": str(ctx.device), "world_size": ctx.world_size}
+                    "patch_size": getattr(model, "patch_size", None), "epochs": t.epochs,
+                    "device": str(ctx.device), "world_size": ctx.world_size}
 
     def write_summary(status: str, error: str | None = None) -> dict:
         s = {"status": status, **summary_base, **_summarise(rows, wall_before + time.perf_counter() - started)}

@@ -28,7 +28,7 @@ def add_parser(sub):
 
 
 def run(args):
-    from patchbench.evaluate import evaluate
+    from patchbench.evaluate import evaluate_run
 
     try:
         batch_size = int(args.batch_size)
@@ -36,7 +36,7 @@ def run(args):
         raise UserError(f"--batch-size {args.batch_size!r}: need a whole number") from None
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: need at least 1")
-    result = evaluate(args.path, args.data, device=args.device, batch_size=batch_size,
+    result = evaluate_run(args.path, args.data, device=args.device, batch_size=batch_size,
                       cache_dir=args.cache_dir, progress=sys.stderr.isatty())
     text = json.dumps(result, indent=1)
     if args.output:
