@@ -92,6 +92,7 @@ def test_loss_and_tradeoff_figures_have_their_axes(study):
     groups = groups_of(study)
     loss = rf.figure_loss_curves(groups)
     assert [a.get_ylabel() for a in loss.axes] == ["train loss", "val loss"]
+    assert all(a.get_yscale() == "log" for a in loss.axes)
     train_line = loss.axes[0].get_lines()[0]  # fixture: train_loss = 2 - 2 * acc
     assert np.allclose(train_line.get_ydata(), 2 - 2 * np.mean(fx.COMPARE_CURVES["convmixer_256_8"], axis=0))
     trade = rf.figure_tradeoffs(rp.results_rows(groups))

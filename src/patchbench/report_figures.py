@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 if TYPE_CHECKING:
     from patchbench.report import Group, Run
@@ -67,6 +67,9 @@ def figure_loss_curves(groups: list[Group]) -> Figure:
                 _band(ax, *c, g.label, color)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_yscale("log")  # one diverging epoch must not flatten every other curve
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_ylabel(title)
         ax.set_title(title.capitalize())
         ax.grid(alpha=0.3)
@@ -90,6 +93,7 @@ def figure_tradeoffs(rows: list[dict]) -> Figure:
             ax.errorbar(row[key], 100 * row["final_mean"], yerr=100 * (row["final_std"] or 0), fmt="o",
                         color=color, capsize=3, label=row["label"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
         ax.set_xlabel(xlabel + " (log)")
         ax.set_title(f"accuracy vs {xlabel}")
         ax.grid(alpha=0.3, which="both")
