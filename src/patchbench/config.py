@@ -70,6 +70,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    fast_kernels: bool = True  # CPU: patchbench.kernels.use_fast_depthwise (same function, faster backward)
     sync_bn: bool = False  # DDP only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0

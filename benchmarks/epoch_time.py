@@ -1,0 +1,198 @@
+"""One training epoch of the `seed` recipe: the study's pipeline vs patchbench's, end to end.
+
+(a) the study's notebook: torchvision ImageFolder + PIL RandomResizedCrop(32, scale=(0.8, 0.99),
+    ratio=(1, 1)) + flip + ToTensor + Normalize (CIFAR-10 statistics), DataLoader with 2 worker
+    processes, batch 16, seed_convmixer in fp32 (NCHW), AdamW + OneCycleLR, a plain loop.
+(b) patchbench: the images decoded once into the uint8 cache (`prepare`, a one-off, reported
+    separately), `Loader` cropping/flipping/normalising whole batches on the device, and the
+    trainer's own pieces (`build_model`, `create_optimizer`, `lr_at`/`set_lr`, `autocast`), with
+    the fast settings below: bf16 autocast, channels_last, the C depthwise kernel (patchbench.kernels).
+    The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
+
+Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
+160px images, 591 batches of 16 per epoch on Imagenette-160.
+
+    .venv/bin/python benchmarks/epoch_time.py                   # whole epoch of each (minutes)
+    .venv/bin/python benchmarks/epoch_time.py --max-steps 100   # 100 timed steps each, extrapolated
+
+With --max-steps, each side first runs --warmup untimed steps (worker start-up, first-call costs),
+then times --max-steps steps; the epoch time is (seconds per step) x (steps per epoch), labelled as
+extrapolated. Without the shared archive (and no --data) a generated folder of random JPEGs stands
+in. The last line is `ratio=<(a) epoch time / (b) epoch time>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms as T
+
+from patchbench.config import get_preset, replace
+from patchbench.data import Loader, prepare, resolve_source
+from patchbench.evaluate import autocast
+from patchbench.kernels import use_fast_depthwise
+from patchbench.models import create_model
+from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
+from patchbench.train import build_model
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-160.tgz"
+
+
+def generated_folder(root: Path, classes: int = 10, train: int = 40, val: int = 4, size: int = 160) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    return root
+
+
+def timed_loop(batches, step, steps_per_epoch: int, warmup: int, max_steps: int | None) -> dict:
+    """Run `step(x, y)` over `batches`; time all of it (max_steps None) or `max_steps` after `warmup`."""
+    start, done = time.perf_counter(), 0
+    for i, (x, y) in enumerate(batches):
+        if max_steps is not None and i == warmup:
+            start, done = time.perf_counter(), 0
+        step(x, y)
+        done += 1
+        if max_steps is not None and i + 1 == warmup + max_steps:
+            break
+    seconds = time.perf_counter() - start
+    epoch = seconds if max_steps is None else seconds / done * steps_per_epoch
+    return {"steps": done, "seconds": seconds, "epoch_s": epoch, "images_per_s": done * len(y) / seconds}
+
+
+def study_epoch(root: Path, cfg, num_classes: int, args) -> dict:
+    """(a): the notebook's data pipeline, model and loop."""
+    tf = T.Compose([
+        T.RandomResizedCrop(cfg.data.img_size, scale=cfg.data.scale, ratio=cfg.data.ratio),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(cfg.data.mean, cfg.data.std),
+    ])
+    folder = datasets.ImageFolder(str(root / "train"), transform=tf)
+    loader = DataLoader(folder, batch_size=cfg.train.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=False)
+    model = create_model("seed_convmixer", num_classes=num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, epochs=100,
+                                                    steps_per_epoch=len(loader))
+    model.train()
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    return timed_loop(loader, step, len(loader), args.warmup, args.max_steps)
+
+
+def patchbench_epoch(data, cfg, args) -> dict:
+    """(b): prepared cache + Loader + the trainer's pieces, fast settings."""
+    t = cfg.train
+    device = torch.device(args.device)
+    loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
+    model = build_model(cfg, len(data.classes))
+    if args.fast_kernels:
+        use_fast_depthwise(model)
+    model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
+    optimizer = create_optimizer(model, t)
+    step_model = torch.compile(model) if t.compile else model
+    total = total_steps(t, len(loader))
+    model.train()
+    counter = iter(range(10**9))
+
+    def step(x, y):
+        lr, beta1 = lr_at(next(counter), total, t)
+        set_lr(optimizer, lr, beta1)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, t.amp):
+            logits = step_model(x).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed_loop(loader, step, len(loader), args.warmup, args.max_steps)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="dataset source (default: the shared imagenette2-160.tgz "
+                   "if present, else a generated folder)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--workers", type=int, default=2, help="(a)'s DataLoader worker processes (the study's: 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(b)'s device")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="(b)'s autocast dtype")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="(b) in NCHW")
+    p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
+                   help="(b) without the C depthwise weight-gradient kernel")
+    p.add_argument("--compile", action="store_true", help="(b) with torch.compile")
+    p.add_argument("--max-steps", type=int, default=None, help="time this many steps of each and "
+                   "extrapolate to the epoch (default: the whole epoch)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
+    p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
+                   "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, generated = args.data, False
+        if source is None:
+            generated = not SHARED_ARCHIVE.exists()
+            source = str(generated_folder(Path(tmp) / "gen") if generated else SHARED_ARCHIVE.resolve())
+        cfg = get_preset("seed").config_for("seed_convmixer")
+        cache_dir = args.cache_dir or (tmp if generated else None)
+        cfg = dataclasses.replace(
+            cfg, data=replace(cfg.data, source=source, cache_dir=cache_dir),
+            train=replace(cfg.train, amp=args.amp, channels_last=args.channels_last, compile=args.compile))
+        root = resolve_source(cfg.data.source, cache_dir=cfg.data.cache_dir)
+        start = time.perf_counter()
+        data = prepare(cfg.data, progress=False)
+        prep_s = time.perf_counter() - start
+
+        rows = {}
+        if args.only != "b":
+            rows["a"] = study_epoch(root, cfg, len(data.classes), args)
+        if args.only != "a":
+            rows["b"] = patchbench_epoch(data, cfg, args)
+
+    steps = len(data.train) // cfg.train.batch_size
+    how = f"{args.max_steps} timed steps after {args.warmup} warm-up, extrapolated" if args.max_steps else "whole epoch"
+    t = cfg.train
+    settings_b = (f"{t.amp if t.amp != 'none' else 'fp32'}{', channels_last' if t.channels_last else ''}"
+                  f"{', C depthwise kernel' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
+    print(f"seed recipe: seed_convmixer, batch {t.batch_size}, {cfg.data.img_size}px crops of "
+          f"{cfg.data.prepare_size}px images; {source} ({len(data.train):,} train images, {steps} steps/epoch); "
+          f"{how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| pipeline | settings | timed steps | seconds | images/s | epoch (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    names = {"a": ("(a) the study's: ImageFolder + PIL, DataLoader 2 workers, plain loop", "fp32, NCHW"),
+             "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b)}
+    for key, r in rows.items():
+        print(f"| {names[key][0]} | {names[key][1]} | {r['steps']} | {r['seconds']:.1f} | "
+              f"{r['images_per_s']:.1f} | {r['epoch_s']:.0f} |")
+    print(f"| patchbench prepare (one-off, {'cache reused' if data.reused else 'decoded now'}) | | | "
+          f"{prep_s:.1f} | | |")
+    if len(rows) == 2:
+        print(f"ratio={rows['a']['epoch_s'] / rows['b']['epoch_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
