@@ -258,7 +258,8 @@ def test_compare_with_budget_writes_study_samples_runs_and_report(tmp_path):
     assert meta["param_budget"] == 100_000 and meta["runs"] == [p.name for p in small_plan(2)]
     assert set(meta["chosen"]) == {"convmixer_256_8", "resnet9"} and "dim" in meta["chosen"]["convmixer_256_8"]
     assert all(abs(p - 100_000) <= 5_000 for p in meta["chosen_params"].values())
-    assert meta["patch_sizes"] == {"convmixer_256_8": 2, "resnet9": None} and meta["num_classes"] == 3
+    assert meta["chosen"]["convmixer_256_8"]["depth"] == 2  # the preset's overrides stay, only the width moves
+    assert meta["patch_sizes"] == {"convmixer_256_8": 4, "resnet9": None} and meta["num_classes"] == 3
     with np.load(study / "samples.npz") as z:
         assert z["images"].shape == (3, 16, 16, 3) and z["images"].dtype == np.uint8
         assert list(z["classes"]) == ["n00", "n01", "n02"] and list(z["labels"]) == [0, 1, 2]

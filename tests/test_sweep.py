@@ -23,7 +23,7 @@ def test_plan_sweep_names_every_cell_and_seed():
     plan = cp.plan_sweep(get_preset("smoke"), "convmixer_256_8", {"patch_size": [2, 4], "kernel_size": [3, 5]}, [0, 1])
     assert len(plan) == 8 and plan[0].name == "convmixer_256_8-patch_size=2-kernel_size=3-s0"
     assert plan[-1].name == "convmixer_256_8-patch_size=4-kernel_size=5-s1"
-    assert plan[1].config.model.overrides == {"patch_size": 2, "kernel_size": 5}
+    assert plan[1].config.model.overrides == {"dim": 32, "depth": 2, "patch_size": 2, "kernel_size": 5}  # over the preset's
 
 
 def test_bad_cells_are_refused_before_any_training(tmp_path):

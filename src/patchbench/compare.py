@@ -108,15 +108,16 @@ def model_params(model: str, *, num_classes: int, img_size: int, **overrides) ->
         return count_params(create_model(model, num_classes=num_classes, img_size=img_size, **overrides))
 
 
-def width_knob(model: str, *, num_classes: int, img_size: int) -> tuple[str, int, Callable[[int], dict], str | None]:
-    """(what is varied, its default, width -> overrides, a finer knob or None) for the model's family.
+def width_knob(model: str, *, num_classes: int, img_size: int,
+               base: dict | None = None) -> tuple[str, int, Callable[[int], dict], str | None]:
+    """(what is varied, its value in `base`, width -> overrides, a finer knob or None) for the model's family.
 
     ConvMixer: `dim`; ResNet-18 / ResNet-9: `width` (the first stage's channels); ViT: `dim` in steps of
     the head count with the MLP width in proportion, then, if that misses the tolerance, `mlp_dim`
     alone (a step of the head count moves a small ViT's size by ~10%).
     """
     with torch.device("meta"):
-        net = create_model(model, num_classes=num_classes, img_size=img_size)
+        net = create_model(model, num_classes=num_classes, img_size=img_size, **(base or {}))
     kind = type(net).__name__
     if kind == "ConvMixer":
         return "dim", net.head[-1].in_features, lambda w: {"dim": w}, None
@@ -141,13 +142,18 @@ def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) 
     return min((lo, hi), key=lambda w: abs(params(w) - budget))
 
 
-def match_budget(model: str, budget: int, *, num_classes: int, img_size: int,
+def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, base: dict | None = None,
                  tolerance: float = BUDGET_TOLERANCE) -> tuple[dict, int]:
-    """(overrides, params): the width whose parameter count is closest to `budget`.
+    """(overrides, params): `base` (the preset's overrides: depth, patch size, ...) with the width whose
+    parameter count is closest to `budget`.
 
     Raises UserError when even the closest width misses by more than `tolerance` (relative).
     """
-    knob, default, overrides_for, fine = width_knob(model, num_classes=num_classes, img_size=img_size)
+    base = dict(base or {})
+    knob, default, width_overrides, fine = width_knob(model, num_classes=num_classes, img_size=img_size, base=base)
+
+    def overrides_for(w: int) -> dict:
+        return {**base, **width_overrides(w)}
 
     def count(overrides: dict) -> int:
         return model_params(model, num_classes=num_classes, img_size=img_size, **overrides)
@@ -197,11 +203,12 @@ def grid_cells(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
 
 
-def check_cells(model: str, cells: list[dict], *, num_classes: int, img_size: int) -> None:
-    """Build every cell on the meta device first, so a bad grid fails before any training."""
+def check_cells(model: str, cells: list[dict], base: dict, *, num_classes: int, img_size: int) -> None:
+    """Build every cell (over the preset's overrides `base`) on the meta device first, so a bad grid fails
+    before any training."""
     for cell in cells:
         try:
-            model_params(model, num_classes=num_classes, img_size=img_size, **cell)
+            model_params(model, num_classes=num_classes, img_size=img_size, **{**base, **cell})
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"--grid cell {cell} does not build {model} at {img_size}px: "
                             f"{str(e).splitlines()[0]}") from None
@@ -483,11 +490,13 @@ def compare(preset: Preset, models: list[str], seeds: list[int], out: str | os.P
     num_classes, img_size = len(data.classes), preset.data.img_size
     chosen, chosen_params = {}, {}
     for m in models:
+        base = preset.model_overrides.get(m, {})
         if param_budget:
-            chosen[m], chosen_params[m] = match_budget(m, param_budget, num_classes=num_classes, img_size=img_size)
+            chosen[m], chosen_params[m] = match_budget(m, param_budget, num_classes=num_classes, img_size=img_size,
+                                                       base=base)
         else:
-            chosen[m] = {}
-            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size)
+            chosen[m] = dict(base)
+            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size, **base)
     meta = {"kind": "compare", "preset": preset.name, "models": models, "seeds": seeds,
             "data": source or preset.data.source, "param_budget": param_budget, "chosen": chosen,
             "chosen_params": chosen_params, "img_size": img_size, "num_classes": num_classes,
@@ -506,11 +515,12 @@ def sweep(preset: Preset, model: str, grid: dict[str, list], seeds: list[int], o
     data = _prepare(preset, source, progress)
     num_classes, img_size = len(data.classes), preset.data.img_size
     cells = grid_cells(grid)
-    check_cells(model, cells, num_classes=num_classes, img_size=img_size)
+    base = preset.model_overrides.get(model, {})
+    check_cells(model, cells, base, num_classes=num_classes, img_size=img_size)
     meta = {"kind": "sweep", "preset": preset.name, "models": [model], "seeds": seeds,
             "data": source or preset.data.source, "param_budget": None, "grid": grid,
             "chosen": {}, "chosen_params": {}, "img_size": img_size, "num_classes": num_classes,
-            "patch_sizes": {model: patch_size_of(model, {}, num_classes=num_classes, img_size=img_size)}}
+            "patch_sizes": {model: patch_size_of(model, base, num_classes=num_classes, img_size=img_size)}}
     plan = plan_sweep(preset, model, grid, seeds, source=source)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
                     report_formats=report_formats)
