@@ -99,8 +99,8 @@ def test_loss_falls_and_run_dir_follows_the_contract(folder, tmp_path):
     assert (out / "checkpoint" / "last.safetensors").stat().st_mtime_ns == before
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monkeypatch):
-    cfg = tiny_config(folder, tmp_path)
+def _resume_after_crash(folder, tmp_path, monkeypatch, **switches):
+    cfg = tiny_config(folder, tmp_path, **switches)
     train_run(cfg, tmp_path / "full", progress=False)
 
     real = train_mod.evaluate_model
@@ -119,6 +119,23 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monk
     assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1]
     train_run(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monkeypatch):
+    _resume_after_crash(folder, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(amp="fp16", ema_decay=0.9, grad_clip=0.5, channels_last=True, label_smoothing=0.1),
+    dict(amp="bf16", schedule="piecewise", weight_decay=0.1, init="kaiming"),
+])
+def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch, switches):
+    """AMP (with the GradScaler's state), EMA, clipping, channels_last... survive a crash and resume."""
+    _resume_after_crash(folder, tmp_path, monkeypatch, **switches)
+    state = json.loads((tmp_path / "full" / "checkpoint" / "last.json").read_text())
+    assert state["eval_weights"] == ("ema" if "ema_decay" in switches else "model")
+    assert (state["scaler"] is not None) == (switches["amp"] == "fp16")
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["status"] == "finished"
 
 
 def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch):

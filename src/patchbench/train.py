@@ -55,7 +55,7 @@ from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 
 RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "eval.json", "checkpoint", "tb"]
 # what may differ when resuming: where the data and cache are, and how the run is executed
-RESUMABLE_CHANGES = {"data": {"source", "md5", "cache_dir"}, "train": {"device", "log_every", "compile"}}
+RESUMABLE_CHANGES = {"data": {"source", "md5", "cache_dir"}, "train": {"device", "log_every", "compile", "threads"}}
 
 
 class TrainingDiverged(RuntimeError):
@@ -268,7 +268,8 @@ def train_one_epoch(model, step_model, loader, optimizer, scaler, ema, cfg, *, e
             ema.update(model)
         meter.update(logits.detach(), y, loss.detach() * len(y))
         step, since, images = step + 1, since + 1, images + len(y) * ctx.world_size
-        if step % t.log_every and b != last:
+        stop_now = stop.signum is not None and ctx.world_size == 1  # under DDP, ranks agree at log points
+        if step % t.log_every and b != last and not stop_now:
             continue
         # every log_every steps: one sync for the progress bar, the NaN check and the stop signal
         flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(meter.sums[0]))])
@@ -276,7 +277,7 @@ def train_one_epoch(model, step_model, loader, optimizer, scaler, ema, cfg, *, e
             flags = flags.to(ctx.device)
             dist.all_reduce(flags)
         if flags[1] > 0:
-            raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr, "
+            raise TrainingDiverged(f"loss became {meter.sums[0].item()} at epoch {epoch + 1}, step {step}; lower --lr, "
                                    f"set --grad-clip, or use --amp bf16 instead of fp16")
         rate = images / (time.perf_counter() - tick)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
@@ -301,10 +302,14 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
     """
     cfg.validate()
     out = Path(out_dir)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     ctx = setup_distributed(cfg.train.device)
     try:
         return _train(cfg, out, ctx, resume, overwrite, progress)
     finally:
+        torch.set_num_threads(threads)
         if ctx.owns_group:
             dist.destroy_process_group()
 

@@ -78,6 +78,7 @@ FLAGS = [
     ("--seed", "train", "seed", _int("--seed"), "seeds Python, NumPy, torch and the loader"),
     ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--log-every", "train", "log_every", _int("--log-every"), "steps between progress/TensorBoard updates"),
+    ("--threads", "train", "threads", _int("--threads"), "torch CPU threads per process (default: torch's)"),
     ("--img-size", "data", "img_size", _int("--img-size"), "input size the model sees"),
     ("--prepare-size", "data", "prepare_size", _int("--prepare-size"), "size the images are decoded/cached at"),
     ("--scale", "data", "scale", _pair("--scale"), "random-resized-crop area range MIN,MAX"),
