@@ -39,7 +39,7 @@ from torchvision import datasets, transforms as T
 from patchbench.config import get_preset, replace
 from patchbench.data import Loader, prepare, resolve_source
 from patchbench.evaluate import autocast
-from patchbench.kernels import use_fast_depthwise
+from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.train import build_model
@@ -107,7 +107,7 @@ def patchbench_epoch(data, cfg, args) -> dict:
     loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
     model = build_model(cfg, len(data.classes))
     if args.fast_kernels:
-        use_fast_depthwise(model)
+        use_fast_kernels(model)
     model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
     step_model = torch.compile(model) if t.compile else model

@@ -109,7 +109,7 @@ def test_run_bench_against_timm_interleaves_and_reports():
     assert 0 < ours["fraction_of_ceiling"]
     assert set(result["matmul_ceiling_gflops"]) >= {"fp32", ref["settings"]["dtype"]}
     assert any("screening" in line for line in lines) and "best of" in ref["notes"][0]
-    assert "8 depthwise convs" in ours["notes"][0]
+    assert "25 layers swapped" in ours["notes"][0]  # 8 depthwise convs + (1 + 2 x 8) GELU -> BatchNorm pairs
 
 
 def test_cli_writes_json_and_ends_with_the_ratio(tmp_path, capsys):

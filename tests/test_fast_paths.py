@@ -1,5 +1,6 @@
-"""The fast CPU paths compute the same function: the depthwise weight-gradient kernel against float64
-references, and ConvMixer with the kernel against the plain model and timm's (outputs and gradients)."""
+"""The fast CPU paths compute the same function: the depthwise-gradient and fused GELU -> BatchNorm
+kernels against float64 references, and ConvMixer with them against the plain model and timm's
+(outputs, gradients and BatchNorm buffers)."""
 
 import pytest
 import torch
@@ -8,10 +9,11 @@ import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 
 from patchbench import kernels
-from patchbench.kernels import FastDepthwiseConv2d, depthwise_param_grads, use_fast_depthwise
+from patchbench.kernels import FastDepthwiseConv2d, GELUBatchNorm2d, depthwise_param_grads, use_fast_kernels
 from patchbench.models import create_model
 
-pytestmark = pytest.mark.skipif(not kernels.fast_depthwise_available(7), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not (kernels.fast_depthwise_available(7) and kernels.fast_gelu_bn_available()),
+                                reason="no C compiler here")
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,40 @@ def test_weight_grad_is_usable_by_torch_library_checks():
     torch.library.opcheck(depthwise_param_grads, (x, g, 5), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gelu_batch_norm_matches_float64(dtype, tol):
+    z = (2 * torch.randn(4, 32, 7, 5)).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(32) + 0.5, torch.randn(32)
+    bn = GELUBatchNorm2d(32).train()
+    with torch.no_grad():
+        bn.weight.copy_(weight), bn.bias.copy_(bias)
+    zz = z.clone().requires_grad_()
+    out = bn(zz)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    z64, w64, b64 = (t.detach().double().requires_grad_() for t in (z, weight, bias))
+    ref = F.batch_norm(F.gelu(z64), None, None, w64, b64, training=True)
+    ref.backward(dout.double())
+    for ours, truth in [(out, ref), (zz.grad, z64.grad), (bn.weight.grad, w64.grad), (bn.bias.grad, b64.grad)]:
+        assert ours.dtype in (dtype, torch.float32)
+        torch.testing.assert_close(ours.double(), truth, rtol=tol, atol=tol * truth.abs().max().item())
+    # the running statistics move as BatchNorm2d's do: momentum 0.1 towards the batch mean / unbiased var
+    y = F.gelu(z64.detach())
+    torch.testing.assert_close(bn.running_mean.double(), 0.1 * y.mean((0, 2, 3)), rtol=tol, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), 0.9 + 0.1 * y.var((0, 2, 3), unbiased=True), rtol=tol, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_gelu_batch_norm_falls_back_off_the_fast_path():
+    bn = GELUBatchNorm2d(16)
+    x = torch.randn(2, 16, 4, 4)  # NCHW: the plain ops
+    torch.testing.assert_close(bn(x), F.batch_norm(F.gelu(x), None, None, bn.weight, bn.bias, training=True))
+    bn.eval()  # eval mode, channels_last: the plain ops with the running statistics
+    x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.batch_norm(F.gelu(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False)
+    torch.testing.assert_close(bn(x), expected)
+
+
 def small_convmixer(**kw):
     return create_model("convmixer_256_8", dim=32, depth=2, kernel_size=5, img_size=16, **kw)
 
@@ -66,32 +102,39 @@ def test_fast_convmixer_is_the_same_function_fp32(channels_last):
     plain = small_convmixer()
     fast = small_convmixer()
     fast.load_state_dict(plain.state_dict())
-    assert use_fast_depthwise(fast) == 2
+    assert use_fast_kernels(fast) == 7  # 2 depthwise convs, 5 GELU -> BatchNorm pairs
     assert list(fast.state_dict()) == list(plain.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(4, 3, 16, 16)
     plain, fast = plain.to(memory_format=fmt), fast.to(memory_format=fmt)
     out_p, grads_p = grads(plain, x.contiguous(memory_format=fmt))
     out_f, grads_f = grads(fast, x.contiguous(memory_format=fmt))
-    torch.testing.assert_close(out_f, out_p)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
     for gp, gf in zip(grads_p, grads_f):
         torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-5)
+    for bp, bf in zip(plain.buffers(), fast.buffers()):  # running statistics too
+        torch.testing.assert_close(bf, bp, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_convmixer_is_the_same_function_bf16_autocast():
     plain = small_convmixer().to(memory_format=torch.channels_last)
     fast = small_convmixer().to(memory_format=torch.channels_last)
     fast.load_state_dict(plain.state_dict())
-    use_fast_depthwise(fast)
+    truth = small_convmixer().to(memory_format=torch.channels_last)
+    truth.load_state_dict(plain.state_dict())
+    use_fast_kernels(fast)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    out_t, grads_t = grads(truth, x)  # fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_p, grads_p = grads(plain, x)
         out_f, grads_f = grads(fast, x)
-    torch.testing.assert_close(out_f, out_p)
-    for gp, gf in zip(grads_p, grads_f):
+    # both bf16 runs round differently; ours must be as close to the fp32 function as PyTorch's bf16 is
+    def error(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+    assert error(out_f, out_t) < 2 * error(out_p, out_t) + 1e-3
+    for gt, gp, gf in zip(grads_t, grads_p, grads_f):
         assert gf.dtype == gp.dtype
-        # the same bf16 operands; ours sums in fp32 before rounding, so differences are bf16 rounding
-        torch.testing.assert_close(gf, gp, rtol=2e-2, atol=2e-2 * gp.abs().max().item())
+        assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
 
 
 def test_fast_convmixer_matches_timm_convmixer():
@@ -99,7 +142,7 @@ def test_fast_convmixer_matches_timm_convmixer():
     timm_model = TimmConvMixer(dim=32, depth=2, kernel_size=7, patch_size=4, num_classes=10)
     state = {k.replace("head.3.", "head."): v for k, v in ours.state_dict().items()}
     timm_model.load_state_dict(state)
-    use_fast_depthwise(ours)
+    use_fast_kernels(ours)
     x = torch.randn(4, 3, 32, 32)
     out_o, grads_o = grads(ours, x)
     out_t, grads_t = grads(timm_model, x)
@@ -112,14 +155,15 @@ def test_seed_convmixer_gets_the_kernel_and_keeps_its_gradients():
     plain = create_model("seed_convmixer", dim=32, depth=1)
     fast = create_model("seed_convmixer", dim=32, depth=1)
     fast.load_state_dict(plain.state_dict())
-    assert use_fast_depthwise(fast) == 1
-    x = torch.randn(2, 3, 32, 32)
-    plain.eval(), fast.eval()  # dropout off
+    assert use_fast_kernels(fast) == 4  # 1 depthwise conv, 3 GELU -> BatchNorm pairs
+    plain, fast = plain.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    plain.head[2].p = fast.head[2].p = 0.0  # dropout off, BatchNorm in training mode
     for gp, gf in zip(grads(plain, x)[1], grads(fast, x)[1]):
         torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-5)
 
 
-def test_only_fitting_convs_are_swapped():
+def test_only_fitting_layers_are_swapped():
     model = nn.Sequential(
         nn.Conv2d(32, 32, 7, padding=3, groups=32),  # fits
         nn.Conv2d(32, 32, 7, padding=3, groups=32, stride=2),  # strided
@@ -128,23 +172,28 @@ def test_only_fitting_convs_are_swapped():
         nn.Conv2d(32, 32, 3, padding=0, groups=32),  # not 'same'
         nn.Conv2d(32, 32, 1),  # pointwise
     )
-    assert use_fast_depthwise(model) == 1
+    assert use_fast_kernels(model) == 1
     assert isinstance(model[0], FastDepthwiseConv2d)
     assert [type(m) for m in model[1:]] == [nn.Conv2d] * 5
+    model = nn.Sequential(nn.GELU(), nn.BatchNorm2d(32), nn.GELU(approximate="tanh"), nn.BatchNorm2d(32),
+                          nn.ReLU(), nn.BatchNorm2d(32), nn.GELU(), nn.BatchNorm2d(24))
+    assert use_fast_kernels(model) == 1  # only exact GELU -> BatchNorm2d with whole vectors of channels
+    assert [type(m) for m in model] == [nn.Identity, GELUBatchNorm2d, nn.GELU, nn.BatchNorm2d,
+                                        nn.ReLU, nn.BatchNorm2d, nn.GELU, nn.BatchNorm2d]
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_6l8h", "resnet18", "resnet9", "seed_vit", "seed_resnet9"])
 def test_vit_and_resnet_paths_are_untouched(name):
     model = create_model(name, img_size=32)
     before = [type(m) for m in model.modules()]
-    assert use_fast_depthwise(model) == 0
+    assert use_fast_kernels(model) == 0
     assert [type(m) for m in model.modules()] == before
 
 
 def test_swapped_layer_shares_parameters_and_eval_is_plain():
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16))
     weight = model[0].weight
-    use_fast_depthwise(model)
+    use_fast_kernels(model)
     assert model[0].weight is weight
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
@@ -157,5 +206,5 @@ def test_without_a_compiler_nothing_is_swapped(monkeypatch, tmp_path):
     monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path))
     model = small_convmixer()
     with pytest.warns(UserWarning, match="could not build"):
-        assert use_fast_depthwise(model) == 0
+        assert use_fast_kernels(model) == 0
     assert not any(isinstance(m, FastDepthwiseConv2d) for m in model.modules())

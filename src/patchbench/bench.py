@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchbench.errors import UserError
-from patchbench.kernels import use_fast_depthwise
+from patchbench.kernels import use_fast_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "infer")
@@ -278,10 +278,10 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     model = build()
     reference = reference_for(model, against) if against is not None else None  # fail before any timing
     flops = flops_per_image(build, img_size, mode)
-    swapped = use_fast_depthwise(model) if fast_kernels and mode == "train" and dev.type == "cpu" else 0
+    swapped = use_fast_kernels(model) if fast_kernels and mode == "train" and dev.type == "cpu" else 0
     ours = Measurement("ours", model_name, settings, count_params(model))
     if swapped:
-        ours.notes.append(f"{swapped} depthwise convs with the C weight-gradient kernel (patchbench.kernels)")
+        ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm)")
     step_args = dict(mode=mode, batch_size=batch_size, img_size=img_size, device=dev, num_classes=num_classes)
     steps = {"ours": make_step(model, settings, **step_args)}
     log(f"ours: {model_name} [{settings}] warm-up {warm_up(steps['ours'], warmup, dev):.1f}s")

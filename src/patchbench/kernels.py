@@ -1,23 +1,29 @@
-"""Fast building blocks for the CPU train step: ConvMixer's depthwise-convolution weight gradient.
+"""Fast building blocks for the CPU train step of ConvMixer: two small C kernels, the same function.
 
-Why this file exists: on a CPU, a ConvMixer train step spends ~40% of its time in the backward of
-the depthwise k x k convolution, almost all of it in the *weight* gradient (oneDNN: ~39 ms fp32 and
-~125 ms bf16 per layer at batch 64, 22x22, 256 channels, on a 2-core Sapphire Rapids), although it
-is only 7% of the step's FLOPs. The weight gradient of a depthwise conv is, per channel c,
+Why this file exists: a ConvMixer train step on a CPU spends its time not in the matmuls but in
+(1) the backward of the depthwise k x k convolution, almost all of it in the *weight* gradient
+(oneDNN: ~39 ms fp32 and ~125 ms bf16 per layer at batch 64, 22x22, 256 channels, on a 2-core
+Sapphire Rapids), although it is only 7% of the FLOPs, and (2) GELU -> BatchNorm, four memory-bound
+passes forward and backward, each also an OpenMP parallel region (costly on a shared CPU).
 
-    dW[c, i, j] = sum_{b, h, w} x[b, c, h + i - P, w + j - P] * dy[b, c, h, w]      (P = k // 2)
+- Depthwise weight/bias gradient. Per channel c, dW[c, i, j] = sum_{b,h,w} x[b, c, h+i-P, w+j-P] *
+  dy[b, c, h, w] (P = k // 2): a sum of k*k products of shifted planes. The kernel works in
+  channels-last layout, 16 channels per vector, keeping the k running sums of one output row in
+  registers while a zero-padded input row streams past; it accumulates in fp32 whatever the input
+  dtype. The forward pass and the input gradient stay with `F.conv2d`.
+- GELU -> BatchNorm (training mode) fused: forward is one pass computing y = gelu(z) and the batch
+  statistics of y, one pass applying the affine normalisation; backward is one pass for the two
+  per-channel sums and one computing dz. GELU is exact (erf, Abramowitz & Stegun 7.1.26, the formula
+  PyTorch's vectorised CPU erf uses); sums are fp32 per 64 rows, accumulated in double. y is kept
+  for backward, as eager PyTorch keeps it.
 
-a sum of k*k products of shifted planes. `_C_SOURCE` computes it in channels-last layout, 16
-channels per vector, with the k running sums of one output row held in registers while a padded
-input row streams past, accumulating in fp32 whatever the input dtype (fp32 or bf16). It is
-compiled once per kernel size with the system C compiler (~0.1 s) and cached on disk; where no
-compiler is found, or the tensors do not fit its assumptions (CPU, channels divisible by 16, odd
-square kernel, stride 1, 'same' padding), the standard PyTorch path is used instead.
+Each kernel is compiled once with the system C compiler (~0.1 s, `-O3 -march=native -fopenmp`,
+sharing torch's OpenMP threads) and cached on disk. Where no compiler is found, or a layer or input
+does not fit the kernels' assumptions (CPU, channels divisible by 16, channels_last input for the
+fused GELU -> BatchNorm, odd square kernel with stride 1 and 'same' padding for the depthwise conv),
+the layers run PyTorch's own ops: same results, usual speed.
 
-Nothing changes the function the model computes: the forward pass and the input gradient still go
-through `F.conv2d`; only the weight gradient is computed by a different summation order.
-
-    model = use_fast_depthwise(model)   # swaps depthwise nn.Conv2d layers in place, same parameters
+    n = use_fast_kernels(model)   # swaps fitting layers in place; same parameters and state_dict
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 
 LANES = 16  # channels per vector in the C kernel (one 512-bit register of fp32)
 
-_C_SOURCE = r"""
+_DWCONV_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,7 +105,141 @@ DEFINE_WGRAD(dw_wgrad_f32, float, from_f32)
 DEFINE_WGRAD(dw_wgrad_bf16, uint16_t, from_bf16)
 """
 
-_LIBS: dict[int, ctypes.CDLL | None] = {}
+_GELU_BN_SOURCE = r"""
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16 splat(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+
+/* exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n via the exponent) */
+static inline v16 vexp_neg(v16 x) {
+    v16i low = x < splat(-87.0f);                    /* lanes of -1 where true */
+    x = (v16)(((v16i)splat(-87.0f) & low) | ((v16i)x & ~low));
+    v16 n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f);  /* round to nearest */
+    v16 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v16 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    return p * (v16)e;
+}
+
+/* cdf = Phi(z) = (1 + erf(z / sqrt 2)) / 2 and pdf = phi(z), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
+   the formula PyTorch's vectorised CPU erf uses. */
+static inline void phi(v16 z, v16 *cdf, v16 *pdf) {
+    v16 x = z * splat(0.70710678f);
+    v16i sign = (v16i)x & (int32_t)0x80000000;
+    v16 ax = (v16)((v16i)x ^ sign);                  /* |x| */
+    v16 t = splat(1.0f) / (splat(0.3275911f) * ax + splat(1.0f));
+    v16 r = splat(1.061405429f);
+    r = r * t + splat(-1.453152027f);
+    r = r * t + splat(1.421413741f);
+    r = r * t + splat(-0.284496736f);
+    r = r * t + splat(0.254829592f);
+    v16 e = vexp_neg(-ax * ax);                       /* exp(-z^2 / 2) */
+    v16 erf_abs = splat(1.0f) - r * t * e;
+    v16 erf = (v16)((v16i)erf_abs | sign);          /* erf is odd */
+    *cdf = splat(0.5f) * (splat(1.0f) + erf);
+    *pdf = e * splat(0.39894228f);
+}
+
+static inline v16 load_f32(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
+static inline void store_f32(float *p, v16 v) { memcpy(p, &v, 64); }
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+static inline v16 load_bf16(const uint16_t *p) { v16h h; memcpy(&h, p, 32); return (v16)(__builtin_convertvector(h, v16u) << 16); }
+static inline void store_bf16(uint16_t *p, v16 v) {  /* round to nearest even */
+    v16u u = (v16u)v;
+    u += 0x7FFF + ((u >> 16) & 1);
+    v16h h = __builtin_convertvector(u >> 16, v16h);
+    memcpy(p, &h, 32);
+}
+
+/* Each thread takes a contiguous range of 16-channel blocks and walks every pixel (N = B*H*W rows of C). */
+#define THREAD_BLOCKS long nb = C / 16, t = omp_get_thread_num(), T = omp_get_num_threads(); \
+    long cb0 = nb * t / T, cb1 = nb * (t + 1) / T
+
+#define DEFINE(SUFFIX, TYPE, LOAD, STORE)                                                            \
+/* y = gelu(z), stored; s[c] = sum y, q[c] = sum y^2 of the stored values (fp32 partials per 64 rows, \
+   summed in double) */                                                                             \
+void gelu_stats_##SUFFIX(const TYPE *z, TYPE *y, long N, long C, double *s, double *q) {             \
+    _Pragma("omp parallel") {                                                                        \
+        THREAD_BLOCKS;                                                                               \
+        for (long c = cb0 * 16; c < cb1 * 16; c++) s[c] = q[c] = 0;                                  \
+        for (long n0 = 0; n0 < N; n0 += 64) {                                                        \
+            long n1 = n0 + 64 < N ? n0 + 64 : N;                                                     \
+            for (long cb = cb0; cb < cb1; cb++) {                                                    \
+                v16 ps = splat(0), pq = splat(0), cdf, pdf;                                          \
+                for (long n = n0; n < n1; n++) {                                                     \
+                    v16 zv = LOAD(z + n * C + cb * 16);                                              \
+                    phi(zv, &cdf, &pdf);                                                             \
+                    STORE(y + n * C + cb * 16, zv * cdf);                                            \
+                    v16 yv = LOAD(y + n * C + cb * 16);  /* as stored (rounded for bf16) */          \
+                    ps += yv; pq += yv * yv;                                                         \
+                }                                                                                    \
+                for (int l = 0; l < 16; l++) { s[cb * 16 + l] += ps[l]; q[cb * 16 + l] += pq[l]; }   \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+}                                                                                                    \
+/* out = y * scale[c] + shift[c] */                                                                  \
+void affine_##SUFFIX(const TYPE *y, TYPE *out, long N, long C, const float *scale, const float *shift) { \
+    _Pragma("omp parallel") {                                                                        \
+        THREAD_BLOCKS;                                                                               \
+        for (long n = 0; n < N; n++)                                                                 \
+            for (long cb = cb0; cb < cb1; cb++)                                                      \
+                STORE(out + n * C + cb * 16,                                                         \
+                      LOAD(y + n * C + cb * 16) * load_f32(scale + cb * 16) + load_f32(shift + cb * 16)); \
+    }                                                                                                \
+}                                                                                                    \
+/* sd[c] = sum dout, sdy[c] = sum dout * y (fp32 partials per 64 rows, summed in double) */          \
+void grad_stats_##SUFFIX(const TYPE *y, const TYPE *dout, long N, long C, double *sd, double *sdy) { \
+    _Pragma("omp parallel") {                                                                        \
+        THREAD_BLOCKS;                                                                               \
+        for (long c = cb0 * 16; c < cb1 * 16; c++) sd[c] = sdy[c] = 0;                               \
+        for (long n0 = 0; n0 < N; n0 += 64) {                                                        \
+            long n1 = n0 + 64 < N ? n0 + 64 : N;                                                     \
+            for (long cb = cb0; cb < cb1; cb++) {                                                    \
+                v16 a = splat(0), b = splat(0);                                                      \
+                for (long n = n0; n < n1; n++) {                                                     \
+                    v16 g = LOAD(dout + n * C + cb * 16);                                            \
+                    a += g; b += g * LOAD(y + n * C + cb * 16);                                      \
+                }                                                                                    \
+                for (int l = 0; l < 16; l++) { sd[cb * 16 + l] += a[l]; sdy[cb * 16 + l] += b[l]; }  \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+}                                                                                                    \
+/* dz = (ka[c] * dout + kb[c] * y + kc[c]) * gelu'(z), gelu'(z) = Phi(z) + z phi(z) */               \
+void gelu_bn_grad_##SUFFIX(const TYPE *z, const TYPE *y, const TYPE *dout, TYPE *dz, long N, long C, \
+                           const float *ka, const float *kb, const float *kc) {                      \
+    _Pragma("omp parallel") {                                                                        \
+        THREAD_BLOCKS;                                                                               \
+        for (long n = 0; n < N; n++)                                                                 \
+            for (long cb = cb0; cb < cb1; cb++) {                                                    \
+                long o = n * C + cb * 16;                                                            \
+                v16 zv = LOAD(z + o), cdf, pdf;                                                      \
+                phi(zv, &cdf, &pdf);                                                                 \
+                v16 dy = load_f32(ka + cb * 16) * LOAD(dout + o) + load_f32(kb + cb * 16) * LOAD(y + o) \
+                         + load_f32(kc + cb * 16);                                                   \
+                STORE(dz + o, dy * (cdf + zv * pdf));                                                \
+            }                                                                                        \
+    }                                                                                                \
+}
+
+DEFINE(f32, float, load_f32, store_f32)
+DEFINE(bf16, uint16_t, load_bf16, store_bf16)
+"""
+
+_LIBS: dict[str, ctypes.CDLL | None] = {}
 
 
 def _cache_dir() -> Path:
@@ -120,45 +260,63 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(kernel_size: int) -> ctypes.CDLL | None:
-    """Build (once, cached by source + flags + CPU) and load the kernel library; None without a C compiler."""
+def _compile(name: str, source: str, defines: list[str], signatures: dict) -> ctypes.CDLL | None:
+    """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-DKS={kernel_size}"]
-    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"dwconv_k{kernel_size}_{key}.so"
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *defines]
+    key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"{name}_{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, out = Path(tmp) / "dwconv.c", Path(tmp) / "dwconv.so"
-            src.write_text(_C_SOURCE)
+            src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            src.write_text(source)
             try:
                 done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             except OSError as e:
                 done = subprocess.CompletedProcess([cc], 1, "", str(e))
             if done.returncode != 0:
-                warnings.warn(f"patchbench.kernels: {cc} could not build the depthwise kernel, using PyTorch's "
-                              f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=3)
+                warnings.warn(f"patchbench.kernels: {cc} could not build the {name} kernel, using PyTorch's "
+                              f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
                 return None
             os.replace(out, path)  # atomic: concurrent builders race harmlessly
     lib = ctypes.CDLL(str(path))
-    for name in ("dw_wgrad_f32", "dw_wgrad_bf16"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 4
+    for fn_name, (restype, argtypes) in signatures.items():
+        for suffix in ("f32", "bf16"):
+            fn = getattr(lib, f"{fn_name}_{suffix}")
+            fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
-def _library(kernel_size: int) -> ctypes.CDLL | None:
-    if kernel_size not in _LIBS:
-        _LIBS[kernel_size] = _compile(kernel_size)
-    return _LIBS[kernel_size]
+_P, _L = ctypes.c_void_p, ctypes.c_long  # pointers (tensor.data_ptr()) and sizes
+_SIGNATURES = {
+    "dwconv": {"dw_wgrad": (ctypes.c_int, [_P] * 4 + [_L] * 4)},
+    "gelu_bn": {"gelu_stats": (None, [_P, _P, _L, _L, _P, _P]), "affine": (None, [_P, _P, _L, _L, _P, _P]),
+                "grad_stats": (None, [_P, _P, _L, _L, _P, _P]), "gelu_bn_grad": (None, [_P] * 4 + [_L] * 2 + [_P] * 3)},
+}
+
+
+def _library(name: str, kernel_size: int = 0) -> ctypes.CDLL | None:
+    key = f"{name}{kernel_size or ''}"
+    if key not in _LIBS:
+        if name == "dwconv":
+            _LIBS[key] = (_compile(f"dwconv_k{kernel_size}", _DWCONV_SOURCE, [f"-DKS={kernel_size}"], _SIGNATURES[name])
+                          if kernel_size % 2 else None)
+        else:
+            _LIBS[key] = _compile(name, _GELU_BN_SOURCE, [], _SIGNATURES[name])
+    return _LIBS[key]
 
 
 def fast_depthwise_available(kernel_size: int = 7) -> bool:
-    """True when the C weight-gradient kernel for this kernel size could be built and loaded here."""
-    return kernel_size % 2 == 1 and _library(kernel_size) is not None
+    """True when the C depthwise-gradient kernel for this (odd) kernel size could be built and loaded here."""
+    return _library("dwconv", kernel_size) is not None
+
+
+def fast_gelu_bn_available() -> bool:
+    """True when the fused GELU -> BatchNorm kernels could be built and loaded here."""
+    return _library("gelu_bn") is not None
 
 
 @torch.library.custom_op("patchbench::depthwise_param_grads", mutates_args=())
@@ -168,7 +326,7 @@ def depthwise_param_grads(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
 
     A registered op (opaque to torch.compile) so compiled models can call it too.
     """
-    lib = _library(kernel_size)
+    lib = _library("dwconv", kernel_size)
     if lib is None:
         raise RuntimeError(f"no C compiler: the depthwise kernel for k={kernel_size} could not be built")
     B, C, H, W = x.shape
@@ -238,15 +396,120 @@ class FastDepthwiseConv2d(nn.Conv2d):
             return _DepthwiseConv2dFn.apply(x, weight, bias)
 
 
-def use_fast_depthwise(model: nn.Module) -> int:
-    """Swap every fitting depthwise nn.Conv2d in `model` for a FastDepthwiseConv2d sharing its parameters.
+def _suffix(x: torch.Tensor) -> str:
+    return "f32" if x.dtype == torch.float32 else "bf16"
 
-    Returns how many were swapped (0 where no C compiler is available: the model is left as it was).
-    Call it before building the optimizer or wrapping the model (DDP, torch.compile).
+
+@torch.library.custom_op("patchbench::gelu_batch_norm", mutates_args=())
+def gelu_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of gelu(z), z channels_last (B, C, H, W) fp32/bf16.
+
+    Returns (out, y = gelu(z), batch mean, 1/sqrt(biased var + eps)); the last two (C,) in float64.
+    """
+    lib = _library("gelu_bn")
+    B, C, H, W = z.shape
+    y, out = torch.empty_like(z), torch.empty_like(z)
+    s, q = z.new_empty(C, dtype=torch.float64), z.new_empty(C, dtype=torch.float64)
+    getattr(lib, f"gelu_stats_{_suffix(z)}")(z.data_ptr(), y.data_ptr(), B * H * W, C, s.data_ptr(), q.data_ptr())
+    mean = s / (B * H * W)
+    rstd = (q / (B * H * W) - mean * mean).clamp_min(0).add(eps).rsqrt()
+    scale = (weight.double() * rstd).float()
+    shift = (bias.double() - mean * weight.double() * rstd).float()
+    getattr(lib, f"affine_{_suffix(z)}")(y.data_ptr(), out.data_ptr(), B * H * W, C, scale.data_ptr(), shift.data_ptr())
+    return out, y, mean, rstd
+
+
+@gelu_batch_norm.register_fake
+def _(z, weight, bias, eps):
+    C = z.shape[1]
+    return (torch.empty_like(z), torch.empty_like(z), z.new_empty(C, dtype=torch.float64),
+            z.new_empty(C, dtype=torch.float64))
+
+
+@torch.library.custom_op("patchbench::gelu_batch_norm_backward", mutates_args=())
+def gelu_batch_norm_backward(z: torch.Tensor, y: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
+                             mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dz, dweight, dbias) of `gelu_batch_norm`; grad_out channels_last like z."""
+    lib = _library("gelu_bn")
+    B, C, H, W = z.shape
+    n = B * H * W
+    sd, sdy = z.new_empty(C, dtype=torch.float64), z.new_empty(C, dtype=torch.float64)
+    getattr(lib, f"grad_stats_{_suffix(z)}")(y.data_ptr(), grad_out.data_ptr(), n, C, sd.data_ptr(), sdy.data_ptr())
+    dbias = sd  # sum of dout
+    dweight = rstd * (sdy - mean * sd)  # sum of dout * y_hat
+    # d out / d y folded into one line per channel: dy = ka * dout + kb * y + kc
+    a = weight.double() * rstd
+    kb = -a * rstd * dweight / n
+    ka, kc = a.float(), (-a * dbias / n - kb * mean).float()
+    kb = kb.float()
+    dz = torch.empty_like(z)
+    getattr(lib, f"gelu_bn_grad_{_suffix(z)}")(z.data_ptr(), y.data_ptr(), grad_out.data_ptr(), dz.data_ptr(), n, C,
+                                      ka.data_ptr(), kb.data_ptr(), kc.data_ptr())
+    return dz, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+@gelu_batch_norm_backward.register_fake
+def _(z, y, grad_out, weight, mean, rstd):
+    return torch.empty_like(z), torch.empty_like(weight), torch.empty_like(weight)
+
+
+class _GELUBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, eps):
+        out, y, mean, rstd = gelu_batch_norm(z, weight, bias, eps)
+        ctx.save_for_backward(z, y, weight, mean, rstd)
+        ctx.mark_non_differentiable(y, mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, grad_out, _mean, _rstd):
+        z, y, weight, mean, rstd = ctx.saved_tensors
+        grad_out = grad_out.to(z.dtype).contiguous(memory_format=torch.channels_last)
+        dz, dweight, dbias = gelu_batch_norm_backward(z, y, grad_out, weight, mean, rstd)
+        return dz, dweight, dbias, None
+
+
+class GELUBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d of GELU(x): replaces the pair GELU -> BatchNorm2d (the GELU becomes nn.Identity).
+
+    Same parameters, buffers and state_dict keys as the BatchNorm2d it replaces. Training on CPU with
+    a channels_last input runs the fused C kernels; everything else (eval, other devices or layouts)
+    runs F.gelu then BatchNorm2d.
+    """
+
+    def forward(self, x):
+        if not (self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4):
+            return super().forward(F.gelu(x))
+        out, mean, rstd = _GELUBatchNormFn.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():  # what BatchNorm2d does with its buffers in training mode
+            self.num_batches_tracked.add_(1)
+            n = x.numel() / x.shape[1]
+            var = (rstd.pow(-2) - self.eps) * (n / max(n - 1, 1))  # unbiased, as BatchNorm2d keeps it
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        return out
+
+
+def _fits_gelu_bn(act: nn.Module, bn: nn.Module) -> bool:
+    return (type(act) is nn.GELU and act.approximate == "none" and type(bn) is nn.BatchNorm2d
+            and bn.affine and bn.track_running_stats and bn.momentum is not None and bn.num_features % LANES == 0)
+
+
+def use_fast_kernels(model: nn.Module) -> int:
+    """Swap fitting layers of `model` for the fast ones, in place; returns how many were swapped.
+
+    Depthwise convs become FastDepthwiseConv2d; each GELU -> BatchNorm2d pair inside an nn.Sequential
+    becomes nn.Identity -> GELUBatchNorm2d. Parameters and buffers are shared, not copied, so the
+    state_dict is unchanged. Models without such layers (ViT, ResNet) are left exactly as they were,
+    and so is everything where no C compiler is available. Call it before building the optimizer or
+    wrapping the model (DDP, torch.compile).
     """
     swapped = 0
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        children = list(parent.named_children())
+        for (name, child), (next_name, next_child) in zip(children, children[1:] + [(None, None)]):
             if type(child) is nn.Conv2d and _fits(child) and fast_depthwise_available(child.kernel_size[0]):
                 fast = FastDepthwiseConv2d(
                     child.in_channels, child.out_channels, child.kernel_size, padding=child.padding,
@@ -255,5 +518,16 @@ def use_fast_depthwise(model: nn.Module) -> int:
                 fast.weight, fast.bias = child.weight, child.bias  # the same Parameters, not copies
                 fast.train(child.training)
                 setattr(parent, name, fast)
+                swapped += 1
+            elif (isinstance(parent, nn.Sequential) and _fits_gelu_bn(child, next_child)
+                  and fast_gelu_bn_available()):
+                fused = GELUBatchNorm2d(next_child.num_features, eps=next_child.eps, momentum=next_child.momentum,
+                                        device="meta")
+                fused.weight, fused.bias = next_child.weight, next_child.bias
+                for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                    setattr(fused, buf, getattr(next_child, buf))
+                fused.train(next_child.training)
+                setattr(parent, name, nn.Identity())
+                setattr(parent, next_name, fused)
                 swapped += 1
     return swapped
