@@ -35,7 +35,8 @@ def train_args(folder, cache, out):
             "--model-arg", "dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
             "--model-arg", "mlp_dim=64", "--model-arg", "patch_size=8",
             "--prepare-size", "32", "--img-size", "32", "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
-            "--log-every", "1", "--deterministic", "--device", "cpu", "--no-progress", "--out", str(out)]
+            "--log-every", "1", "--deterministic", "--device", "cpu", "--threads", "1", "--no-progress",
+            "--out", str(out)]
 
 
 def torchrun(nproc, *argv, script=None):

@@ -45,7 +45,7 @@ def tiny_config(folder, cache, model="vit_tiny_6l8h", **train):
     overrides = {"vit_tiny_6l8h": {"dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8,
                                    "dropout": 0.1},
                  "resnet9": {"width": 8}}.get(model, {})
-    t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu")
+    t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu", threads=1)
     t.update(train)
     return RunConfig(model=ModelConfig(model, overrides),
                      data=DataConfig(source=str(folder), cache_dir=str(cache), prepare_size=32, img_size=32),
