@@ -437,6 +437,7 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
                 if partial_sums is not None and ctx.main:
                     meter.sums += torch.tensor(partial_sums, dtype=torch.float64, device=ctx.device)
                 partial_sums = None
+                trained = (steps_per_epoch - start_batch) * t.batch_size  # images trained in this session
                 tick = time.perf_counter()
                 with tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{t.epochs}",
                           disable=not (progress and ctx.main), leave=False, file=sys.stderr, unit="step") as bar:
@@ -458,7 +459,7 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
                              "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
                              "val_top1": val["top1"], "val_top5": val["top5"],
                              "epoch_time_s": round(train_time + val["time_s"], 3),
-                             "train_images_per_s": round(train["images"] / train_time, 1),
+                             "train_images_per_s": round(trained / train_time, 1),
                              "infer_images_per_s": round(val["images"] / val["time_s"], 1)})
                 wall = wall_before + time.perf_counter() - started
                 if val["loss"] < best_loss:

@@ -209,6 +209,10 @@ def run(args):
     except TrainingDiverged as e:
         print(f"patchbench train: stopped: {e} (last good checkpoint kept in {out}/checkpoint)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # the message (when there is one) says a checkpoint was written and how to go on
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"patchbench train: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     if s.get("epochs_done") and int(os.environ.get("RANK", "0")) == 0:
         print(f"{s['model']}: final top-1 {s['final_top1']:.4f} (best {s['best_top1']:.4f} at epoch {s['best_epoch']}), "
               f"{s['params']:,} params, {s['wall_time_s']:.1f}s -> {out}")
