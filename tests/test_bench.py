@@ -129,6 +129,7 @@ def test_cli_writes_json_and_ends_with_the_ratio(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size"),
     (["--model", "nope"], "unknown model"),
     (["--against", "torchvision"], "--against torchvision"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys, tmp_path):
     args = ["bench", "--model", "convmixer_256_8", "--img-size", "16", "--out", str(tmp_path / "b.json")]

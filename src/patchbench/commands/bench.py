@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from patchbench.bench import AGAINST, DTYPES, MODES, Settings, format_table, run_bench, write_json
+from patchbench.errors import UserError
 
 
 def add_parser(sub):
@@ -26,6 +29,8 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both sides (default: torch's; 1 can be faster on a shared CPU)")
     p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
                    help="do not use patchbench.kernels' depthwise weight-gradient kernel (CPU training)")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
@@ -37,12 +42,17 @@ def command_line(args) -> str:
     words = ["patchbench bench", f"--model {args.model}", f"--img-size {args.img_size}",
              f"--batch-size {args.batch_size}", f"--dtype {args.dtype}", f"--mode {args.mode}",
              f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--device {args.device}"]
+    words += [f"--threads {args.threads}"] * (args.threads is not None)
     words += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     words += [f"--against {args.against}"] * (args.against is not None) + ["--no-fast-kernels"] * (not args.fast_kernels)
     return " ".join(words + [f"--out {args.out}"])
 
 
 def run(args) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     settings = Settings(args.dtype, args.channels_last, args.compile)
     result = run_bench(
         args.model, img_size=args.img_size, batch_size=args.batch_size, settings=settings, mode=args.mode,
