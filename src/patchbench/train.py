@@ -160,11 +160,19 @@ def environment(device: torch.device, world_size: int) -> dict:
                                 text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "patchbench": patchbench.__version__,
             "python": platform.python_version(), "numpy": np.__version__, "git_commit": commit,
             "device": f"{device} ({name})", "world_size": world_size, "threads": torch.get_num_threads(),
             "hostname": platform.node()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
