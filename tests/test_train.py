@@ -238,3 +238,25 @@ def test_list_presets(capsys):
     for name in ("seed", "study160", "quick", "smoke"):
         assert f"{name}:" in out
     assert "sized for 100 epochs" in out
+
+
+@pytest.mark.parametrize("preset", ["seed", "study160", "quick", "smoke"])
+def test_every_preset_model_builds_at_its_size(preset):
+    from patchbench.config import get_preset
+    from patchbench.optim import create_optimizer
+    from patchbench.train import build_model
+
+    p = get_preset(preset)
+    for name in p.models:
+        cfg = p.config_for(name).validate()
+        with torch.device("meta"):
+            model = build_model(cfg, 10)
+        assert model.default_img_size == cfg.data.img_size
+        create_optimizer(model, cfg.train)
+    if preset == "seed":  # SEED.md's exact parameter counts and recipe
+        counts = {n: sum(q.numel() for q in build_model(p.config_for(n), 10).parameters()) for n in p.models}
+        assert counts == {"seed_convmixer": 961_814, "seed_vit": 811_146, "seed_resnet9": 1_647_242}
+        t, d = p.config_for("seed_vit").train, p.data
+        assert (t.batch_size, t.lr, t.weight_decay, t.epochs, t.schedule_epochs) == (16, 1e-3, 0.3, 30, 100)
+        assert (d.img_size, d.scale, d.ratio, d.mean) == (32, (0.8, 0.99), (1.0, 1.0), (0.4914, 0.4822, 0.4465))
+        assert p.config_for("seed_convmixer").train.weight_decay == 0.0 and p.quirks
