@@ -322,6 +322,24 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
             dist.destroy_process_group()
 
 
+def restore(path: Path, classes: list[str], model: nn.Module, optimizer, scaler, ema: EMA | None) -> dict:
+    """Load a checkpoint into the model, optimizer, GradScaler, EMA and RNGs; return its JSON state."""
+    state, weights, tensors = load_checkpoint(path)
+    if state["classes"] != classes:
+        raise UserError(f"the data's classes {classes[:3]}... differ from the run's {state['classes'][:3]}...; "
+                        f"resume with the dataset the run was trained on")
+    # NAME.safetensors holds the evaluated weights: the EMA's when it is on, the raw ones then in the state file
+    raw = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} if ema else weights
+    model.load_state_dict(raw)
+    if ema is not None:
+        ema.module.load_state_dict(weights)
+    optimizer_from_parts(optimizer, state["optimizer"], tensors)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng_from_parts(state["rng"], tensors)
+    return state
+
+
 def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, progress: bool) -> dict:
     from patchbench.data import Loader, prepare
 
@@ -329,6 +347,8 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
     if t.batch_size % ctx.world_size:
         raise UserError(f"--batch-size {t.batch_size} (global) does not split over {ctx.world_size} processes; "
                         f"use a multiple of {ctx.world_size}")
+    if t.sync_bn and ctx.device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
     plan = plan_run_dir(out, cfg, resume, overwrite)  # every rank checks before anyone writes
     if plan == "finished":
         return json.loads((out / "summary.json").read_text())
@@ -370,18 +390,7 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
     partial_sums = None
     best_loss, rows = math.inf, []
     if plan == "resume":
-        state, weights, tensors = load_checkpoint(out / "checkpoint" / "last.json")
-        if state["classes"] != classes:
-            raise UserError(f"the data's classes {classes[:3]}... differ from the run's {state['classes'][:3]}...; "
-                            f"resume with the dataset the run was trained on")
-        raw = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} if ema else weights
-        model.load_state_dict(raw)
-        if ema is not None:
-            ema.module.load_state_dict(weights)
-        optimizer_from_parts(optimizer, state["optimizer"], tensors)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        rng_from_parts(state["rng"], tensors)
+        state = restore(out / "checkpoint" / "last.json", classes, model, optimizer, scaler, ema)
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         wall_before, best_loss = state["wall_time_s"], state["best_val_loss"]
         partial_sums = state.get("train_sums")
@@ -397,8 +406,8 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
                            "num_val": len(data.val)}}
         atomic_write_text(out / "config.json", json.dumps(doc, indent=2))
     ctx.barrier()
-    if ctx.main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -469,17 +478,17 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
                              "epoch_time_s": round(train_time + val["time_s"], 3),
                              "train_images_per_s": round(trained / train_time, 1),
                              "infer_images_per_s": round(val["images"] / val["time_s"], 1)})
-                wall = wall_before + time.perf_counter() - started
-                if val["loss"] < best_loss:
-                    best_loss = val["loss"]
-                    save("best", epoch, 0, None, wall)
-                save("last", epoch, 0, None, wall)
-                if ctx.main:
+                if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rows[-1]) + "\n")
                     for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):
                         writer.add_scalar(f"epoch/{k}", rows[-1][k], step)
                     writer.flush()
+                wall = wall_before + time.perf_counter() - started
+                if val["loss"] < best_loss:
+                    best_loss = val["loss"]
+                    save("best", epoch, 0, None, wall)
+                save("last", epoch, 0, None, wall)
                 r = rows[-1]
                 log(f"epoch {epoch}/{t.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
                     f"top1 {r['val_top1']:.4f}  top5 {r['val_top5']:.4f}  {r['epoch_time_s']:.1f}s  "
