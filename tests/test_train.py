@@ -44,7 +44,8 @@ def folder(tmp_path_factory):
 def tiny_config(folder, cache, model="vit_tiny_6l8h", **train):
     overrides = {"vit_tiny_6l8h": {"dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8,
                                    "dropout": 0.1},
-                 "resnet9": {"width": 8}}.get(model, {})
+                 "resnet9": {"width": 8},
+                 "convmixer_256_8": {"dim": 32, "depth": 2, "patch_size": 4, "kernel_size": 3}}.get(model, {})
     t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu", threads=1)
     t.update(train)
     return RunConfig(model=ModelConfig(model, overrides),
@@ -99,8 +100,8 @@ def test_loss_falls_and_run_dir_follows_the_contract(folder, tmp_path):
     assert (out / "checkpoint" / "last.safetensors").stat().st_mtime_ns == before
 
 
-def _resume_after_crash(folder, tmp_path, monkeypatch, **switches):
-    cfg = tiny_config(folder, tmp_path, **switches)
+def _resume_after_crash(folder, tmp_path, monkeypatch, model="vit_tiny_6l8h", **switches):
+    cfg = tiny_config(folder, tmp_path, model, **switches)
     train_run(cfg, tmp_path / "full", progress=False)
 
     real = train_mod.evaluate_model
@@ -128,13 +129,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monk
 @pytest.mark.parametrize("switches", [
     dict(amp="fp16", ema_decay=0.9, grad_clip=0.5, channels_last=True, label_smoothing=0.1),
     dict(amp="bf16", schedule="piecewise", weight_decay=0.1, init="kaiming"),
+    dict(model="convmixer_256_8", channels_last=True, fast_kernels=True, ema_decay=0.5),
 ])
 def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch, switches):
     """AMP (with the GradScaler's state), EMA, clipping, channels_last... survive a crash and resume."""
     _resume_after_crash(folder, tmp_path, monkeypatch, **switches)
     state = json.loads((tmp_path / "full" / "checkpoint" / "last.json").read_text())
     assert state["eval_weights"] == ("ema" if "ema_decay" in switches else "model")
-    assert (state["scaler"] is not None) == (switches["amp"] == "fp16")
+    assert (state["scaler"] is not None) == (switches.get("amp") == "fp16")
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["status"] == "finished"
 
 

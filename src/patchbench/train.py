@@ -48,6 +48,7 @@ from patchbench.config import RunConfig
 from patchbench.errors import UserError
 from patchbench.evaluate import autocast, evaluate_model, resolve_device
 from patchbench.flops import count_macs, count_params
+from patchbench.kernels import use_fast_kernels
 from patchbench.metrics import Meter
 from patchbench.models import create_model
 from patchbench.models.layers import kaiming_init_
@@ -370,6 +371,8 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
 
     seed_everything(t.seed, t.deterministic)
     model = build_model(cfg, len(classes))
+    if t.fast_kernels and ctx.device.type == "cpu":
+        use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
     params = count_params(model)
     with torch.device("meta"):
         macs = count_macs(build_model(cfg, len(classes)), cfg.data.img_size)

@@ -94,6 +94,7 @@ SWITCHES = [  # on/off flags: --x / --no-x
     ("--sync-bn", "train", "sync_bn", "SyncBatchNorm across DDP ranks (GPU)"),
     ("--cycle-momentum", "train", "cycle_momentum", "onecycle also cycles Adam's beta1 (torch's default)"),
     ("--hflip", "data", "hflip", "random horizontal flips"),
+    ("--fast-kernels", "train", "fast_kernels", "CPU: patchbench.kernels for ConvMixer's depthwise conv and GELU->BN"),
 ]
 
 
