@@ -214,3 +214,52 @@ def test_bad_arguments_are_user_errors():
         Loader(split, DataConfig(ratio=(0.0, 1.0)), batch_size=2, train=True, device="cpu", seed=0)
     with pytest.raises(UserError, match="rank"):
         Loader(split, DataConfig(), batch_size=2, train=False, device="cpu", seed=0, rank=2, world_size=2)
+
+
+def test_cpu_crop_is_bit_identical_over_threads_and_layouts():
+    split = make_split(30)
+    images = torch.from_numpy(split.images)
+    g = torch.Generator().manual_seed(4)
+    boxes = random_resized_crop_boxes(12, S, (0.2, 1.0), (0.75, 1.33), g)
+    flip = torch.rand(12, generator=g) < 0.5
+    rows = [29, 3, 3, 17, 0, 8, 21, 5, 12, 26, 9, 1]  # crops read from these images, no gather
+    norm = (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([-1.0, 0.5, 2.0]))
+    ref = _crop_resize_cpu(images[rows], boxes, flip, 20)
+    ref = ref * norm[0].view(1, 3, 1, 1) + norm[1].view(1, 3, 1, 1)
+    for threads in (1, 2, 3):
+        for channels_last in (False, True):
+            x = _crop_resize_cpu(images, boxes, flip, 20, rows=rows, norm=norm, channels_last=channels_last,
+                                 threads=threads)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert x.shape == (12, 3, 20, 20) and x.is_contiguous(memory_format=fmt)
+            assert torch.equal(x, ref), (threads, channels_last)
+
+
+def test_loader_channels_last_gives_the_same_batches_in_nhwc_memory():
+    split = make_split(40)
+    cfg = DataConfig(img_size=20, scale=(0.3, 1.0))
+    for train in (True, False):
+        plain = list(Loader(split, cfg, batch_size=8, train=train, device="cpu", seed=5))
+        nhwc = list(Loader(split, cfg, batch_size=8, train=train, device="cpu", seed=5, channels_last=True))
+        assert len(plain) == len(nhwc)
+        for (xa, ya), (xb, yb) in zip(plain, nhwc):
+            assert xb.is_contiguous(memory_format=torch.channels_last) and xb.shape == xa.shape
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("bad", [0, 11])  # a sample in the calling thread's chunk, one in a worker's
+def test_an_error_in_any_chunk_reaches_the_caller_and_the_workers_stay_usable(bad):
+    images = torch.from_numpy(make_split(12).images)
+    boxes = torch.tensor([[0, 0, S, S]], dtype=torch.float32).repeat(12, 1)
+    boxes[bad] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width: interpolate refuses it
+    with pytest.raises(RuntimeError):
+        _crop_resize_cpu(images, boxes, None, 8, threads=2)
+    boxes[bad] = torch.tensor([0.0, 0.0, S, S])
+    x = _crop_resize_cpu(images, boxes, None, 8, threads=2)
+    assert torch.equal(x, _crop_resize_cpu(images, boxes, None, 8, threads=1))
+
+
+def test_loader_leaves_the_callers_torch_thread_count_alone():
+    before = torch.get_num_threads()
+    list(Loader(make_split(40), DataConfig(img_size=16), batch_size=8, train=True, device="cpu", seed=0))
+    assert torch.get_num_threads() == before
