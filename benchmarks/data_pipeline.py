@@ -4,7 +4,9 @@
     DataLoader with 2 worker processes, batch 64: what the study ran, decoding every JPEG every epoch.
 (b) patchbench: the images decoded once (`prepare`, timed separately, a one-off), then `Loader`
     cropping, flipping and normalising whole batches on the device.
-Both use the same crop scale/ratio and produce the same float32 (64, 3, 160, 160) batches.
+Both use the same crop scale/ratio and produce the same float32 (64, 3, 160, 160) batches; (b) is
+timed twice: NCHW memory (the Loader's default, what `ratio=` compares) and `channels_last=True`
+(the same values in NHWC memory, what a channels_last model such as the study160 preset's wants).
 
     .venv/bin/python benchmarks/data_pipeline.py                  # ../shared/datasets/imagenette2-160.tgz
     .venv/bin/python benchmarks/data_pipeline.py --data FOLDER    # any train/ val/ image folder
@@ -100,16 +102,21 @@ def main(argv=None) -> None:
 
         ours = Loader(data.train, cfg, batch_size=args.batch_size, train=True, device=device, seed=0)
         n_b, s_b = time_epoch(ours, device, args.max_batches)
+        ours_cl = Loader(data.train, cfg, batch_size=args.batch_size, train=True, device=device, seed=0,
+                         channels_last=True)
+        n_c, s_c = time_epoch(ours_cl, device, args.max_batches)
 
-    rate_a, rate_b = n_a / s_a, n_b / s_b
+    rate_a, rate_b, rate_c = n_a / s_a, n_b / s_b, n_c / s_c
     print(f"data: {source} ({len(data.train):,} train images, {args.img_size}px, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()})")
     print(f"| pipeline | device | images | seconds | images/s |")
     print(f"|---|---|---:|---:|---:|")
     print(f"| ImageFolder + PIL, {args.workers} workers (the study's) | cpu | {n_a:,} | {s_a:.1f} | {rate_a:,.0f} |")
     print(f"| patchbench Loader (uint8 cache, batched augment) | {device} | {n_b:,} | {s_b:.1f} | {rate_b:,.0f} |")
+    print(f"| patchbench Loader, channels_last=True | {device} | {n_c:,} | {s_c:.1f} | {rate_c:,.0f} |")
     print(f"| patchbench prepare, one-off ({prep_note}) | cpu | {len(data.train) + len(data.val):,} "
           f"| {prep_s:.1f} | |")
+    print(f"ratio_channels_last={rate_c / rate_a:.2f}")
     print(f"ratio={rate_b / rate_a:.2f}")
 
 
