@@ -96,9 +96,11 @@ def test_loss_and_tradeoff_figures_have_their_axes(study):
     train_line = loss.axes[0].get_lines()[0]  # fixture: train_loss = 2 - 2 * acc
     assert np.allclose(train_line.get_ydata(), 2 - 2 * np.mean(fx.COMPARE_CURVES["convmixer_256_8"], axis=0))
     trade = rf.figure_tradeoffs(rp.results_rows(groups))
-    assert [a.get_xlabel() for a in trade.axes] == ["parameters (log)", "MACs per image (log)",
-                                                    "inference images/s (log)"]
-    assert all(a.get_xscale() == "log" for a in trade.axes)
+    # fixture: params 0.59M vs 0.91M (narrow: linear), MACs 147M vs 14M (wide: log)
+    assert [a.get_xlabel() for a in trade.axes] == ["parameters", "MACs per image (log)", "inference images/s"]
+    assert [a.get_xscale() for a in trade.axes] == ["linear", "log", "linear"]
+    xs = [c.lines[0].get_xdata()[0] for c in trade.axes[0].containers]
+    assert xs == [594_186, 907_914]
     assert trade.axes[0].get_ylabel() == "final val top-1 (%)"
     assert [t.get_text() for t in trade.axes[1].get_legend().get_texts()] == ["convmixer_256_8", "vit_tiny_6l8h"]
 

@@ -82,19 +82,34 @@ TRADEOFF_AXES = [("params", "parameters"), ("macs", "MACs per image"),
                  ("infer_images_per_s", "inference images/s")]
 
 
+def _human_tick(value: float, _pos=None) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
+
+
 def figure_tradeoffs(rows: list[dict]) -> Figure:
-    """Final top-1 (mean, error bar = std over seeds) against params, MACs and inference throughput."""
+    """Final top-1 (mean, error bar = std over seeds) against params, MACs and inference throughput.
+
+    An x axis spanning more than 10x is logarithmic (and says so), a narrower one linear."""
     fig = Figure(figsize=(12, 3.8))
     axes = fig.subplots(1, 3, sharey=True)
     for ax, (key, xlabel) in zip(axes, TRADEOFF_AXES):
+        xs = []
         for row, color in zip(rows, _colors(len(rows))):
             if row["final_mean"] is None or not row.get(key):
                 continue
+            xs.append(row[key])
             ax.errorbar(row[key], 100 * row["final_mean"], yerr=100 * (row["final_std"] or 0), fmt="o",
                         color=color, capsize=3, label=row["label"])
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
-        ax.set_xlabel(xlabel + " (log)")
+        log = bool(xs) and max(xs) > 10 * min(xs)
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+        ax.xaxis.set_major_formatter(FuncFormatter(_human_tick))
+        ax.margins(x=0.15)
+        ax.set_xlabel(xlabel + (" (log)" if log else ""))
         ax.set_title(f"accuracy vs {xlabel}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
