@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 import patchbench.train as train_mod
 from patchbench.cli import main
 from patchbench.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from patchbench.errors import UserError
 from patchbench.train import TrainingDiverged, train_run
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
