@@ -132,7 +132,7 @@ def describe_presets() -> str:
                      f"lr {t.lr:g}, wd {t.weight_decay:g}, {t.schedule}"
                      + (f" sized for {t.schedule_epochs} epochs" if t.schedule_epochs else "")
                      + f", amp {t.amp}")
-        for model, changes in {**pr.per_model}.items():
+        for model, changes in pr.per_model.items():
             lines.append(f"    {model}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
         for model, kw in pr.model_overrides.items():
             lines.append(f"    {model} built with " + ", ".join(f"{k}={v}" for k, v in kw.items()))
