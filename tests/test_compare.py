@@ -265,7 +265,7 @@ def test_compare_with_budget_writes_study_samples_runs_and_report(tmp_path):
         assert list(z["classes"]) == ["n00", "n01", "n02"] and list(z["labels"]) == [0, 1, 2]
     assert len(result.outcome["trained"]) == 4 and [p.name for p in result.reports] == ["report.md", "report.html"]
     page = (study / "report.html").read_text()
-    assert "Matched budgets" in page and "convmixer_256_8: dim=" in page
+    assert "Parameter budget 100.00K (±5%)" in page and "convmixer_256_8: dim=" in page
     with pytest.raises(UserError, match="param_budget"):  # same folder, different study
         cp.compare(tiny_preset(tmp_path), ["resnet9"], [0], study, progress=False, work=fake_work(log))
 

@@ -160,6 +160,7 @@ def test_html_is_self_contained_with_table_and_images(study):
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "src='figures/" not in page and "http" not in page.replace("http-equiv", "")
     assert page.count("<details>") == 6  # one config per run
+    assert "<li>convmixer_256_8: its defaults → 594,186 params</li>" in page
     md = (study / "report.md").read_text()
     assert "| convmixer_256_8 | 594,186 |" in md and "![Validation top-1 per epoch](figures/accuracy.png)" in md
     assert sorted(p.name for p in (study / "figures").iterdir()) == sorted(

@@ -307,8 +307,8 @@ def conclusion(groups: list[Group]) -> list[str]:
             text += "; with one seed on a side there is no seed-to-seed spread to compare with and no test is possible."
         else:
             ratio = gap / (100 * spread) if spread > 0 else math.inf
-            text += (f", {'more' if ratio > 1 else 'less'} than the larger seed-to-seed standard deviation "
-                     f"({100 * spread:.1f} points)")
+            relation = "more than" if ratio > 1.25 else "less than" if ratio < 0.8 else "about the same as"
+            text += f", {relation} the larger seed-to-seed standard deviation ({100 * spread:.1f} points)"
             test = welch_t_test(best_vals, vals)
             if test is None:
                 text += "; Welch's t-test needs at least two seeds on each side."
@@ -377,17 +377,19 @@ def table_cells(row: dict) -> list[str]:
             str(row["epochs"] or "–"), f"{row['img_size']}px" if row["img_size"] else "–", wall]
 
 
-def budget_lines(meta: dict, groups: list[Group]) -> list[str]:
-    """What matched parameter budget was asked for and which configuration each model got."""
-    if not meta.get("param_budget"):
-        return []
-    budget = meta["param_budget"]
-    lines = [f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"]
+def model_lines(meta: dict, groups: list[Group]) -> list[str]:
+    """Which configuration each model ran with; with a matched budget, also how close each came to it."""
+    budget = meta.get("param_budget")
+    chosen = meta.get("chosen") or {g.model: g.overrides for g in groups}
     params_of = {g.model: (g.done[0].summary.get("params") if g.done else None) for g in groups}
-    for model, overrides in (meta.get("chosen") or {}).items():
+    lines = [f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"] if budget else []
+    for model, overrides in chosen.items():
         params = (meta.get("chosen_params") or {}).get(model) or params_of.get(model)
-        size = "" if params is None else f" → {params:,} params ({100 * (params - budget) / budget:+.1f}%)"
-        lines.append(f"{model}: " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + size)
+        size = "" if params is None else f" → {params:,} params"
+        if budget and params is not None:
+            size += f" ({100 * (params - budget) / budget:+.1f}%)"
+        args = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
+        lines.append(f"{model}: {args}{size}")
     return lines
 
 
@@ -413,7 +415,7 @@ class Report:
     setup: str
     table: list[list[str]]
     conclusion: list[str]
-    budget: list[str]
+    models: list[str]  # each model's configuration (and its matched budget)
     problems: list[str]
     figures: list[tuple[str, str, bytes]]  # (file stem, caption, PNG bytes)
     configs: list[tuple[str, str]]  # (run name, config.json text)
@@ -429,7 +431,7 @@ def build_report(study: Study) -> Report:
                for r in study.runs]
     return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
                   table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
-                  budget=budget_lines(study.meta, groups), problems=problem_lines(study), figures=figures,
+                  models=model_lines(study.meta, groups) if not study.meta.get("grid") else [], problems=problem_lines(study), figures=figures,
                   configs=configs)
 
 
@@ -443,8 +445,8 @@ def to_markdown(report: Report) -> str:
            "Final top-1: the last epoch's val accuracy, mean ± sample std over the n finished seeds. "
            "Best-epoch top-1 is optimistic (chosen on the val set) and shown only for comparison.", "",
            "## Conclusion", "", *[f"- {line}" for line in report.conclusion], ""]
-    if report.budget:
-        out += ["## Matched budgets", "", *[f"- {line}" for line in report.budget], ""]
+    if report.models:
+        out += ["## Models", "", *[f"- {line}" for line in report.models], ""]
     if report.problems:
         out += ["## Missing or partial runs", "", *[f"- {line}" for line in report.problems], ""]
     out += ["## Figures", ""]
@@ -478,8 +480,8 @@ def to_html(report: Report) -> str:
            "<p>Final top-1: the last epoch's val accuracy, mean ± sample std over the n finished seeds. "
            "Best-epoch top-1 is optimistic (chosen on the val set) and shown only for comparison.</p>",
            "<h2>Conclusion</h2><ul>", *[f"<li>{inline(line)}</li>" for line in report.conclusion], "</ul>"]
-    if report.budget:
-        out += ["<h2>Matched budgets</h2><ul>", *[f"<li>{e(line)}</li>" for line in report.budget], "</ul>"]
+    if report.models:
+        out += ["<h2>Models</h2><ul>", *[f"<li>{e(line)}</li>" for line in report.models], "</ul>"]
     if report.problems:
         out += ["<h2>Missing or partial runs</h2><ul id='problems'>",
                 *[f"<li>{e(line)}</li>" for line in report.problems], "</ul>"]
