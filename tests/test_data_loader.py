@@ -1,5 +1,7 @@
 """Batched augmentation and the seeded, sharded Loader (no files: splits are made in memory)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,12 +10,13 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig, get_preset
-from patchbench.data import Loader, Split
+from patchbench.data import Loader, Split, augment
 from patchbench.data.augment import (_crop_resize_cpu, _crop_resize_roi_align, center_crop_boxes,
                                      random_resized_crop_boxes)
 from patchbench.errors import UserError
 
 S = 24
+THREADS = torch.get_num_threads()
 
 
 def make_split(n=50, size=S, seed=0) -> Split:
@@ -259,7 +262,12 @@ def test_an_error_in_any_chunk_reaches_the_caller_and_the_workers_stay_usable(ba
     assert torch.equal(x, _crop_resize_cpu(images, boxes, None, 8, threads=1))
 
 
-def test_loader_leaves_the_callers_torch_thread_count_alone():
-    before = torch.get_num_threads()
-    list(Loader(make_split(40), DataConfig(img_size=16), batch_size=8, train=True, device="cpu", seed=0))
-    assert torch.get_num_threads() == before
+def test_loader_leaves_the_callers_torch_thread_count_alone_and_workers_on_one_thread():
+    torch.set_num_threads(2)
+    try:
+        list(Loader(make_split(40), DataConfig(img_size=16), batch_size=8, train=True, device="cpu", seed=0))
+        assert torch.get_num_threads() == 2
+        if (os.cpu_count() or 1) > 1:  # the split ran on a worker thread: no OpenMP team of its own
+            assert augment._workers().submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(THREADS)

@@ -195,16 +195,24 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def _workers() -> ThreadPoolExecutor:
-    """The process's augmentation worker threads (one fewer than the cores), started on first use.
-
-    Each sets torch to one thread for itself when it starts. That first use is always inside the
-    caller's `one_thread()` block (the process-wide setting already 1), so it changes nothing the
-    caller sees; afterwards a worker's own OpenMP setting stays 1."""
+    """The process's augmentation worker threads (one fewer than the cores), started on first use."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="patchbench-augment",
-                                   initializer=torch.set_num_threads, initargs=(1,))
+                                   initializer=_worker_one_thread)
     return _POOL
+
+
+def _worker_one_thread() -> None:
+    """Pin a worker thread's own OpenMP team to one thread, for good.
+
+    torch reads the process-wide setting into a thread's own OpenMP setting the first time the
+    thread asks for it, and keeps that; `torch.get_num_threads()` makes that happen now, then
+    `set_num_threads(1)` overrides it. Later changes by the caller (one_thread() restoring its count)
+    leave this thread at 1. A worker starts inside the caller's one_thread() block, where the
+    process-wide setting is already 1, so the caller sees nothing change."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 @contextmanager
