@@ -18,7 +18,8 @@ def run(args) -> int:
     formats = parse_formats(args.format)
     study = load_study(args.study)
     report = build_report(study)
+    paths = save_report(report, study.path, formats)
     print(to_text(report))
-    for path in save_report(report, study.path, formats):
+    for path in paths:
         print(f"wrote {path}")
     return 0
