@@ -6,7 +6,7 @@
 (b) patchbench: the images decoded once into the uint8 cache (`prepare`, a one-off, reported
     separately), `Loader` cropping/flipping/normalising whole batches on the device, and the
     trainer's own pieces (`build_model`, `create_optimizer`, `lr_at`/`set_lr`, `autocast`), with
-    the fast settings below: bf16 autocast, channels_last, the C depthwise kernel (patchbench.kernels).
+    the fast settings below: bf16 autocast, channels_last, patchbench.kernels' C kernels.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
 
 Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
@@ -15,9 +15,11 @@ Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px 
     .venv/bin/python benchmarks/epoch_time.py                   # whole epoch of each (minutes)
     .venv/bin/python benchmarks/epoch_time.py --max-steps 100   # 100 timed steps each, extrapolated
 
-With --max-steps, each side first runs --warmup untimed steps (worker start-up, first-call costs),
-then times --max-steps steps; the epoch time is (seconds per step) x (steps per epoch), labelled as
-extrapolated. Without the shared archive (and no --data) a generated folder of random JPEGs stands
+The two sides run in one process, one step of (a) then one of (b), each timed from asking for its
+batch to the end of its step (load from other processes hits both alike; (a)'s worker processes
+keep decoding during (b)'s steps, which favours (a)). With --max-steps, each side first runs
+--warmup untimed steps (worker start-up, first-call costs), then times --max-steps steps; the epoch
+time is (seconds per step) x (steps per epoch), labelled as extrapolated. Without the shared archive (and no --data) a generated folder of random JPEGs stands
 in. The last line is `ratio=<(a) epoch time / (b) epoch time>`.
 """
 
@@ -58,22 +60,34 @@ def generated_folder(root: Path, classes: int = 10, train: int = 40, val: int = 
     return root
 
 
-def timed_loop(batches, step, steps_per_epoch: int, warmup: int, max_steps: int | None) -> dict:
-    """Run `step(x, y)` over `batches`; time all of it (max_steps None) or `max_steps` after `warmup`."""
-    start, done = time.perf_counter(), 0
-    for i, (x, y) in enumerate(batches):
-        if max_steps is not None and i == warmup:
-            start, done = time.perf_counter(), 0
-        step(x, y)
-        done += 1
-        if max_steps is not None and i + 1 == warmup + max_steps:
-            break
-    seconds = time.perf_counter() - start
-    epoch = seconds if max_steps is None else seconds / done * steps_per_epoch
-    return {"steps": done, "seconds": seconds, "epoch_s": epoch, "images_per_s": done * len(y) / seconds}
+def run_interleaved(sides: dict, warmup: int, max_steps: int | None) -> dict:
+    """Alternate one step of each side (A, B, A, B, ...), each timed from asking for its batch to the end
+    of its step, so that load from other processes hits both alike. `sides`: name -> (batches, step,
+    steps per epoch). All steps are timed (max_steps None: the whole epoch, start-up included), or
+    `max_steps` after `warmup` untimed ones, extrapolated to the epoch."""
+    iterators = {name: iter(batches) for name, (batches, _, _) in sides.items()}
+    seconds = {name: 0.0 for name in sides}
+    images = {name: 0 for name in sides}
+    steps = min(n for _, _, n in sides.values())
+    last = steps if max_steps is None else min(steps, warmup + max_steps)
+    for i in range(last):
+        for name, (_, step, _) in sides.items():
+            start = time.perf_counter()
+            x, y = next(iterators[name])
+            step(x, y)
+            if max_steps is None or i >= warmup:
+                seconds[name] += time.perf_counter() - start
+                images[name] += len(y)
+    rows = {}
+    for name, (_, _, per_epoch) in sides.items():
+        timed = last if max_steps is None else last - warmup
+        epoch = seconds[name] if max_steps is None else seconds[name] / timed * per_epoch
+        rows[name] = {"steps": timed, "seconds": seconds[name], "epoch_s": epoch,
+                      "images_per_s": images[name] / seconds[name]}
+    return rows
 
 
-def study_epoch(root: Path, cfg, num_classes: int, args) -> dict:
+def study_side(root: Path, cfg, num_classes: int, args):
     """(a): the notebook's data pipeline, model and loop."""
     tf = T.Compose([
         T.RandomResizedCrop(cfg.data.img_size, scale=cfg.data.scale, ratio=cfg.data.ratio),
@@ -97,10 +111,10 @@ def study_epoch(root: Path, cfg, num_classes: int, args) -> dict:
         optimizer.step()
         scheduler.step()
 
-    return timed_loop(loader, step, len(loader), args.warmup, args.max_steps)
+    return loader, step, len(loader)
 
 
-def patchbench_epoch(data, cfg, args) -> dict:
+def patchbench_side(data, cfg, args):
     """(b): prepared cache + Loader + the trainer's pieces, fast settings."""
     t = cfg.train
     device = torch.device(args.device)
@@ -127,7 +141,7 @@ def patchbench_epoch(data, cfg, args) -> dict:
         loss.backward()
         optimizer.step()
 
-    return timed_loop(loader, step, len(loader), args.warmup, args.max_steps)
+    return loader, step, len(loader)
 
 
 def main(argv=None) -> None:
@@ -140,7 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="(b)'s autocast dtype")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="(b) in NCHW")
     p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
-                   help="(b) without the C depthwise weight-gradient kernel")
+                   help="(b) without patchbench.kernels (use_fast_kernels)")
     p.add_argument("--compile", action="store_true", help="(b) with torch.compile")
     p.add_argument("--max-steps", type=int, default=None, help="time this many steps of each and "
                    "extrapolate to the epoch (default: the whole epoch)")
@@ -167,17 +181,19 @@ def main(argv=None) -> None:
         data = prepare(cfg.data, progress=False)
         prep_s = time.perf_counter() - start
 
-        rows = {}
+        sides = {}
         if args.only != "b":
-            rows["a"] = study_epoch(root, cfg, len(data.classes), args)
+            sides["a"] = study_side(root, cfg, len(data.classes), args)
         if args.only != "a":
-            rows["b"] = patchbench_epoch(data, cfg, args)
+            sides["b"] = patchbench_side(data, cfg, args)
+        rows = run_interleaved(sides, args.warmup, args.max_steps)
 
     steps = len(data.train) // cfg.train.batch_size
-    how = f"{args.max_steps} timed steps after {args.warmup} warm-up, extrapolated" if args.max_steps else "whole epoch"
+    how = (f"{args.max_steps} timed steps of each after {args.warmup} warm-up, extrapolated" if args.max_steps
+           else "whole epoch") + ", steps of (a) and (b) interleaved"
     t = cfg.train
     settings_b = (f"{t.amp if t.amp != 'none' else 'fp32'}{', channels_last' if t.channels_last else ''}"
-                  f"{', C depthwise kernel' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
+                  f"{', C kernels' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
     print(f"seed recipe: seed_convmixer, batch {t.batch_size}, {cfg.data.img_size}px crops of "
           f"{cfg.data.prepare_size}px images; {source} ({len(data.train):,} train images, {steps} steps/epoch); "
           f"{how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
