@@ -62,8 +62,10 @@ def test_vit_budget_keeps_heads_and_mlp_ratio_unless_too_coarse(budget):
 
 
 def test_budget_that_no_width_reaches_is_refused():
-    with pytest.raises(UserError, match="more than 5% off"):
+    with pytest.raises(UserError, match="more than 5% from every resnet18: width=1 has"):
         cp.match_budget("resnet18", 1_000, num_classes=10, img_size=64)
+    with pytest.raises(UserError, match="width=9 has 131,365, width=8 has 103,954 parameters"):  # steps of 26%
+        cp.match_budget("resnet9", 120_000, num_classes=10, img_size=32, base={"width": 8})
 
 
 # ----------------------------------------------------------------------------- planning

@@ -164,8 +164,12 @@ def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, ba
         overrides[fine] = _closest(lambda v: count({**coarse, fine: v}), budget, coarse[fine], 1 << 16)
     got = count(overrides)
     if abs(got - budget) > tolerance * budget:
-        raise UserError(f"--param-budget {budget:,}: the closest {model} ({knob}={overrides[knob]}) has "
-                        f"{got:,} parameters, more than {tolerance:.0%} off; choose another budget")
+        w = overrides[knob]
+        neighbour = w + 1 if got < budget else w - 1  # the width on the budget's other side
+        near = f"{knob}={w} has {got:,}" + (f", {knob}={neighbour} has {count({**overrides, knob: neighbour}):,}"
+                                            if neighbour >= 1 and not fine else "")
+        raise UserError(f"--param-budget {budget:,} is more than {tolerance:.0%} from every {model}: {near} "
+                        f"parameters; choose a budget near one of these")
     return overrides, got
 
 
