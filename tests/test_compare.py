@@ -20,6 +20,7 @@ from patchbench import compare as cp
 from patchbench.cli import main
 from patchbench.config import DataConfig, get_preset
 from patchbench.errors import UserError
+from patchbench.train import TrainingDiverged
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -129,9 +130,6 @@ def test_run_held_by_a_live_worker_is_left_alone(tmp_path):
 
 
 def test_diverged_run_is_recorded_and_the_study_goes_on(tmp_path):
-    class TrainingDiverged(RuntimeError):
-        pass
-
     def work(cfg, out):
         if cfg.model.name == "convmixer_256_8":
             raise TrainingDiverged("loss is nan")

@@ -38,6 +38,7 @@ from patchbench.config import Preset, RunConfig
 from patchbench.errors import UserError
 from patchbench.flops import count_params
 from patchbench.models import create_model
+from patchbench.train import TrainingDiverged, train_run
 
 BUDGET_TOLERANCE = 0.05
 
@@ -345,16 +346,10 @@ def run_status(run_dir: Path) -> str:
 
 def train_work(progress: bool) -> Callable[[RunConfig, Path], None]:
     """The real work: train (or resume) one run."""
-    from patchbench.train import train_run
-
     def work(cfg: RunConfig, out: Path) -> None:
         train_run(cfg, out, resume=True, progress=progress)
 
     return work
-
-
-def _diverged(e: BaseException) -> bool:
-    return type(e).__name__ == "TrainingDiverged"
 
 
 def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callable[[RunConfig, Path], None],
@@ -391,9 +386,7 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
                     say(f"{p.name}: {'resuming' if status != 'new' else 'starting'}")
                     work(p.config, out)
                     outcome["trained"].append(p.name)
-            except Exception as e:
-                if not _diverged(e):
-                    raise
+            except TrainingDiverged as e:
                 say(f"{p.name}: failed ({e})")
                 outcome["failed"].append(p.name)
             finally:
