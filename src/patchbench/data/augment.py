@@ -106,12 +106,10 @@ def crop_resize_normalize(images: torch.Tensor, boxes: torch.Tensor, flip: torch
     `channels_last`: the same values in NHWC memory (the layout a channels_last model wants).
     """
     device = images.device
-    if rows is None:
-        rows = list(range(len(boxes)))
     scale, shift = normalize_constants(mean, std, device)
     if device.type != "cpu":
-        idx = torch.tensor(rows, device=device)
-        x = _crop_resize_roi_align(images[idx], boxes, flip, out_size)
+        batch = images if rows is None else images[torch.tensor(rows, device=device)]  # (B, S, S, 3)
+        x = _crop_resize_roi_align(batch, boxes, flip, out_size)
         x = x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
     threads = torch.get_num_threads()  # the caller's setting, before one_thread() lowers it
