@@ -112,10 +112,8 @@ def crop_resize_normalize(images: torch.Tensor, boxes: torch.Tensor, flip: torch
         x = _crop_resize_roi_align(batch, boxes, flip, out_size)
         x = x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    threads = torch.get_num_threads()  # the caller's setting, before one_thread() lowers it
-    with one_thread():
-        return _crop_resize_cpu(images, boxes, flip, out_size, rows=rows, norm=(scale, shift),
-                                channels_last=channels_last, threads=threads)
+    return _crop_resize_cpu(images, boxes, flip, out_size, rows=rows, norm=(scale, shift),
+                            channels_last=channels_last, threads=torch.get_num_threads())
 
 
 def _crop_resize_roi_align(images, boxes, flip, out_size):
@@ -178,12 +176,13 @@ def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, cha
 
     n = max(1, min(threads, b, os.cpu_count() or 1))
     ends = [b * c // n for c in range(n + 1)]
-    futures = [_workers().submit(run, ends[c], ends[c + 1]) for c in range(1, n)]
-    try:
-        run(ends[0], ends[1])
-    finally:
-        for fut in futures:  # wait for all (no worker still writing into `out`), then raise the first error
-            fut.exception()
+    with one_thread():  # also where the workers start (see _worker_one_thread)
+        futures = [_workers().submit(run, ends[c], ends[c + 1]) for c in range(1, n)]
+        try:
+            run(ends[0], ends[1])
+        finally:
+            for fut in futures:  # wait for all (no worker still writing into `out`), then raise the first error
+                fut.exception()
     for fut in futures:
         fut.result()
     return out
