@@ -261,8 +261,6 @@ def train_one_epoch(model, step_model, loader, optimizer, scaler, ema, cfg, *, e
             continue
         lr, beta1 = lr_at(step, total, t)
         set_lr(optimizer, lr, beta1)
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(ctx.device, t.amp):
             logits = step_model(x).float()  # (B, num_classes)
         loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
@@ -363,7 +361,8 @@ def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, 
     if ctx.local_rank != 0:
         data = prepare(cfg.data, progress=False)
     classes, per_rank = data.classes, t.batch_size // ctx.world_size
-    loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
+                       channels_last=t.channels_last)  # batches arrive in the model's memory format
     train_loader = Loader(data.train, cfg.data, batch_size=per_rank, train=True, **loader_args)
     val_loader = Loader(data.val, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
     steps_per_epoch = len(train_loader)
