@@ -1,6 +1,8 @@
 """`patchbench models`: the table, JSON, and bad input (exit 2, one line, no traceback)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +81,13 @@ def test_unknown_model_exits_2_and_suggests(capsys):
     code, _, err = run(capsys, "vit_tiny", "--img-size", "32")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "'vit_tiny'" in err and "vit_tiny_6l8h" in err
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback():
+    # `patchbench models | head -1`: the reader goes away before patchbench writes.
+    proc = subprocess.Popen([sys.executable, "-m", "patchbench", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert b"Traceback" not in err and b"Exception ignored" not in err

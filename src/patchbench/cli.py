@@ -33,13 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that went away is handled below
+        return status
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("PATCHBENCH_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"patchbench {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and cut short: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"patchbench {args.command}: interrupted", file=sys.stderr)
         return 130
