@@ -23,27 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
 from patchbench.config import DataConfig
 from patchbench.data import Loader, prepare, resolve_source
 
-SHARED_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-160.tgz"
-
-
-def generated_folder(root: Path, classes=10, train=60, val=10, size=160) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
-    return root
+from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
 
 def time_epoch(batches, device: torch.device, max_batches: int | None) -> tuple[int, float]:
@@ -82,7 +69,7 @@ def main(argv=None) -> None:
         source, generated = args.data, False
         if source is None:
             generated = not SHARED_ARCHIVE.exists()
-            source = str(generated_folder(Path(tmp) / "gen") if generated else SHARED_ARCHIVE.resolve())
+            source = str(generated_folder(Path(tmp) / "gen", train=60, val=10) if generated else SHARED_ARCHIVE.resolve())
         cache_dir = args.cache_dir or (tmp if generated else None)  # a generated folder's cache goes with it
         cfg = DataConfig(source=source, md5=args.md5, cache_dir=cache_dir, prepare_size=args.img_size,
                          img_size=args.img_size, scale=(0.35, 1.0))

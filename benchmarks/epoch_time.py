@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
@@ -46,18 +44,7 @@ from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.train import build_model
 
-SHARED_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-160.tgz"
-
-
-def generated_folder(root: Path, classes: int = 10, train: int = 40, val: int = 4, size: int = 160) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
-    return root
+from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
 
 def run_interleaved(sides: dict, warmup: int, max_steps: int | None) -> dict:
@@ -170,7 +157,7 @@ def main(argv=None) -> None:
         source, generated = args.data, False
         if source is None:
             generated = not SHARED_ARCHIVE.exists()
-            source = str(generated_folder(Path(tmp) / "gen") if generated else SHARED_ARCHIVE.resolve())
+            source = str(generated_folder(Path(tmp) / "gen", train=40, val=4) if generated else SHARED_ARCHIVE.resolve())
         cfg = get_preset("seed").config_for("seed_convmixer")
         cache_dir = args.cache_dir or (tmp if generated else None)
         cfg = dataclasses.replace(

@@ -6,7 +6,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "data_pipeline.py"
 
 
-def test_benchmark_prints_table_and_ratio(tmp_path, capsys):
+def test_benchmark_prints_table_and_ratio(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # the script imports its sibling benchmarks/common.py
     spec = importlib.util.spec_from_file_location("data_pipeline", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
