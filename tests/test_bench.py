@@ -14,13 +14,7 @@ from patchbench.flops import count_macs, count_params
 from patchbench.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from a second thread, and OpenMP spin-waiting on a shared CPU slows them a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_convmixer():

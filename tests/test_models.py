@@ -20,14 +20,7 @@ from patchbench.models.vit import ViT
 BIG = {"convmixer_768_32", "convmixer_1536_20"}  # checked at 32px only, to keep the suite fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convs gain little from a second thread, and on a shared CPU OpenMP's spin-waiting makes
-    # backward passes 10x slower; one thread keeps this file fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
