@@ -207,6 +207,22 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     return target
 
 
+def _member_target(archive: Path, root: Path, name: str) -> Path:
+    """Where an archive member goes; refuses names that would land outside `root`."""
+    if os.path.isabs(name) or not _inside(root, name):
+        raise UserError(f"refusing to extract {archive}: member {name!r} would be written outside "
+                        f"the target folder")
+    return root / name
+
+
+def _write_member(src, out: Path, mtime: float) -> None:
+    """Copy an open member to `out`, keeping the archive's time (a stable cache key)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with src, open(out, "wb") as f:
+        shutil.copyfileobj(src, f, 1 << 20)
+    os.utime(out, (mtime, mtime))
+
+
 def _extract_tar(archive: Path, dest: Path) -> None:
     root = dest.resolve()
     try:
@@ -216,18 +232,11 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                     kind = "link" if (member.issym() or member.islnk()) else "special file"
                     raise UserError(f"refusing to extract {archive}: member {member.name!r} is a "
                                     f"{kind}; only regular files and folders are allowed")
-                if os.path.isabs(member.name) or not _inside(root, member.name):
-                    raise UserError(f"refusing to extract {archive}: member {member.name!r} "
-                                    f"would be written outside the target folder")
-                out = root / member.name
+                out = _member_target(archive, root, member.name)
                 if member.isdir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                with src, open(out, "wb") as f:
-                    shutil.copyfileobj(src, f, 1 << 20)
-                os.utime(out, (member.mtime, member.mtime))  # the archive's times: a stable cache key
+                _write_member(tar.extractfile(member), out, member.mtime)
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, UserError):
             raise
@@ -244,18 +253,11 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise UserError(f"refusing to extract {archive}: member {info.filename!r} is "
                                     f"a link or special file; only regular files and folders are allowed")
-                if os.path.isabs(info.filename) or not _inside(root, info.filename):
-                    raise UserError(f"refusing to extract {archive}: member {info.filename!r} "
-                                    f"would be written outside the target folder")
-                out = root / info.filename
+                out = _member_target(archive, root, info.filename)
                 if info.is_dir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(out, "wb") as f:
-                    shutil.copyfileobj(src, f, 1 << 20)
-                mtime = time.mktime(info.date_time + (0, 0, -1))
-                os.utime(out, (mtime, mtime))
+                _write_member(zf.open(info), out, time.mktime(info.date_time + (0, 0, -1)))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise UserError(f"cannot read archive {archive}: {e} (truncated or corrupt? "
                         f"download it again)") from e
