@@ -9,6 +9,7 @@ import json
 import sys
 
 from patchbench.checkpoint import atomic_write_text
+from patchbench.commands.values import whole_number
 from patchbench.errors import UserError
 
 
@@ -30,10 +31,7 @@ def add_parser(sub):
 def run(args):
     from patchbench.evaluate import evaluate_run
 
-    try:
-        batch_size = int(args.batch_size)
-    except ValueError:
-        raise UserError(f"--batch-size {args.batch_size!r}: need a whole number") from None
+    batch_size = whole_number("--batch-size")(args.batch_size)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: need at least 1")
     result = evaluate_run(args.path, args.data, device=args.device, batch_size=batch_size,

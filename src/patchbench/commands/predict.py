@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from patchbench.errors import UserError
+from patchbench.commands.values import whole_number
 
 
 def add_parser(sub):
@@ -25,10 +25,7 @@ def add_parser(sub):
 def run(args):
     from patchbench.evaluate import predict
 
-    try:
-        topk = int(args.topk)
-    except ValueError:
-        raise UserError(f"--topk {args.topk!r}: need a whole number") from None
+    topk = whole_number("--topk")(args.topk)
     results = predict(args.checkpoint, args.images, topk=topk, device=args.device)
     if args.json:
         print(json.dumps(results, indent=1))

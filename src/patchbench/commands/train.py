@@ -13,30 +13,13 @@ import sys
 from pathlib import Path
 
 from patchbench.config import AMPS, INITS, SCHEDULES, ModelConfig, RunConfig, get_preset, list_presets, replace
+from patchbench.commands.values import number, whole_number
 from patchbench.errors import UserError
-
-
-def _int(flag):
-    def parse(text):
-        try:
-            return int(text)
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: need a whole number") from None
-    return parse
-
-
-def _float(flag):
-    def parse(text):
-        try:
-            return float(text)
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: need a number") from None
-    return parse
 
 
 def _optional_float(flag):
     def parse(text):
-        return None if text.lower() in ("none", "off", "0") else _float(flag)(text)
+        return None if text.lower() in ("none", "off", "0") else number(flag)(text)
     return parse
 
 
@@ -60,30 +43,30 @@ def _choice(flag, choices):
 
 # (flag, config section, field, converter, help)
 FLAGS = [
-    ("--epochs", "train", "epochs", _int("--epochs"), "epochs to train"),
-    ("--batch-size", "train", "batch_size", _int("--batch-size"), "global batch size (split over DDP ranks)"),
-    ("--lr", "train", "lr", _float("--lr"), "peak learning rate"),
-    ("--weight-decay", "train", "weight_decay", _float("--weight-decay"),
+    ("--epochs", "train", "epochs", whole_number("--epochs"), "epochs to train"),
+    ("--batch-size", "train", "batch_size", whole_number("--batch-size"), "global batch size (split over DDP ranks)"),
+    ("--lr", "train", "lr", number("--lr"), "peak learning rate"),
+    ("--weight-decay", "train", "weight_decay", number("--weight-decay"),
      "AdamW weight decay (never on norms, biases, gains, cls token, position embedding)"),
     ("--schedule", "train", "schedule", _choice("--schedule", SCHEDULES),
      "onecycle (torch OneCycleLR shape) | piecewise (ConvMixer: 0 -> max at 40%% -> max/20 at 80%% -> 0) | constant"),
-    ("--schedule-epochs", "train", "schedule_epochs", _int("--schedule-epochs"),
+    ("--schedule-epochs", "train", "schedule_epochs", whole_number("--schedule-epochs"),
      "size the schedule for this many epochs (default: exactly the run)"),
-    ("--pct-start", "train", "pct_start", _float("--pct-start"), "onecycle warm-up fraction"),
-    ("--label-smoothing", "train", "label_smoothing", _float("--label-smoothing"), "cross-entropy label smoothing"),
+    ("--pct-start", "train", "pct_start", number("--pct-start"), "onecycle warm-up fraction"),
+    ("--label-smoothing", "train", "label_smoothing", number("--label-smoothing"), "cross-entropy label smoothing"),
     ("--grad-clip", "train", "grad_clip", _optional_float("--grad-clip"), "max global gradient norm (none: off)"),
     ("--ema", "train", "ema_decay", _optional_float("--ema"), "EMA decay of the weights, e.g. 0.999 (none: off)"),
     ("--amp", "train", "amp", _choice("--amp", AMPS), "mixed precision: none | bf16 | fp16"),
     ("--init", "train", "init", _choice("--init", INITS), "default | kaiming (the notebook's init)"),
-    ("--seed", "train", "seed", _int("--seed"), "seeds Python, NumPy, torch and the loader"),
+    ("--seed", "train", "seed", whole_number("--seed"), "seeds Python, NumPy, torch and the loader"),
     ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N"),
-    ("--log-every", "train", "log_every", _int("--log-every"), "steps between progress/TensorBoard updates"),
-    ("--threads", "train", "threads", _int("--threads"), "torch CPU threads per process (default: torch's)"),
-    ("--img-size", "data", "img_size", _int("--img-size"), "input size the model sees"),
-    ("--prepare-size", "data", "prepare_size", _int("--prepare-size"), "size the images are decoded/cached at"),
+    ("--log-every", "train", "log_every", whole_number("--log-every"), "steps between progress/TensorBoard updates"),
+    ("--threads", "train", "threads", whole_number("--threads"), "torch CPU threads per process (default: torch's)"),
+    ("--img-size", "data", "img_size", whole_number("--img-size"), "input size the model sees"),
+    ("--prepare-size", "data", "prepare_size", whole_number("--prepare-size"), "size the images are decoded/cached at"),
     ("--scale", "data", "scale", _pair("--scale"), "random-resized-crop area range MIN,MAX"),
     ("--ratio", "data", "ratio", _pair("--ratio"), "random-resized-crop aspect range MIN,MAX"),
-    ("--eval-crop", "data", "eval_crop", _float("--eval-crop"), "evaluation centre crop (fraction of the side)"),
+    ("--eval-crop", "data", "eval_crop", number("--eval-crop"), "evaluation centre crop (fraction of the side)"),
     ("--cache-dir", "data", "cache_dir", str, "dataset cache folder (default ~/.cache/patchbench)"),
     ("--md5", "data", "md5", str, "expected MD5 of a local --data archive"),
 ]
