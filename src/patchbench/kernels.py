@@ -260,8 +260,12 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(name: str, source: str, defines: list[str], signatures: dict) -> ctypes.CDLL | None:
-    """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler."""
+def _compile(name: str, source: str, defines: list[str], signatures: dict,
+             suffixes: tuple[str, ...] = ("f32", "bf16")) -> ctypes.CDLL | None:
+    """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler.
+
+    `signatures` maps a function name to (restype, argtypes); the library defines it once per
+    dtype, as `<name>_<suffix>` for each of `suffixes`."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
@@ -284,7 +288,7 @@ def _compile(name: str, source: str, defines: list[str], signatures: dict) -> ct
             os.replace(out, path)  # atomic: concurrent builders race harmlessly
     lib = ctypes.CDLL(str(path))
     for fn_name, (restype, argtypes) in signatures.items():
-        for suffix in ("f32", "bf16"):
+        for suffix in suffixes:
             fn = getattr(lib, f"{fn_name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
     return lib

@@ -12,9 +12,11 @@ centres, as `F.interpolate(..., align_corners=False)`):
   `F.interpolate(mode="bilinear", antialias=False)`. A crop that is shrunk (the study's ~150px
   crops to 32px) is averaged, an antialiasing box filter: on noise it lands within ~5/255 of PIL's
   antialiased resize, where one sample per pixel is ~37/255 away (aliasing).
-- on the CPU, torch's uint8 antialiased bilinear kernel per sample (what torchvision's Resize
-  runs on uint8 tensors; it equals PIL's resize exactly), because there it is ~7x faster than
-  roi_align. Away from the crop border the two kernels agree within one grey level when enlarging.
+- on the CPU, the same antialiased bilinear filter as PIL and torchvision's Resize, per sample:
+  a C kernel (`crop_kernel`) that crops, resizes, flips and normalises each sample in one pass,
+  a chunk of samples per thread; where no C compiler is found, torch's uint8 antialiased kernel
+  per sample (equal to PIL's resize). There roi_align would be ~7x slower. Away from the crop
+  border the CPU and accelerator kernels agree within one grey level when enlarging.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from patchbench.data import crop_kernel
 from patchbench.errors import UserError
 
 
@@ -132,28 +135,55 @@ def _crop_resize_roi_align(images, boxes, flip, out_size):
                      sampling_ratio=0, aligned=True)
 
 
-def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, channels_last=False, threads=1):
-    """Per-sample uint8 resize on the CPU, written as float (B, 3, out, out): 0..255, or
+def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, channels_last=False, threads=1,
+                     kernel=True):
+    """Crop + resize + flip (+ normalise) on the CPU, written as float (B, 3, out, out): 0..255, or
     `x * scale + shift` when `norm` = (scale, shift) (3,) is given.
 
-    On a CPU, roi_align (float, one thread) costs ~23 ms for 64 crops at 160px; torch's uint8
-    antialiased bilinear kernel (the one torchvision's Resize runs on uint8 tensors, made to match
-    PIL) reads each channels-last crop in place and costs ~3 ms for the 64, loop included.
-    Each sample is converted and normalised while it is in cache (one pass over the 20 MB float
-    batch instead of three). Its resized crop is channels-last: written to a channels-last batch
-    that is a plain copy (and the normalisation a broadcast along rows of W*3 floats), ~2.5x
-    cheaper than the transposing copy into NCHW (measured 18 vs 43 us per 160px sample).
+    Two implementations of the same antialiased bilinear resize (PIL's triangle filter):
+    - `kernel` and a C compiler: `crop_kernel`, one C call per chunk of samples, computed in float
+      from the uint8 pixels and written once (~55 us per 160px sample and thread, GIL released).
+    - otherwise torch's ops per sample: the uint8 antialiased kernel that torchvision's Resize runs
+      on uint8 tensors (equal to PIL's, rounded to uint8: < 1 grey level from the float result),
+      reading each channels-last crop in place, then converted and normalised while in cache
+      (~80 us per sample; the ops hold the GIL between them, so a second thread adds ~10%).
+    The channels-last batch is the cheaper one to write: a plain copy per sample rather than a
+    transposing one (measured 18 vs 43 us per 160px sample with torch's ops).
 
     `threads` > 1 splits the samples into that many contiguous chunks, the first on the calling
-    thread, the others on worker threads (torch releases the GIL in each op); every sample is
-    written by exactly the same ops whoever runs it, so the batch is bit-identical to one thread.
-    Python threads rather than OpenMP: each chunk is a long run of small ops with no barrier
-    between them, where an OpenMP region per op stalled on a busy machine (see `one_thread`).
+    thread, the others on worker threads; every sample is written by exactly the same code whoever
+    runs it, so the batch is bit-identical to one thread's. Python threads rather than OpenMP:
+    each chunk is one long job with no barrier in it, where an OpenMP region per op stalled on a
+    busy machine (see `one_thread`).
     """
     b = len(boxes)
     rows = list(range(b)) if rows is None else rows
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(b, 3, out_size, out_size, memory_format=fmt)
+    lib = crop_kernel.library() if kernel else None
+    if lib is not None and images.dtype == torch.uint8 and images.is_contiguous() and images.shape[-1] == 3:
+        scale, shift = norm if norm is not None else (torch.ones(3), torch.zeros(3))
+        run = crop_kernel.CropBatch(lib, images, rows, boxes, flip, scale, shift, out, channels_last).run
+    else:
+        run = _torch_crop_resize(images, boxes, flip, out_size, rows, norm, channels_last, out)
+
+    n = max(1, min(threads, b, os.cpu_count() or 1))
+    ends = [b * c // n for c in range(n + 1)]
+    with one_thread():  # also where the workers start (see _worker_one_thread)
+        futures = [_workers().submit(run, ends[c], ends[c + 1]) for c in range(1, n)]
+        try:
+            run(ends[0], ends[1])
+        finally:
+            for fut in futures:  # wait for all (no worker still writing into `out`), then raise the first error
+                fut.exception()
+    for fut in futures:
+        fut.result()
+    return out
+
+
+def _torch_crop_resize(images, boxes, flip, out_size, rows, norm, channels_last, out):
+    """`run(lo, hi)` writing samples lo..hi-1 of `out` with torch's ops, one sample at a time."""
+    b = len(boxes)
     chw = images.permute(0, 3, 1, 2)  # (N, 3, S, S) view, channels-last in memory
     if norm is not None and channels_last:
         # (B, out, out*3) view of the NHWC memory; scale/shift repeated along a row: RGBRGB...
@@ -174,18 +204,7 @@ def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, cha
             if norm is not None:
                 planes[i].mul_(scale).add_(shift)
 
-    n = max(1, min(threads, b, os.cpu_count() or 1))
-    ends = [b * c // n for c in range(n + 1)]
-    with one_thread():  # also where the workers start (see _worker_one_thread)
-        futures = [_workers().submit(run, ends[c], ends[c + 1]) for c in range(1, n)]
-        try:
-            run(ends[0], ends[1])
-        finally:
-            for fut in futures:  # wait for all (no worker still writing into `out`), then raise the first error
-                fut.exception()
-    for fut in futures:
-        fut.result()
-    return out
+    return run
 
 
 _POOL: ThreadPoolExecutor | None = None
