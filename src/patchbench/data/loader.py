@@ -28,6 +28,7 @@ from patchbench.config import DataConfig
 from patchbench.data.augment import (center_crop_boxes, check_crop_args, crop_resize_normalize,
                                      one_thread, random_resized_crop_boxes)
 from patchbench.data.cache import Split
+from patchbench.data.memory import reuse_freed_batches
 from patchbench.errors import UserError
 
 _PERMUTATION, _AUGMENT = 0, 1  # independent random streams
@@ -42,7 +43,8 @@ def seeded_generator(*key: int) -> torch.Generator:
 class Loader:
     """Iterate (x, y) batches of one split: x float32 (B, 3, img_size, img_size) normalised, y int64 (B,),
     both on `device`. `batch_size` is per rank. `channels_last`: x in NHWC memory (same shape and
-    values), what a channels_last model wants; on the CPU it is also the cheaper layout to write."""
+    values), what a channels_last model wants; on the CPU it is also the cheaper layout to write.
+    On the CPU, iterating sets glibc's malloc thresholds once per process (`data/memory.py`)."""
 
     def __init__(self, split: Split, cfg: DataConfig, *, batch_size: int, train: bool, device="cpu",
                  seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False):
@@ -124,6 +126,8 @@ class Loader:
 
     def __iter__(self):
         cfg, B, W, r = self.cfg, self.batch_size, self.world_size, self.rank
+        if self.device.type == "cpu":
+            reuse_freed_batches()  # else each batch is fresh, page-faulted memory (see data/memory.py)
         perm = self._permutation()
         for b in range(self.num_batches):
             idx = self._indices(b, perm)
