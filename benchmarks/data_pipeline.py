@@ -4,7 +4,10 @@
     DataLoader with 2 worker processes, batch 64: what the study ran, decoding every JPEG every epoch.
 (b) patchbench: the images decoded once (`prepare`, timed separately, a one-off), then `Loader`
     cropping, flipping and normalising whole batches on the device.
-Both use the same crop scale/ratio and produce the same float32 (64, 3, 160, 160) batches; (b) is
+On the CPU, (b) is one C call per chunk of samples over torch's thread count of Python threads (torch's
+own ops where no C compiler is found), and the Loader sets glibc's malloc thresholds once so that freed
+batches are reused (process-wide: the baseline's later rounds, and its forked workers, run under the same
+setting). Both use the same crop scale/ratio and produce the same float32 (64, 3, 160, 160) batches; (b) is
 timed twice: NCHW memory (the Loader's default, what `ratio=` compares) and `channels_last=True`
 (the same values in NHWC memory, what a channels_last model such as the study160 preset's wants).
 

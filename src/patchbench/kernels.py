@@ -260,7 +260,7 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(name: str, source: str, defines: list[str], signatures: dict,
+def build_library(name: str, source: str, defines: list[str], signatures: dict,
              suffixes: tuple[str, ...] = ("f32", "bf16")) -> ctypes.CDLL | None:
     """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler.
 
@@ -306,10 +306,10 @@ def _library(name: str, kernel_size: int = 0) -> ctypes.CDLL | None:
     key = f"{name}{kernel_size or ''}"
     if key not in _LIBS:
         if name == "dwconv":
-            _LIBS[key] = (_compile(f"dwconv_k{kernel_size}", _DWCONV_SOURCE, [f"-DKS={kernel_size}"], _SIGNATURES[name])
+            _LIBS[key] = (build_library(f"dwconv_k{kernel_size}", _DWCONV_SOURCE, [f"-DKS={kernel_size}"], _SIGNATURES[name])
                           if kernel_size % 2 else None)
         else:
-            _LIBS[key] = _compile(name, _GELU_BN_SOURCE, [], _SIGNATURES[name])
+            _LIBS[key] = build_library(name, _GELU_BN_SOURCE, [], _SIGNATURES[name])
     return _LIBS[key]
 
 

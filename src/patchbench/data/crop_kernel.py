@@ -127,7 +127,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel (built once per machine, cached like `patchbench.kernels`), or None."""
     global _LIB
     if _LIB is _UNSET:
-        _LIB = kernels._compile("crop_resize", _SOURCE, [], _SIGNATURES, suffixes=("f32",))
+        _LIB = kernels.build_library("crop_resize", _SOURCE, [], _SIGNATURES, suffixes=("f32",))
     return _LIB
 
 
