@@ -85,7 +85,7 @@ needs_kernel = pytest.mark.skipif(crop_kernel.library() is None, reason="no C co
 
 
 @needs_kernel
-@pytest.mark.parametrize("out_size", [7, 16, 32, 61])  # shrinking (antialiased), both, enlarging
+@pytest.mark.parametrize("out_size", [1, 7, 16, 32, 61])  # shrinking (antialiased), both, enlarging
 def test_crop_kernel_is_torchvisions_float_antialiased_resized_crop(out_size):
     images = torch.from_numpy(make_split(6).images[:6])
     boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12], [1, 1, 9, 23], [23, 0, 24, 1],

@@ -70,7 +70,8 @@ static void aa_weights(long in, long out, long k, long *first, float *w) {
    float (B, 3, O, O) contiguous, or (B, O, O, 3) when channels_last. Returns 0, or 1 when out of memory. */
 int crop_resize_f32(const uint8_t *src, long S, const int64_t *rows, const int64_t *boxes, const uint8_t *flips,
                     long lo, long hi, long O, const float *scale, const float *shift, int channels_last, float *out) {
-    long kmax = 2 * S + 2;                    /* > taps per output for any crop: max(2, ceil(2 * w / O)) */
+    long kmax = (2 * S + O - 1) / O;          /* taps per output of the widest crop (w = S) */
+    kmax = kmax < 2 ? 2 : kmax;
     long *xf = malloc(sizeof(long) * 2 * O), *yf = xf ? xf + O : NULL;
     float *wx = malloc(sizeof(float) * O * kmax), *wy = malloc(sizeof(float) * O * kmax);
     float *tmp = malloc(sizeof(float) * S * O * 3);                /* horizontal pass: (h, O, 3) */
