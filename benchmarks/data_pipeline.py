@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
 from patchbench.config import DataConfig
-from patchbench.data import Loader, prepare, resolve_source
+from patchbench.data import Loader, crop_kernel, prepare, resolve_source
+from patchbench.data.memory import reuse_freed_batches
 
 from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
@@ -108,6 +109,10 @@ def main(argv=None) -> None:
     rate_a, rate_b, rate_c = n_a / s_a, n_b / s_b, n_c / s_c
     print(f"data: {source} ({len(data.train):,} train images, {args.img_size}px, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, fastest of {args.repeat} epoch(s) each)")
+    if device.type == "cpu":
+        print("patchbench's CPU path: " + ("the C crop kernel" if crop_kernel.library() is not None
+                                           else "torch's per-sample ops (no C compiler found)")
+              + f"; malloc reuse of freed batches: {'on' if reuse_freed_batches() else 'off'}")
     print(f"| pipeline | device | images | seconds | images/s |")
     print(f"|---|---|---:|---:|---:|")
     print(f"| ImageFolder + PIL, {args.workers} workers (the study's) | cpu | {n_a:,} | {s_a:.1f} | {rate_a:,.0f} |")

@@ -19,3 +19,4 @@ def test_benchmark_prints_table_and_ratio(tmp_path, capsys, monkeypatch):
     table = "\n".join(lines)
     assert "| ImageFolder + PIL, 1 workers (the study's) | cpu | 8 |" in table
     assert "| patchbench Loader (uint8 cache, batched augment) | cpu | 8 |" in table
+    assert "patchbench's CPU path: the C crop kernel" in table or "no C compiler found" in table
