@@ -261,7 +261,7 @@ def _cpu_signature() -> str:
 
 
 def build_library(name: str, source: str, defines: list[str], signatures: dict,
-             suffixes: tuple[str, ...] = ("f32", "bf16")) -> ctypes.CDLL | None:
+                  suffixes: tuple[str, ...] = ("f32", "bf16")) -> ctypes.CDLL | None:
     """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler.
 
     `signatures` maps a function name to (restype, argtypes); the library defines it once per
