@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
-from patchbench.config import get_preset, replace
+from patchbench.config import get_preset
 from patchbench.data import Loader, prepare, resolve_source
-from patchbench.evaluate import autocast
+from patchbench.device import autocast
 from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
@@ -161,8 +161,8 @@ def main(argv=None) -> None:
         cfg = get_preset("seed").config_for("seed_convmixer")
         cache_dir = args.cache_dir or (tmp if generated else None)
         cfg = dataclasses.replace(
-            cfg, data=replace(cfg.data, source=source, cache_dir=cache_dir),
-            train=replace(cfg.train, amp=args.amp, channels_last=args.channels_last, compile=args.compile))
+            cfg, data=dataclasses.replace(cfg.data, source=source, cache_dir=cache_dir),
+            train=dataclasses.replace(cfg.train, amp=args.amp, channels_last=args.channels_last, compile=args.compile))
         root = resolve_source(cfg.data.source, cache_dir=cfg.data.cache_dir)
         start = time.perf_counter()
         data = prepare(cfg.data, progress=False)

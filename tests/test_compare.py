@@ -1,7 +1,6 @@
 """compare: parsing, matched budgets, planning, skip/resume, run locks (also across processes), and a
 tiny real study through train_run and the report."""
 
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -18,7 +17,8 @@ from PIL import Image
 import runfixtures as fx
 from patchbench import compare as cp
 from patchbench.cli import main
-from patchbench.config import DataConfig, get_preset
+from patchbench import rundir
+from patchbench.config import get_preset
 from patchbench.errors import UserError
 from patchbench.train import TrainingDiverged
 
@@ -73,8 +73,8 @@ def test_budget_that_no_width_reaches_is_refused():
 
 
 def test_plan_compare_is_seed_major_with_overrides_and_source():
-    plan = cp.plan_compare(get_preset("quick"), ["convmixer_256_8", "resnet9"], [0, 1], source="/data/x.tgz",
-                           chosen={"resnet9": {"width": 12}})
+    layers = cp.Layers(get_preset("quick"), changes={"data": {"source": "/data/x.tgz"}})
+    plan = cp.plan_compare(["convmixer_256_8", "resnet9"], [0, 1], layers, chosen={"resnet9": {"width": 12}})
     assert [p.name for p in plan] == ["convmixer_256_8-s0", "resnet9-s0", "convmixer_256_8-s1", "resnet9-s1"]
     assert plan[1].config.model.overrides == {"width": 12} and plan[3].config.train.seed == 1
     assert all(p.config.data.source == "/data/x.tgz" for p in plan)
@@ -99,7 +99,7 @@ def ran(log: Path) -> list[str]:
 
 
 def small_plan(n_seeds=2):
-    return cp.plan_compare(get_preset("smoke"), ["convmixer_256_8", "resnet9"], list(range(n_seeds)))
+    return cp.plan_compare(["convmixer_256_8", "resnet9"], list(range(n_seeds)), cp.Layers(get_preset("smoke")))
 
 
 def test_run_study_skips_finished_and_failed_and_resumes_the_rest(tmp_path):
@@ -223,7 +223,7 @@ def test_two_workers_never_take_the_same_run(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     names = ran(log)
     assert sorted(names) == sorted(p.name for p in small_plan(4))  # every run once, none twice
-    assert all(cp.run_status(study / "runs" / n) == "finished" for n in names)
+    assert all(rundir.run_status(study / "runs" / n) == "finished" for n in names)
 
 
 # ----------------------------------------------------------------------------- compare end to end
@@ -242,17 +242,17 @@ def image_folder(root: Path, per_class=(4, 2), size=24) -> Path:
     return root
 
 
-def tiny_preset(tmp_path):
-    preset = get_preset("smoke")
-    data = DataConfig(source=str(image_folder(tmp_path / "images")), cache_dir=str(tmp_path / "cache"),
-                      prepare_size=16, img_size=16)
-    train = dataclasses.replace(preset.train, batch_size=4, device="cpu", log_every=1)
-    return dataclasses.replace(preset, data=data, train=train)
+def tiny_study(tmp_path) -> dict:
+    """compare/sweep keywords: the smoke preset, on a tiny folder, with flags as a user would give them."""
+    changes = {"data": {"source": str(image_folder(tmp_path / "images")), "cache_dir": str(tmp_path / "cache"),
+                        "prepare_size": 16, "img_size": 16},
+               "train": {"batch_size": 4, "device": "cpu", "log_every": 1}}
+    return {"preset": get_preset("smoke"), "changes": changes}
 
 
 def test_compare_with_budget_writes_study_samples_runs_and_report(tmp_path):
     study, log = tmp_path / "study", tmp_path / "log"
-    result = cp.compare(tiny_preset(tmp_path), ["convmixer_256_8", "resnet9"], [0, 1], study,
+    result = cp.compare(["convmixer_256_8", "resnet9"], [0, 1], study, **tiny_study(tmp_path),
                         param_budget=100_000, progress=False, work=fake_work(log))
     meta = json.loads((study / "study.json").read_text())
     assert meta["param_budget"] == 100_000 and meta["runs"] == [p.name for p in small_plan(2)]
@@ -265,25 +265,31 @@ def test_compare_with_budget_writes_study_samples_runs_and_report(tmp_path):
         assert list(z["classes"]) == ["n00", "n01", "n02"] and list(z["labels"]) == [0, 1, 2]
     assert len(result.outcome["trained"]) == 4 and [p.name for p in result.reports] == ["report.md", "report.html"]
     page = (study / "report.html").read_text()
-    assert "Parameter budget 100.00K (±5%)" in page and "convmixer_256_8: dim=" in page
+    assert "Parameter budget 100.00K (±5%)" in page and "convmixer_256_8(dim=" in page
+    assert meta["overrides"]["train"] == {"batch_size": 4, "device": "cpu", "log_every": 1}
+    assert "settings given for every run: source=" in page and "batch_size=4" in page
     with pytest.raises(UserError, match="param_budget"):  # same folder, different study
-        cp.compare(tiny_preset(tmp_path), ["resnet9"], [0], study, progress=False, work=fake_work(log))
+        cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), progress=False, work=fake_work(log))
+    other = tiny_study(tmp_path)
+    other["changes"]["train"]["batch_size"] = 8
+    with pytest.raises(UserError, match="overrides"):  # same folder, other flags: refused too
+        cp.compare(["convmixer_256_8", "resnet9"], [0], study, **other, param_budget=100_000, progress=False,
+                   work=fake_work(log))
 
 
 def test_tiny_real_study_trains_then_only_reports(tmp_path, capsys):
     """Through train_run for real (a few seconds): runs finish, the report reads them, a rerun trains nothing."""
     study = tmp_path / "study"
-    preset = tiny_preset(tmp_path)
-    kw = dict(param_budget=20_000, progress=False)
-    first = cp.compare(preset, ["convmixer_256_8", "vit_tiny_6l8h"], [0], study, **kw)
+    kw = dict(**tiny_study(tmp_path), param_budget=20_000, progress=False)
+    first = cp.compare(["convmixer_256_8", "vit_tiny_6l8h"], [0], study, **kw)
     assert first.outcome["trained"] == ["convmixer_256_8-s0", "vit_tiny_6l8h-s0"]
     for name in first.outcome["trained"]:
         summary = json.loads((study / "runs" / name / "summary.json").read_text())
         assert summary["status"] == "finished" and abs(summary["params"] - 20_000) <= 1_000
-    again = cp.compare(preset, ["convmixer_256_8", "vit_tiny_6l8h"], [0], study, **kw)
+    again = cp.compare(["convmixer_256_8", "vit_tiny_6l8h"], [0], study, **kw)
     assert again.outcome["trained"] == [] and again.outcome["done"] == first.outcome["trained"]
     md = (study / "report.md").read_text()
-    assert "| convmixer_256_8 |" in md and "| vit_tiny_6l8h |" in md and "Missing or partial" not in md
+    assert "| convmixer_256_8(dim=" in md and "| vit_tiny_6l8h(dim=" in md and "Missing or partial" not in md
 
 
 def test_cli_compare_bad_input_exits_2(tmp_path, capsys):

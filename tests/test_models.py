@@ -250,9 +250,33 @@ def test_seed_vit_position_embedding_is_standard_normal():
     ("resnet18", {"img_size": 0}, "img_size >= 1"),
     ("resnet18", {"width": 0}, "positive width"),
 ])
-def test_invalid_combinations_raise_value_error(name, overrides, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_combinations_are_user_errors_naming_the_model(name, overrides, match):
+    """The constructors raise ValueError; create_model (the caller's values) turns it into a UserError."""
+    with pytest.raises(UserError, match=match) as e:
         create_model(name, **overrides)
+    assert str(e.value).startswith(f"model {name}: ")
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("resnet9", {"width": "x"}, "need a whole number"),
+    ("resnet9", {"width": 2.5}, "need a whole number"),
+    ("resnet9", {"widht": 3}, "takes no argument 'widht'"),
+    ("convmixer_256_8", {"residual_gain": "maybe"}, "need true or false"),
+    ("resnet18", {"layers": "2,x"}, "comma-separated list of whole numbers"),
+    ("resnet18", {"layers": "2,2"}, "4 positive stage depths"),
+    ("vit_tiny_6l8h", {"dropout": float("inf")}, "finite"),
+])
+def test_overrides_are_checked_against_the_signature(name, overrides, match):
+    with pytest.raises(UserError, match=match):
+        create_model(name, **overrides)
+
+
+def test_text_overrides_are_typed_by_the_signature():
+    from patchbench.models import check_overrides
+
+    assert check_overrides("resnet18", {"layers": "1,1,1,1", "small_input": "true", "img_size": "none"}) == \
+        {"layers": (1, 1, 1, 1), "small_input": True, "img_size": None}
+    assert check_overrides("vit_tiny_6l8h", {"mlp_dim": "none", "dropout": "0.1"}) == {"mlp_dim": None, "dropout": 0.1}
 
 
 @pytest.mark.parametrize("name,shape,match", [

@@ -8,19 +8,29 @@ from patchbench import compare as cp
 from patchbench.cli import main
 from patchbench.config import get_preset
 from patchbench.errors import UserError
-from test_compare import fake_work, ran, tiny_preset
+from test_compare import fake_work, ran, tiny_study
 
 
 def test_parse_grid_values_and_errors():
-    assert cp.parse_grid("patch_size=2,4,8 kernel_size=3,5") == {"patch_size": [2, 4, 8], "kernel_size": [3, 5]}
-    assert cp.parse_grid("activation=gelu,relu drop_rate=0.1") == {"activation": ["gelu", "relu"], "drop_rate": [0.1]}
+    grid = cp.parse_grid("patch_size=2,4,8 kernel_size=3,5")
+    assert cp.typed_grid("convmixer_256_8", grid) == {"patch_size": [2, 4, 8], "kernel_size": [3, 5]}
+    grid = cp.parse_grid("activation=gelu,relu drop_rate=0.1")
+    assert cp.typed_grid("convmixer_256_8", grid) == {"activation": ["gelu", "relu"], "drop_rate": [0.1]}
     for bad in ("", "patch_size", "patch_size=", "=2,4", "a=1 a=2"):
         with pytest.raises(UserError, match="--grid"):
             cp.parse_grid(bad)
+    # values are typed by the model's signature, and a value that does not fit names the argument
+    with pytest.raises(UserError, match=r"--grid patch_size 'two': need a whole number"):
+        cp.typed_grid("convmixer_256_8", cp.parse_grid("patch_size=2,two"))
+    with pytest.raises(UserError, match=r"--grid drop_rate 'none': need a finite number"):
+        cp.typed_grid("convmixer_256_8", cp.parse_grid("drop_rate=none"))
+    with pytest.raises(UserError, match="takes no argument 'no_such_arg'"):
+        cp.typed_grid("convmixer_256_8", {"no_such_arg": ["1"]})
 
 
 def test_plan_sweep_names_every_cell_and_seed():
-    plan = cp.plan_sweep(get_preset("smoke"), "convmixer_256_8", {"patch_size": [2, 4], "kernel_size": [3, 5]}, [0, 1])
+    plan = cp.plan_sweep("convmixer_256_8", {"patch_size": [2, 4], "kernel_size": [3, 5]}, [0, 1],
+                         cp.Layers(get_preset("smoke")))
     assert len(plan) == 8 and plan[0].name == "convmixer_256_8-patch_size=2-kernel_size=3-s0"
     assert plan[-1].name == "convmixer_256_8-patch_size=4-kernel_size=5-s1"
     assert plan[1].config.model.overrides == {"dim": 32, "depth": 2, "patch_size": 2, "kernel_size": 5}  # over the preset's
@@ -29,10 +39,10 @@ def test_plan_sweep_names_every_cell_and_seed():
 def test_bad_cells_are_refused_before_any_training(tmp_path):
     log = tmp_path / "log"
     with pytest.raises(UserError, match="does not build convmixer_256_8"):
-        cp.sweep(tiny_preset(tmp_path), "convmixer_256_8", {"patch_size": [2, 32]}, [0], tmp_path / "s",
+        cp.sweep("convmixer_256_8", {"patch_size": [2, 32]}, [0], tmp_path / "s", **tiny_study(tmp_path),
                  progress=False, work=fake_work(log))
-    with pytest.raises(UserError, match="does not build"):
-        cp.sweep(tiny_preset(tmp_path), "convmixer_256_8", {"no_such_arg": [1]}, [0], tmp_path / "s",
+    with pytest.raises(UserError, match="takes no argument"):
+        cp.sweep("convmixer_256_8", {"no_such_arg": [1]}, [0], tmp_path / "s", **tiny_study(tmp_path),
                  progress=False, work=fake_work(log))
     assert ran(log) == []
 
@@ -40,14 +50,15 @@ def test_bad_cells_are_refused_before_any_training(tmp_path):
 def test_sweep_study_gets_a_heatmap(tmp_path):
     study, log = tmp_path / "sweep", tmp_path / "log"
     grid = {"patch_size": [2, 4], "kernel_size": [3, 5]}
-    result = cp.sweep(tiny_preset(tmp_path), "convmixer_256_8", grid, [0], study, progress=False,
+    result = cp.sweep("convmixer_256_8", grid, [0], study, **tiny_study(tmp_path), progress=False,
                       work=fake_work(log))
     assert len(result.outcome["trained"]) == 4 and len(ran(log)) == 4
     meta = json.loads((study / "study.json").read_text())
     assert meta["grid"] == grid and meta["kind"] == "sweep"
     assert (study / "figures" / "sweep.png").stat().st_size > 1000
     assert "Sweep: final top-1 over the grid" in (study / "report.md").read_text()
-    again = cp.sweep(tiny_preset(tmp_path), "convmixer_256_8", grid, [0], study, progress=False, work=fake_work(log))
+    again = cp.sweep("convmixer_256_8", grid, [0], study, **tiny_study(tmp_path), progress=False,
+                     work=fake_work(log))
     assert again.outcome["trained"] == [] and len(ran(log)) == 4  # re-running does only what is missing
 
 

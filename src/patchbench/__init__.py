@@ -1,15 +1,24 @@
 """patchbench: is it the patches or the attention?
 
-Public API (kept small):
+Public API (kept small, imported on first use so that `import patchbench` and `--version` stay cheap):
     create_model, list_models     -- the model registry (patchbench.models)
     train_run                     -- train one model into a run directory (patchbench.train)
     evaluate_run, predict         -- score a run/checkpoint on a val split; classify image files (patchbench.evaluate)
+    get_preset, build_config      -- recipes and run configs (patchbench.config)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from patchbench.models import create_model, list_models  # noqa: E402
-from patchbench.evaluate import evaluate_run, predict  # noqa: E402
-from patchbench.train import train_run  # noqa: E402
+_API = {"create_model": "patchbench.models", "list_models": "patchbench.models", "train_run": "patchbench.train",
+        "evaluate_run": "patchbench.evaluate", "predict": "patchbench.evaluate", "get_preset": "patchbench.config",
+        "build_config": "patchbench.config"}
 
-__all__ = ["__version__", "create_model", "evaluate_run", "list_models", "predict", "train_run"]
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'patchbench' has no attribute {name!r}")

@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from patchbench.device import device_name, resolve_device, synchronize
 from patchbench.errors import UserError
 from patchbench.kernels import use_fast_kernels
 
@@ -72,39 +69,7 @@ class Measurement:
         return statistics.median(self.step_times_s)
 
 
-# ----------------------------------------------------------------------------- devices and ceilings
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued work (asynchronous accelerators); a no-op on CPU."""
-    if device.type != "cpu":
-        module = getattr(torch, device.type, None)
-        if module is not None and hasattr(module, "synchronize"):
-            module.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+# ----------------------------------------------------------------------------- ceilings
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -358,18 +323,3 @@ def format_table(result: dict) -> str:
         rows.append(f"| {r['model']} | {s} | {r['params']:,} | {r['step_s'] * 1e3:.0f} | {r['images_per_s']:.1f} "
                     f"| {r['achieved_gflops']:.0f} | {r['fraction_of_ceiling']:.0%} |")
     return "\n".join(rows)
-
-
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON atomically: a temporary file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

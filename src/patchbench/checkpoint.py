@@ -27,20 +27,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from patchbench import rundir
 from patchbench.errors import UserError
 
 FORMAT = "patchbench-checkpoint-1"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -51,31 +41,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, final: Path) -> None:
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise rundir.output_error(final, e) from None
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+        raise rundir.OutputError(f"cannot write {final}: {e}; free some space and run the same command "
+                                 f"again") from None
 
 
 def save_checkpoint(folder: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
                     state: dict[str, Any], state_tensors: dict[str, torch.Tensor]) -> Path:
     """Write checkpoint `name` (weights, JSON `state`, `state_tensors`) atomically; returns the JSON path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = rundir.make_dir(folder)
     final = {"weights": folder / f"{name}.safetensors", "state": folder / f"{name}.state.safetensors",
              "json": folder / f"{name}.json"}
-    tmp = {k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in final.items()}
+    tmp = {k: rundir.temp_path(p) for k, p in final.items()}
     try:
-        _save_tensors(weights, tmp["weights"])
-        _save_tensors(state_tensors, tmp["state"])
+        _save_tensors(weights, tmp["weights"], final["weights"])
+        _save_tensors(state_tensors, tmp["state"], final["state"])
         doc = {"format": FORMAT, **state,
                "sha256": {"weights": _sha256(tmp["weights"]), "state": _sha256(tmp["state"])}}
-        with open(tmp["json"], "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        rundir.write_bytes_to(tmp["json"], json.dumps(doc, indent=1).encode(), final["json"])
         for key in ("weights", "state", "json"):  # the JSON last: it commits the checkpoint
-            os.replace(tmp[key], final[key])
+            rundir.commit(tmp[key], final[key])
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
@@ -110,10 +102,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True
     `with_state=False` skips the training-state tensors (all that predict/eval need).
     """
     json_path = checkpoint_json(path)
-    try:
-        state = json.loads(json_path.read_text())
-    except ValueError as e:
-        raise UserError(f"checkpoint {json_path} is not valid JSON ({e}); use another checkpoint") from None
+    state = rundir.read_json(json_path)
     if state.get("format") != FORMAT:
         raise UserError(f"{json_path} is not a patchbench checkpoint (format {state.get('format')!r})")
     stem = json_path.name[: -len(".json")]

@@ -1,7 +1,7 @@
 """Run a study: every (model, seed) or (sweep cell, seed) as a run directory under STUDY/runs/.
 
-    plan = plan_compare(get_preset("quick"), models, seeds=[0, 1, 2], source="imagenette-160")
-    run_study("studies/quick", plan)         # trains what is missing, then `write_report`
+    plan = plan_compare(models, seeds=[0, 1, 2], preset=get_preset("quick"))
+    run_study("studies/quick", plan, work=train_work(progress=True))   # trains what is missing
 
 A study is idempotent: a finished run is skipped, an interrupted one resumes from its checkpoint
 (`train_run(..., resume=True)`), so running the same command again does only what is missing.
@@ -17,7 +17,6 @@ Matched budgets (`match_budget`) size each family by its width argument so that 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -34,10 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from patchbench.config import Preset, RunConfig
+from patchbench import rundir
+from patchbench.config import Recipe, RunConfig, build_config
 from patchbench.errors import UserError
 from patchbench.flops import count_params
-from patchbench.models import create_model
+from patchbench.models import check_overrides, create_model, describe
 from patchbench.train import TrainingDiverged, train_run
 
 BUDGET_TOLERANCE = 0.05
@@ -73,18 +73,10 @@ def parse_budget(text: str) -> int:
     return int(round(float(m.group(1)) * scale))
 
 
-def _value(text: str) -> Any:
-    """A grid value: int, float, true/false/none, or the text itself."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+def parse_grid(text: str) -> dict[str, list[str]]:
+    """'patch_size=2,4,8 kernel_size=3,5' -> {"patch_size": ["2", "4", "8"], "kernel_size": ["3", "5"]}.
 
-
-def parse_grid(text: str) -> dict[str, list]:
-    """'patch_size=2,4,8 kernel_size=3,5' -> {"patch_size": [2, 4, 8], "kernel_size": [3, 5]}."""
+    The values stay text here; `typed_grid` types them by the model's constructor signature."""
     grid: dict[str, list] = {}
     for item in text.split():
         key, sep, values = item.partition("=")
@@ -93,10 +85,16 @@ def parse_grid(text: str) -> dict[str, list]:
                             f"e.g. 'patch_size=2,4,8 kernel_size=3,5,7,9'")
         if key in grid:
             raise UserError(f"--grid names {key!r} twice; give each key once")
-        grid[key] = list(dict.fromkeys(_value(v) for v in values.split(",") if v))
+        grid[key] = list(dict.fromkeys(v.strip() for v in values.split(",") if v.strip()))
     if not grid:
         raise UserError("--grid is empty; e.g. --grid 'patch_size=2,4,8 kernel_size=3,5,7,9'")
     return grid
+
+
+def typed_grid(model: str, grid: dict[str, list]) -> dict[str, list]:
+    """Each grid value typed and checked against `model`'s constructor (UserError naming the key)."""
+    return {key: list(dict.fromkeys(check_overrides(model, {key: v}, "--grid")[key] for v in values))
+            for key, values in grid.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,18 +187,28 @@ def run_name(model: str, seed: int, cell: dict | None = None) -> str:
     return "-".join(parts)
 
 
-def _with_source(cfg: RunConfig, source: str | None) -> RunConfig:
-    if source:
-        cfg.data = dataclasses.replace(cfg.data, source=source)
-    return cfg
+@dataclass(frozen=True)
+class Layers:
+    """The recipe of a study: preset < config file < flags (`changes`), applied to every run."""
+
+    preset: Recipe | None = None
+    config: Recipe | None = None
+    changes: dict[str, dict] | None = None
+
+    def config_for(self, model: str, seed: int | None = None, overrides: dict | None = None) -> RunConfig:
+        return build_config(model, preset=self.preset, config=self.config, changes=self.changes,
+                            overrides=overrides, seed=seed)
+
+    def base_overrides(self, model: str) -> dict:
+        """The model's constructor overrides from the recipe alone (before budgets or grid cells)."""
+        return dict(self.config_for(model).model.overrides)
 
 
-def plan_compare(preset: Preset, models: list[str], seeds: list[int], *, source: str | None = None,
+def plan_compare(models: list[str], seeds: list[int], layers: Layers,
                  chosen: dict[str, dict] | None = None) -> list[PlannedRun]:
     """Seed-major order, so the first seed of every model finishes before the second starts."""
     chosen = chosen or {}
-    return [PlannedRun(run_name(m, s), _with_source(preset.config_for(m, s, **chosen.get(m, {})), source))
-            for s in seeds for m in models]
+    return [PlannedRun(run_name(m, s), layers.config_for(m, s, chosen.get(m))) for s in seeds for m in models]
 
 
 def grid_cells(grid: dict[str, list]) -> list[dict]:
@@ -209,19 +217,18 @@ def grid_cells(grid: dict[str, list]) -> list[dict]:
 
 
 def check_cells(model: str, cells: list[dict], base: dict, *, num_classes: int, img_size: int) -> None:
-    """Build every cell (over the preset's overrides `base`) on the meta device first, so a bad grid fails
+    """Build every cell (over the recipe's overrides `base`) on the meta device first, so a bad grid fails
     before any training."""
     for cell in cells:
         try:
             model_params(model, num_classes=num_classes, img_size=img_size, **{**base, **cell})
-        except (TypeError, ValueError, UserError) as e:
+        except UserError as e:
             raise UserError(f"--grid cell {cell} does not build {model} at {img_size}px: "
                             f"{str(e).splitlines()[0]}") from None
 
 
-def plan_sweep(preset: Preset, model: str, grid: dict[str, list], seeds: list[int], *,
-               source: str | None = None) -> list[PlannedRun]:
-    return [PlannedRun(run_name(model, s, cell), _with_source(preset.config_for(model, s, **cell), source))
+def plan_sweep(model: str, grid: dict[str, list], seeds: list[int], layers: Layers) -> list[PlannedRun]:
+    return [PlannedRun(run_name(model, s, cell), layers.config_for(model, s, cell))
             for s in seeds for cell in grid_cells(grid)]
 
 
@@ -336,14 +343,6 @@ class RunLock:
 # Running a study
 
 
-def run_status(run_dir: Path) -> str:
-    """summary.json's status ("finished", "running", "failed", "interrupted"), or "new"."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status", "new")
-    except (OSError, ValueError):
-        return "new"
-
-
 def train_work(progress: bool) -> Callable[[RunConfig, Path], None]:
     """The real work: train (or resume) one run."""
     def work(cfg: RunConfig, out: Path) -> None:
@@ -364,13 +363,13 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     with tqdm(total=len(plan), desc="study", unit="run", disable=not progress, file=sys.stderr) as bar:
         for p in plan:
-            out = study / "runs" / p.name
-            status = run_status(out)
-            if status in ("finished", "failed"):
-                outcome["done" if status == "finished" else "failed"].append(p.name)
+            out = study / rundir.RUNS / p.name
+            status = rundir.run_status(out)
+            if status in (rundir.FINISHED, rundir.FAILED):
+                outcome["done" if status == rundir.FINISHED else "failed"].append(p.name)
                 bar.update()
                 continue
-            lock = RunLock(study / "locks" / f"{p.name}.lock", stale_after=stale_after)
+            lock = RunLock(study / rundir.LOCKS / f"{p.name}.lock", stale_after=stale_after)
             if not lock.acquire():
                 held = lock.holder()
                 who = f"{held[0].get('host')}:{held[0].get('pid')}" if held and held[0] else "another worker"
@@ -379,11 +378,11 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
                 bar.update()
                 continue
             try:
-                if run_status(out) == "finished":  # finished by another worker since we looked
+                if rundir.run_status(out) == rundir.FINISHED:  # finished by another worker since we looked
                     outcome["done"].append(p.name)
                 else:
                     bar.set_postfix_str(p.name)
-                    say(f"{p.name}: {'resuming' if status != 'new' else 'starting'}")
+                    say(f"{p.name}: {'resuming' if status != rundir.NEW else 'starting'}")
                     work(p.config, out)
                     outcome["trained"].append(p.name)
             except TrainingDiverged as e:
@@ -398,29 +397,25 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
 # --------------------------------------------------------------------------------------------------
 # study.json and samples.npz
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+STUDY_IDENTITY = ("preset", "data", "grid", "param_budget", "overrides", "config_file", "kind")
 
 
 def write_study_json(study: Path, meta: dict) -> dict:
     """Create or extend study.json. Runs, models, seeds and chosen configurations accumulate; a study of
-    another preset, data or grid in the same folder is refused."""
-    study.mkdir(parents=True, exist_ok=True)
-    path = study / "study.json"
+    another preset, data, grid, budget, config file or flags in the same folder is refused."""
+    rundir.make_dir(study)
+    path = study / rundir.STUDY
     if path.exists():
-        old = json.loads(path.read_text())
-        for key in ("preset", "data", "grid", "param_budget"):
-            if old.get(key) != meta.get(key):
-                raise UserError(f"{study} holds a study with {key}={old.get(key)!r}, not {meta.get(key)!r}; "
-                                f"use another --out (or the same settings to extend it)")
+        old = rundir.read_json(path)
+        for key in STUDY_IDENTITY:
+            if key in old and old.get(key) != meta.get(key):
+                raise UserError(f"{study} holds a study with {key}={json.dumps(old.get(key))}, not "
+                                f"{json.dumps(meta.get(key))}; use another --out (or the same settings to extend it)")
         for key in ("models", "seeds", "runs"):
             meta[key] = list(dict.fromkeys([*old.get(key, []), *meta[key]]))
-        for key in ("chosen", "chosen_params", "patch_sizes"):
+        for key in ("chosen", "chosen_params", "patch_sizes", "labels"):
             meta[key] = {**old.get(key, {}), **meta.get(key, {})}
-    _atomic_write_text(path, json.dumps(meta, indent=2))
+    rundir.atomic_write_json(path, meta)
     return meta
 
 
@@ -429,10 +424,14 @@ def write_samples(study: Path, data, n: int = 4) -> Path:
     labels = np.asarray(data.val.labels)
     classes = sorted({int(c) for c in np.linspace(0, len(data.classes) - 1, n).round()})
     idx = [int(np.flatnonzero(labels == c)[0]) for c in classes if (labels == c).any()]
-    path = study / "samples.npz"
-    tmp = study / f".samples.tmp{os.getpid()}.npz"
-    np.savez(tmp, images=np.asarray(data.val.images[idx]), labels=labels[idx], classes=np.array(data.classes))
-    os.replace(tmp, path)
+    path = study / rundir.SAMPLES
+    tmp = rundir.temp_path(path).with_suffix(".npz")
+    try:
+        np.savez(tmp, images=np.asarray(data.val.images[idx]), labels=labels[idx], classes=np.array(data.classes))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise rundir.output_error(path, e) from None
+    rundir.commit(tmp, path)
     return path
 
 
@@ -443,7 +442,7 @@ def patch_size_of(model: str, overrides: dict, *, num_classes: int, img_size: in
 
 
 # --------------------------------------------------------------------------------------------------
-# The two entry points: compare (models x seeds) and sweep (grid cells x seeds)
+# The entry points: compare (models x seeds) and sweep (grid cells x seeds)
 
 
 @dataclass
@@ -454,11 +453,16 @@ class StudyResult:
     reports: list[Path]
 
 
-def _prepare(preset: Preset, source: str | None, progress: bool):
+def _prepare(cfg: RunConfig, progress: bool):
     from patchbench.data import prepare
 
-    cfg = dataclasses.replace(preset.data, source=source) if source else preset.data
-    return prepare(cfg, progress=progress)
+    return prepare(cfg.data, progress=progress)
+
+
+def _study_meta(kind: str, layers: Layers, models: list[str], seeds: list[int], sample: RunConfig) -> dict:
+    return {"kind": kind, "preset": sample.preset, "models": models, "seeds": seeds, "data": sample.data.source,
+            "config_file": layers.config.where if layers.config else None,
+            "overrides": {k: v for k, v in (layers.changes or {}).items() if v} or None}
 
 
 def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, progress: bool,
@@ -478,46 +482,49 @@ def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, pro
     return StudyResult(study, meta, outcome, reports)
 
 
-def compare(preset: Preset, models: list[str], seeds: list[int], out: str | os.PathLike, *,
-            source: str | None = None, param_budget: int | None = None, progress: bool = True,
-            stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
+def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, preset: Recipe | None = None,
+            config: Recipe | None = None, changes: dict | None = None, param_budget: int | None = None,
+            progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Train models x seeds into `out` (skipping finished runs), then write the report."""
     study = Path(out)
-    data = _prepare(preset, source, progress)
-    num_classes, img_size = len(data.classes), preset.data.img_size
+    layers = Layers(preset, config, changes)
+    base = {m: layers.config_for(m).validate() for m in models}
+    data = _prepare(base[models[0]], progress)
+    num_classes = len(data.classes)
     chosen, chosen_params = {}, {}
     for m in models:
-        base = preset.model_overrides.get(m, {})
+        img_size, overrides = base[m].data.img_size, base[m].model.overrides
         if param_budget:
             chosen[m], chosen_params[m] = match_budget(m, param_budget, num_classes=num_classes, img_size=img_size,
-                                                       base=base)
+                                                       base=overrides)
         else:
-            chosen[m] = dict(base)
-            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size, **base)
-    meta = {"kind": "compare", "preset": preset.name, "models": models, "seeds": seeds,
-            "data": source or preset.data.source, "param_budget": param_budget, "chosen": chosen,
-            "chosen_params": chosen_params, "img_size": img_size, "num_classes": num_classes,
-            "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=img_size)
+            chosen[m] = dict(overrides)
+            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size, **overrides)
+    meta = {**_study_meta("compare", layers, models, seeds, base[models[0]]), "param_budget": param_budget,
+            "chosen": chosen, "chosen_params": chosen_params, "labels": {m: describe(m, chosen[m]) for m in models},
+            "img_size": base[models[0]].data.img_size, "num_classes": num_classes,
+            "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=base[m].data.img_size)
                             for m in models}}
-    plan = plan_compare(preset, models, seeds, source=source, chosen=chosen)
+    plan = plan_compare(models, seeds, layers, chosen)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
                     report_formats=report_formats)
 
 
-def sweep(preset: Preset, model: str, grid: dict[str, list], seeds: list[int], out: str | os.PathLike, *,
-          source: str | None = None, progress: bool = True, stale_after: float = 600.0,
-          report_formats=("md", "html"), work=None) -> StudyResult:
+def sweep(model: str, grid: dict[str, list], seeds: list[int], out: str | os.PathLike, *,
+          preset: Recipe | None = None, config: Recipe | None = None, changes: dict | None = None,
+          progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Train every grid cell (model overrides) x seed into `out`, then write the report with its heatmap."""
     study = Path(out)
-    data = _prepare(preset, source, progress)
-    num_classes, img_size = len(data.classes), preset.data.img_size
-    cells = grid_cells(grid)
-    base = preset.model_overrides.get(model, {})
-    check_cells(model, cells, base, num_classes=num_classes, img_size=img_size)
-    meta = {"kind": "sweep", "preset": preset.name, "models": [model], "seeds": seeds,
-            "data": source or preset.data.source, "param_budget": None, "grid": grid,
+    layers = Layers(preset, config, changes)
+    grid = typed_grid(model, grid)
+    base = layers.config_for(model).validate()
+    data = _prepare(base, progress)
+    num_classes, img_size = len(data.classes), base.data.img_size
+    check_cells(model, grid_cells(grid), base.model.overrides, num_classes=num_classes, img_size=img_size)
+    meta = {**_study_meta("sweep", layers, [model], seeds, base), "param_budget": None, "grid": grid,
             "chosen": {}, "chosen_params": {}, "img_size": img_size, "num_classes": num_classes,
-            "patch_sizes": {model: patch_size_of(model, base, num_classes=num_classes, img_size=img_size)}}
-    plan = plan_sweep(preset, model, grid, seeds, source=source)
+            "patch_sizes": {model: patch_size_of(model, base.model.overrides, num_classes=num_classes,
+                                                 img_size=img_size)}}
+    plan = plan_sweep(model, grid, seeds, layers)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
                     report_formats=report_formats)

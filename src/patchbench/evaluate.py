@@ -7,7 +7,6 @@ config or dataset. Loading reads safetensors and JSON only: nothing is unpickled
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -18,18 +17,10 @@ import torch.nn.functional as F
 
 from patchbench.checkpoint import checkpoint_json, load_checkpoint
 from patchbench.config import RunConfig
+from patchbench.device import autocast, resolve_device
 from patchbench.errors import UserError
 from patchbench.metrics import Meter
 from patchbench.models import create_model
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str):
-    """Mixed precision for the forward pass when `amp` is bf16/fp16; a no-op context otherwise."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 @torch.no_grad()
@@ -55,22 +46,6 @@ def evaluate_model(model: nn.Module, loader, num_classes: int, *, amp: str = "no
     return out
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a torch.device that exists here (UserError otherwise)."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
-        index = local_rank if name == "cuda" else int(name[5:])
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-        return torch.device(f"cuda:{index}")
-    raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model saved in a checkpoint (run dir, checkpoint .json or .safetensors): (model, info)."""
     info, weights, _ = load_checkpoint(path, with_state=False)
@@ -81,16 +56,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
 
 def evaluate_run(path: str | Path, data: str | None = None, *, device: str = "auto", batch_size: int = 128,
-             cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Evaluate a run's (or a checkpoint's) weights on the full val split of `data` (default: the run's).
+                 cache_dir: str | None = None, progress: bool = True, split: str = "val") -> dict:
+    """Evaluate a run's (or a checkpoint's) weights on the full `split` of `data` (default: the run's
+    dataset): "val", or "holdout" (the part of train a --holdout run validated on).
 
-    Returns eval.json's dict: classes, loss, top1, top5, per_class_top1, confusion (+ images, checkpoint).
+    Returns eval.json's dict: classes, split, loss, top1, top5, per_class_top1, confusion (+ images, checkpoint).
     """
-    from patchbench.data import Loader, prepare  # the data pipeline is only needed here, not for predict
+    from patchbench.data import Loader, holdout_split, prepare  # the data pipeline: only here, not for predict
 
+    if split not in ("val", "holdout"):
+        raise UserError(f"--split {split!r}: choose val or holdout")
     dev = resolve_device(device)
     model, info = load_model(path, dev)
-    cfg = RunConfig.from_dict(info["config"]).data
+    cfg = RunConfig.from_dict(info["config"], f"{checkpoint_json(path)}: config").data
     if data is not None:
         cfg.source, cfg.md5 = data, None
     if cache_dir is not None:
@@ -99,10 +77,16 @@ def evaluate_run(path: str | Path, data: str | None = None, *, device: str = "au
     if prepared.classes != info["classes"]:
         raise UserError(f"--data {cfg.source} has classes {prepared.classes[:4]}..., but the checkpoint "
                         f"was trained on {info['classes'][:4]}...; pass the dataset it was trained on")
-    loader = Loader(prepared.val, cfg, batch_size=batch_size, train=False, device=dev)
+    if split == "holdout":
+        if not cfg.holdout:
+            raise UserError(f"--split holdout: the run in {path} held nothing out (no --holdout); use --split val")
+        scored = holdout_split(prepared.train, cfg.holdout, cfg.holdout_seed)[1]
+    else:
+        scored = prepared.val
+    loader = Loader(scored, cfg, batch_size=batch_size, train=False, device=dev)
     result = evaluate_model(model, loader, len(info["classes"]))
     result.pop("time_s")
-    return {"classes": info["classes"], **result, "checkpoint": str(checkpoint_json(path))}
+    return {"classes": info["classes"], "split": split, **result, "checkpoint": str(checkpoint_json(path))}
 
 
 def _load_image(path: str | Path, transform: dict) -> torch.Tensor:

@@ -17,8 +17,10 @@ passes forward and backward, each also an OpenMP parallel region (costly on a sh
   PyTorch's vectorised CPU erf uses); sums are fp32 per 64 rows, accumulated in double. y is kept
   for backward, as eager PyTorch keeps it.
 
-Each kernel is compiled once with the system C compiler (~0.1 s, `-O3 -march=native -fopenmp`,
-sharing torch's OpenMP threads) and cached on disk. Where no compiler is found, or a layer or input
+Each kernel is C source in patchbench/csrc/, compiled once with the system C compiler (~0.1 s,
+`-O3 -march=native -fopenmp`, sharing torch's OpenMP threads) into a cache folder private to the
+user, its SHA-256 recorded beside it; a cached library is loaded only when that digest, its owner
+and its permissions check out, else it is built again (nothing foreign is ever loaded). Where no compiler is found, or a layer or input
 does not fit the kernels' assumptions (CPU, channels divisible by 16, channels_last input for the
 fused GELU -> BatchNorm, odd square kernel with stride 1 and 'same' padding for the depthwise conv),
 the layers run PyTorch's own ops: same results, usual speed.
@@ -32,249 +34,113 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from patchbench.device import cpu_features
+
 LANES = 16  # channels per vector in the C kernel (one 512-bit register of fp32)
-
-_DWCONV_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* KS (kernel size, odd) is fixed at compile time so the KS running sums live in registers. */
-#define P (KS / 2)
-typedef float v16 __attribute__((vector_size(64)));  /* 16 channels of fp32 */
-
-static inline float from_f32(float v) { return v; }
-static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-
-/* dw[k][c] = sum_{b,h,w} x[b][h+i-P][w+j-P][c] * g[b][h][w][c] for k = i*KS + j, and the bias gradient
-   db[c] = sum_{b,h,w} g[b][h][w][c]; x and g are (B, H, W, C) contiguous (channels_last), dw is
-   (KS*KS, C) and db (C,), both fp32. Blocks of 16 channels are shared out among the
-   OpenMP threads (torch's own pool: the library links the libgomp that torch has loaded). */
-#define DEFINE_WGRAD(NAME, T, LOAD)                                                                  \
-int NAME(const T *x, const T *g, float *dw, float *db, long B, long H, long W, long C) {                        \
-    long WP = W + 2 * P, failed = 0;                                                                 \
-    _Pragma("omp parallel for schedule(static) reduction(|: failed)")                                \
-    for (long cb = 0; cb < C / 16; cb++) {                                                           \
-        long c0 = cb * 16;                                                                           \
-        v16 *xb = aligned_alloc(64, sizeof(v16) * (H + 2 * P) * WP);  /* zero-padded input plane */  \
-        v16 *gb = aligned_alloc(64, sizeof(v16) * H * W);             /* output-gradient plane */    \
-        if (!xb || !gb) { free(xb); free(gb); failed = 1; continue; }                                \
-        v16 total[KS * KS], bias = {0};                                                              \
-        memset(total, 0, sizeof total);                                                              \
-        for (long b = 0; b < B; b++) {                                                               \
-            memset(xb, 0, sizeof(v16) * (H + 2 * P) * WP);                                           \
-            for (long h = 0; h < H; h++)                                                             \
-                for (long w = 0; w < W; w++) {                                                       \
-                    const T *xp = x + ((b * H + h) * W + w) * C + c0;                                \
-                    const T *gp = g + ((b * H + h) * W + w) * C + c0;                                \
-                    v16 xv, gv;                                                                      \
-                    for (int l = 0; l < 16; l++) { xv[l] = LOAD(xp[l]); gv[l] = LOAD(gp[l]); }      \
-                    xb[(h + P) * WP + w + P] = xv;                                                   \
-                    gb[h * W + w] = gv;                                                              \
-                    bias += gv;                                                                      \
-                }                                                                                    \
-            for (long h = 0; h < H; h++)                                                             \
-                for (int i = 0; i < KS; i++) {  /* KS running sums of one output row, in registers */\
-                    const v16 *xrow = xb + (h + i) * WP, *grow = gb + h * W;                         \
-                    v16 acc[KS];                                                                     \
-                    memset(acc, 0, sizeof acc);                                                      \
-                    for (long w = 0; w < W; w++) {                                                   \
-                        v16 gv = grow[w];                                                            \
-                        for (int j = 0; j < KS; j++) acc[j] += xrow[w + j] * gv;                     \
-                    }                                                                                \
-                    for (int j = 0; j < KS; j++) total[i * KS + j] += acc[j];                        \
-                }                                                                                    \
-        }                                                                                            \
-        for (int k = 0; k < KS * KS; k++) memcpy(dw + k * C + c0, &total[k], sizeof(v16));          \
-        memcpy(db + c0, &bias, sizeof(v16));                                                         \
-        free(xb); free(gb);                                                                          \
-    }                                                                                                \
-    return (int)failed;                                                                              \
-}
-
-DEFINE_WGRAD(dw_wgrad_f32, float, from_f32)
-DEFINE_WGRAD(dw_wgrad_bf16, uint16_t, from_bf16)
-"""
-
-_GELU_BN_SOURCE = r"""
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16 splat(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
-
-/* exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n via the exponent) */
-static inline v16 vexp_neg(v16 x) {
-    v16i low = x < splat(-87.0f);                    /* lanes of -1 where true */
-    x = (v16)(((v16i)splat(-87.0f) & low) | ((v16i)x & ~low));
-    v16 n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f);  /* round to nearest */
-    v16 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    v16 p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return p * (v16)e;
-}
-
-/* cdf = Phi(z) = (1 + erf(z / sqrt 2)) / 2 and pdf = phi(z), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
-   the formula PyTorch's vectorised CPU erf uses. */
-static inline void phi(v16 z, v16 *cdf, v16 *pdf) {
-    v16 x = z * splat(0.70710678f);
-    v16i sign = (v16i)x & (int32_t)0x80000000;
-    v16 ax = (v16)((v16i)x ^ sign);                  /* |x| */
-    v16 t = splat(1.0f) / (splat(0.3275911f) * ax + splat(1.0f));
-    v16 r = splat(1.061405429f);
-    r = r * t + splat(-1.453152027f);
-    r = r * t + splat(1.421413741f);
-    r = r * t + splat(-0.284496736f);
-    r = r * t + splat(0.254829592f);
-    v16 e = vexp_neg(-ax * ax);                       /* exp(-z^2 / 2) */
-    v16 erf_abs = splat(1.0f) - r * t * e;
-    v16 erf = (v16)((v16i)erf_abs | sign);          /* erf is odd */
-    *cdf = splat(0.5f) * (splat(1.0f) + erf);
-    *pdf = e * splat(0.39894228f);
-}
-
-static inline v16 load_f32(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
-static inline void store_f32(float *p, v16 v) { memcpy(p, &v, 64); }
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-static inline v16 load_bf16(const uint16_t *p) { v16h h; memcpy(&h, p, 32); return (v16)(__builtin_convertvector(h, v16u) << 16); }
-static inline void store_bf16(uint16_t *p, v16 v) {  /* round to nearest even */
-    v16u u = (v16u)v;
-    u += 0x7FFF + ((u >> 16) & 1);
-    v16h h = __builtin_convertvector(u >> 16, v16h);
-    memcpy(p, &h, 32);
-}
-
-/* Each thread takes a contiguous range of 16-channel blocks and walks every pixel (N = B*H*W rows of C). */
-#define THREAD_BLOCKS long nb = C / 16, t = omp_get_thread_num(), T = omp_get_num_threads(); \
-    long cb0 = nb * t / T, cb1 = nb * (t + 1) / T
-
-#define DEFINE(SUFFIX, TYPE, LOAD, STORE)                                                            \
-/* y = gelu(z), stored; s[c] = sum y, q[c] = sum y^2 of the stored values (fp32 partials per 64 rows, \
-   summed in double) */                                                                             \
-void gelu_stats_##SUFFIX(const TYPE *z, TYPE *y, long N, long C, double *s, double *q) {             \
-    _Pragma("omp parallel") {                                                                        \
-        THREAD_BLOCKS;                                                                               \
-        for (long c = cb0 * 16; c < cb1 * 16; c++) s[c] = q[c] = 0;                                  \
-        for (long n0 = 0; n0 < N; n0 += 64) {                                                        \
-            long n1 = n0 + 64 < N ? n0 + 64 : N;                                                     \
-            for (long cb = cb0; cb < cb1; cb++) {                                                    \
-                v16 ps = splat(0), pq = splat(0), cdf, pdf;                                          \
-                for (long n = n0; n < n1; n++) {                                                     \
-                    v16 zv = LOAD(z + n * C + cb * 16);                                              \
-                    phi(zv, &cdf, &pdf);                                                             \
-                    STORE(y + n * C + cb * 16, zv * cdf);                                            \
-                    v16 yv = LOAD(y + n * C + cb * 16);  /* as stored (rounded for bf16) */          \
-                    ps += yv; pq += yv * yv;                                                         \
-                }                                                                                    \
-                for (int l = 0; l < 16; l++) { s[cb * 16 + l] += ps[l]; q[cb * 16 + l] += pq[l]; }   \
-            }                                                                                        \
-        }                                                                                            \
-    }                                                                                                \
-}                                                                                                    \
-/* out = y * scale[c] + shift[c] */                                                                  \
-void affine_##SUFFIX(const TYPE *y, TYPE *out, long N, long C, const float *scale, const float *shift) { \
-    _Pragma("omp parallel") {                                                                        \
-        THREAD_BLOCKS;                                                                               \
-        for (long n = 0; n < N; n++)                                                                 \
-            for (long cb = cb0; cb < cb1; cb++)                                                      \
-                STORE(out + n * C + cb * 16,                                                         \
-                      LOAD(y + n * C + cb * 16) * load_f32(scale + cb * 16) + load_f32(shift + cb * 16)); \
-    }                                                                                                \
-}                                                                                                    \
-/* sd[c] = sum dout, sdy[c] = sum dout * y (fp32 partials per 64 rows, summed in double) */          \
-void grad_stats_##SUFFIX(const TYPE *y, const TYPE *dout, long N, long C, double *sd, double *sdy) { \
-    _Pragma("omp parallel") {                                                                        \
-        THREAD_BLOCKS;                                                                               \
-        for (long c = cb0 * 16; c < cb1 * 16; c++) sd[c] = sdy[c] = 0;                               \
-        for (long n0 = 0; n0 < N; n0 += 64) {                                                        \
-            long n1 = n0 + 64 < N ? n0 + 64 : N;                                                     \
-            for (long cb = cb0; cb < cb1; cb++) {                                                    \
-                v16 a = splat(0), b = splat(0);                                                      \
-                for (long n = n0; n < n1; n++) {                                                     \
-                    v16 g = LOAD(dout + n * C + cb * 16);                                            \
-                    a += g; b += g * LOAD(y + n * C + cb * 16);                                      \
-                }                                                                                    \
-                for (int l = 0; l < 16; l++) { sd[cb * 16 + l] += a[l]; sdy[cb * 16 + l] += b[l]; }  \
-            }                                                                                        \
-        }                                                                                            \
-    }                                                                                                \
-}                                                                                                    \
-/* dz = (ka[c] * dout + kb[c] * y + kc[c]) * gelu'(z), gelu'(z) = Phi(z) + z phi(z) */               \
-void gelu_bn_grad_##SUFFIX(const TYPE *z, const TYPE *y, const TYPE *dout, TYPE *dz, long N, long C, \
-                           const float *ka, const float *kb, const float *kc) {                      \
-    _Pragma("omp parallel") {                                                                        \
-        THREAD_BLOCKS;                                                                               \
-        for (long n = 0; n < N; n++)                                                                 \
-            for (long cb = cb0; cb < cb1; cb++) {                                                    \
-                long o = n * C + cb * 16;                                                            \
-                v16 zv = LOAD(z + o), cdf, pdf;                                                      \
-                phi(zv, &cdf, &pdf);                                                                 \
-                v16 dy = load_f32(ka + cb * 16) * LOAD(dout + o) + load_f32(kb + cb * 16) * LOAD(y + o) \
-                         + load_f32(kc + cb * 16);                                                   \
-                STORE(dz + o, dy * (cdf + zv * pdf));                                                \
-            }                                                                                        \
-    }                                                                                                \
-}
-
-DEFINE(f32, float, load_f32, store_f32)
-DEFINE(bf16, uint16_t, load_bf16, store_bf16)
-"""
 
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PATCHBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "patchbench")
-    return Path(root) / "kernels"
+def kernel_dir() -> Path:
+    """`<cache>/kernels`, a folder private to this user (0700, owned by us); made private if it is not,
+    or, when it belongs to someone else, a fresh private folder for this process."""
+    from patchbench.config import default_cache_dir
 
-
-def _cpu_signature() -> str:
-    """The CPU's feature flags: a library built with -march=native is only reused on the same kind of CPU."""
+    path = default_cache_dir() / "kernels"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+            st = path.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            return path
     except OSError:
         pass
-    import platform
+    global _PRIVATE
+    if _PRIVATE is None:  # an unusable or foreign cache folder: build into a private temporary one
+        _PRIVATE = Path(tempfile.mkdtemp(prefix="patchbench-kernels-"))
+    return _PRIVATE
 
-    return platform.processor() or platform.machine()
+
+_PRIVATE: Path | None = None
 
 
-def build_library(name: str, source: str, defines: list[str], signatures: dict,
+def _sha256_of(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, 1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _trusted(path: Path) -> bool:
+    """A file we may rely on: a regular file owned by us that nobody else can write."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _load_verified(path: Path) -> ctypes.CDLL | None:
+    """Load `path` only if it is the library we built: ours (owner, permissions) and its SHA-256 equal
+    to the one recorded beside it at build time. The digest is taken from an open descriptor and
+    that same file is loaded (through /proc/self/fd), so it cannot be swapped in between; the
+    descriptor stays open, so its name stays unique to this library for the process."""
+    digest_file = path.with_suffix(".sha256")
+    if not (_trusted(path) and _trusted(digest_file)):
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    if _sha256_of(fd) != digest_file.read_text().strip():
+        os.close(fd)
+        return None
+    via_fd = f"/proc/self/fd/{fd}"
+    if not os.path.exists(via_fd):  # no /proc (not Linux): by path, inside the private folder
+        os.close(fd)
+        return ctypes.CDLL(str(path))
+    _OPEN_LIBRARIES.append(fd)
+    return ctypes.CDLL(via_fd)
+
+
+_OPEN_LIBRARIES: list[int] = []
+
+
+def _source(file: str) -> str:
+    return (resources.files("patchbench") / "csrc" / file).read_text()
+
+
+def build_library(name: str, source_file: str, defines: list[str], signatures: dict,
                   suffixes: tuple[str, ...] = ("f32", "bf16")) -> ctypes.CDLL | None:
     """Build (once, cached by source + flags + CPU) and load a kernel library; None without a C compiler.
 
+    `source_file` is a file of patchbench/csrc. The library is compiled into the private kernel
+    folder with its SHA-256 recorded beside it, and loaded only after that digest checks out; a
+    library that fails the check (changed, not ours, or writable by others) is built again.
     `signatures` maps a function name to (restype, argtypes); the library defines it once per
     dtype, as `<name>_<suffix>` for each of `suffixes`."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
+    source = _source(source_file)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *defines]
-    key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{name}_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    key = hashlib.sha256("\0".join([source, cc, *flags, cpu_features()]).encode()).hexdigest()[:16]
+    folder = kernel_dir()
+    path = folder / f"{name}_{key}.so"
+    lib = _load_verified(path)
+    if lib is None:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
             src.write_text(source)
             try:
@@ -285,8 +151,22 @@ def build_library(name: str, source: str, defines: list[str], signatures: dict,
                 warnings.warn(f"patchbench.kernels: {cc} could not build the {name} kernel, using PyTorch's "
                               f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
                 return None
-            os.replace(out, path)  # atomic: concurrent builders race harmlessly
-    lib = ctypes.CDLL(str(path))
+            os.chmod(out, 0o600)
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                digest = _sha256_of(fd)
+            finally:
+                os.close(fd)
+            record = Path(tmp) / "digest"
+            record.write_text(digest + "\n")
+            os.chmod(record, 0o600)
+            os.replace(record, path.with_suffix(".sha256"))  # atomic: concurrent builders race harmlessly,
+            os.replace(out, path)  # each writing a library and its own digest (the builds are identical)
+        lib = _load_verified(path)
+        if lib is None:
+            warnings.warn(f"patchbench.kernels: the {name} kernel built in {folder} did not verify after "
+                          f"building; using PyTorch's (slower) path", stacklevel=4)
+            return None
     for fn_name, (restype, argtypes) in signatures.items():
         for suffix in suffixes:
             fn = getattr(lib, f"{fn_name}_{suffix}")
@@ -306,10 +186,10 @@ def _library(name: str, kernel_size: int = 0) -> ctypes.CDLL | None:
     key = f"{name}{kernel_size or ''}"
     if key not in _LIBS:
         if name == "dwconv":
-            _LIBS[key] = (build_library(f"dwconv_k{kernel_size}", _DWCONV_SOURCE, [f"-DKS={kernel_size}"], _SIGNATURES[name])
+            _LIBS[key] = (build_library(f"dwconv_k{kernel_size}", "dwconv.c", [f"-DKS={kernel_size}"], _SIGNATURES[name])
                           if kernel_size % 2 else None)
         else:
-            _LIBS[key] = build_library(name, _GELU_BN_SOURCE, [], _SIGNATURES[name])
+            _LIBS[key] = build_library(name, "gelu_bn.c", [], _SIGNATURES[name])
     return _LIBS[key]
 
 

@@ -2,19 +2,23 @@
 
     summary = train_run(get_preset("quick").config_for("resnet9"), "runs/resnet9")
 
-One loop, with the features as switches of the config (mixed precision, channels_last,
-torch.compile, EMA of the weights, gradient clipping, data-parallel over torchrun's processes).
-The run directory is the record (see docs/ARCHITECTURE.md): config.json, metrics.jsonl, tb/,
-checkpoint/{last,best}, summary.json, eval.json.
+Read it in three parts, as torchvision's reference script: `setup` builds everything a run needs
+(data, model, optimizer, state restored from a checkpoint), `train_one_epoch` is the step loop, and
+`run_epochs` is the epoch loop (validate, record, checkpoint). The features are switches of the
+config: mixed precision, channels_last, torch.compile, EMA of the weights, gradient clipping,
+mixup/cutmix with soft targets, progressive resizing, a held-out validation split, data-parallel
+over torchrun's processes, and an adaptive CPU thread count. The run directory is the record (see
+patchbench.rundir and docs/ARCHITECTURE.md).
 
 Exact resume: every random choice of the data is a function of (seed, epoch, batch) and the
 schedule is a function of the step, so a checkpoint needs only the weights, the optimizer, the
-step and the RNG states (for dropout). A checkpoint is written after every epoch, and also mid-epoch
-when SIGINT/SIGTERM arrives (resuming then skips the batches already done).
+step and the RNG states (for dropout and drop path). A checkpoint is written after every epoch,
+and also mid-epoch when SIGINT/SIGTERM arrives; resuming then starts the epoch at the next batch
+without making the batches already trained on.
 
-Data-parallel (torchrun): every process runs this same function. `cfg.train.batch_size` is the
-global batch, split evenly over the ranks; each rank trains on its shard of every global batch,
-DDP averages the gradients, metrics are summed over ranks, and only rank 0 writes files. All ranks
+Data-parallel (torchrun): every process runs this same code. `cfg.train.batch_size` is the global
+batch, split evenly over the ranks; each rank trains on its shard of every global batch, DDP
+averages the gradients, metrics are summed over ranks, and only rank 0 writes files. All ranks
 draw the same global RNG stream (seeded alike), which keeps checkpoints independent of the number
 of ranks: a run written by N processes resumes on M.
 """
@@ -22,7 +26,6 @@ of ranks: a run written by N processes resumes on M.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,21 +45,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import patchbench
-from patchbench.checkpoint import (atomic_write_text, load_checkpoint, optimizer_from_parts, optimizer_to_parts,
-                                   rng_from_parts, rng_to_parts, save_checkpoint)
-from patchbench.config import RunConfig
+from patchbench import rundir
+from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, rng_from_parts,
+                                   rng_to_parts, save_checkpoint)
+from patchbench.config import RunConfig, fields_of
+from patchbench.device import autocast, device_name, resolve_device
 from patchbench.errors import UserError
-from patchbench.evaluate import autocast, evaluate_model, resolve_device
+from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
 from patchbench.kernels import use_fast_kernels
 from patchbench.metrics import Meter
-from patchbench.models import create_model
+from patchbench.models import create_model, describe
 from patchbench.models.layers import kaiming_init_
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
-
-RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "eval.json", "checkpoint", "tb"]
-# what may differ when resuming: where the data and cache are, and how the run is executed
-RESUMABLE_CHANGES = {"data": {"source", "md5", "cache_dir"}, "train": {"device", "log_every", "compile", "threads"}}
+from patchbench.threads import ThreadTuner
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,19 +163,10 @@ def environment(device: torch.device, world_size: int) -> dict:
                                 text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "patchbench": patchbench.__version__,
             "python": platform.python_version(), "numpy": np.__version__, "git_commit": commit,
-            "device": f"{device} ({name})", "world_size": world_size, "threads": torch.get_num_threads(),
-            "hostname": platform.node()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+            "device": f"{device} ({device_name(device)})", "world_size": world_size,
+            "threads": torch.get_num_threads(), "hostname": platform.node()}
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
@@ -188,56 +181,52 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
 # ----------------------------------------------------------------------------- run directory
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def plan_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> str:
     """What to do with `out`: "new", "resume" (from checkpoint/last) or "finished". Never writes."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder for the run")
     if overwrite or not out.exists():
         return "new"
-    saved = _read_json(out / "config.json")
-    if saved is None:
+    if not (out / rundir.CONFIG).exists():
         if any(out.iterdir()):
             raise UserError(f"--out {out} is not empty and holds no patchbench run; choose a new or empty "
                             f"folder (or pass --overwrite)")
         return "new"
-    name = saved.get("model", {}).get("name")
+    saved = rundir.read_config(out)
+    name = (saved.get("model") or {}).get("name")
     if name != cfg.model.name:
         raise UserError(f"run dir {out} belongs to another model ({name}, not {cfg.model.name}); choose "
                         f"another --out, or pass --overwrite to replace it")
     if not resume:
         raise UserError(f"run dir {out} already holds a run of {name}; pass --resume to continue it, "
                         f"--overwrite to start it again, or choose another --out")
-    check_compatible(RunConfig.from_dict(saved), cfg, out)
-    summary = _read_json(out / "summary.json") or {}
-    if summary.get("status") == "finished" and (out / "eval.json").exists():
+    saved.pop("env", None), saved.pop("derived", None)
+    check_compatible(RunConfig.from_dict(saved, str(out / rundir.CONFIG)), cfg, out)
+    try:
+        finished = rundir.run_status(out) == rundir.FINISHED
+    except rundir.RunFileError:  # a broken summary.json: the checkpoint decides
+        finished = False
+    if finished and (out / rundir.EVAL).exists():
         return "finished"
-    return "resume" if (out / "checkpoint" / "last.json").exists() else "new"
+    return "resume" if (out / rundir.CHECKPOINT / "last.json").exists() else "new"
 
 
 def check_compatible(saved: RunConfig, cfg: RunConfig, out: Path) -> None:
-    """Resuming must not change what the run computes; only RESUMABLE_CHANGES may differ."""
+    """Resuming must not change what the run computes; only settings marked resumable may differ."""
     a, b = saved.to_dict(), cfg.to_dict()
-    diffs = [f"{section}.{key}" for section in ("model", "data", "train")
-             for key in a[section] if a[section][key] != b[section].get(key)
-             and key not in RESUMABLE_CHANGES.get(section, set())]
+    diffs = [f"{section}.{key}" for section in ("model", "data", "train") for key in a[section]
+             if a[section][key] != b[section].get(key)
+             and not (section in ("data", "train") and fields_of(section)[key].resumable)]
     if diffs:
-        keys = ", ".join(diffs)
-        raise UserError(f"cannot resume {out} with a different {keys} (it would not continue the same run); "
-                        f"resume without changing them, or start a new run with another --out")
+        raise UserError(f"cannot resume {out} with a different {', '.join(diffs)} (it would not continue the "
+                        f"same run); resume without changing them, or start a new run with another --out")
 
 
 def clear_run_dir(out: Path) -> None:
     """Remove a previous run's files (only those a run writes) before starting again."""
     import shutil
 
-    for name in RUN_FILES:
+    for name in rundir.RUN_FILES:
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -245,80 +234,144 @@ def clear_run_dir(out: Path) -> None:
             p.unlink()
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- setup
 
 
-def train_one_epoch(model, step_model, loader, optimizer, scaler, ema, cfg, *, epoch, step, total,
-                    start_batch, meter, stop, ctx, bar, writer) -> tuple[int, int | None]:
-    """Train one epoch from batch `start_batch`. Returns (step, None) when done, or (step, next batch)
-    when a stop signal cut it short. Raises TrainingDiverged on a NaN/inf loss."""
+@dataclass
+class Session:
+    """One process's training run: what `setup` builds, and the state the loops move forward."""
+
+    cfg: RunConfig
+    out: Path
+    ctx: Dist
+    classes: list[str]
+    eval_split: str  # "val", or "holdout" (carved out of train: --holdout)
+    train_loader: object
+    val_loader: object
+    model: nn.Module
+    step_model: nn.Module  # the model wrapped for the step (DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
+    tuner: ThreadTuner | None
+    total_steps: int
+    summary_base: dict
+    info: dict  # what every checkpoint carries besides the training state
+    # where the run stands
+    epoch: int = 0
+    start_batch: int = 0
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    wall_before: float = 0.0
+    partial_sums: list[float] | None = None
+    started: float = field(default_factory=time.perf_counter)
+    writer: object = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+
+def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, progress: bool) -> Session:
+    """Data, model, optimizer and the run directory; the state from checkpoint/last when resuming."""
+    from patchbench.data import Loader, holdout_split, prepare
+    from patchbench.data.mix import BatchMixer
+
     t = cfg.train
-    model.train()
-    last = len(loader) - 1
-    since, images, tick = 0, 0, time.perf_counter()
-    for b, (x, y) in enumerate(loader):
-        if b < start_batch:  # resuming mid-epoch: the same batches, already trained on
-            continue
-        lr, beta1 = lr_at(step, total, t)
-        set_lr(optimizer, lr, beta1)
-        with autocast(ctx.device, t.amp):
-            logits = step_model(x).float()  # (B, num_classes)
-        loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model)
-        meter.update(logits.detach(), y, loss.detach() * len(y))
-        step, since, images = step + 1, since + 1, images + len(y) * ctx.world_size
-        stop_now = stop.signum is not None and ctx.world_size == 1  # under DDP, ranks agree at log points
-        if step % t.log_every and b != last and not stop_now:
-            continue
-        # every log_every steps: one sync for the progress bar, the NaN check and the stop signal
-        flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(meter.sums[0]))])
-        if ctx.world_size > 1:
-            flags = flags.to(ctx.device)
-            dist.all_reduce(flags)
-        if flags[1] > 0:
-            raise TrainingDiverged(f"loss became {meter.sums[0].item()} at epoch {epoch + 1}, step {step}; lower --lr, "
-                                   f"set --grad-clip, or use --amp bf16 instead of fp16")
-        rate = images / (time.perf_counter() - tick)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-        bar.update(since)
-        if writer is not None:
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", lr, step)
-        since, images, tick = 0, 0, time.perf_counter()
-        if flags[0] > 0 and b != last:
-            return step, b + 1
-    return step, None
+    # data: the first process on each node decodes (once), the others then load its cache
+    if ctx.local_rank == 0:
+        data = prepare(cfg.data, progress=progress and ctx.main)
+    ctx.barrier()
+    if ctx.local_rank != 0:
+        data = prepare(cfg.data, progress=False)
+    train_split, eval_split, split_name = data.train, data.val, "val"
+    if cfg.data.holdout:
+        train_split, eval_split = holdout_split(data.train, cfg.data.holdout, cfg.data.holdout_seed)
+        split_name = "holdout"
+    for name, split in (("training", train_split), (split_name, eval_split)):
+        if len(split) == 0:
+            raise UserError(f"the {name} split of {cfg.data.source} has no usable images ({len(data.skipped)} "
+                            f"unreadable); check the dataset")
+    classes, per_rank = data.classes, t.batch_size // ctx.world_size
+    loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
+                       channels_last=t.channels_last)  # batches arrive in the model's memory format
+    train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
+    val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
+
+    seed_everything(t.seed, t.deterministic)
+    model = build_model(cfg, len(classes))
+    if t.fast_kernels and ctx.device.type == "cpu":
+        use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
+    with torch.device("meta"):
+        macs = count_macs(build_model(cfg, len(classes)), cfg.data.img_size)
+    if t.sync_bn and ctx.world_size > 1:
+        model = convert_sync_batchnorm(model)
+    model.to(ctx.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
+    optimizer = create_optimizer(model, t)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
+    ema = EMA(model, t.ema_decay) if t.ema_decay else None
+    step_model = model
+    if ctx.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if t.compile:
+        step_model = torch.compile(step_model)
+    adaptive = t.threads is None and not t.deterministic and ctx.device.type == "cpu"
+    s = Session(
+        cfg=cfg, out=out, ctx=ctx, classes=classes, eval_split=split_name, train_loader=train_loader,
+        val_loader=val_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
+        mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
+        else None,
+        tuner=ThreadTuner() if adaptive else None,
+        total_steps=total_steps(t, len(train_loader)),
+        summary_base={"model": cfg.model.name, "label": describe(cfg.model.name, cfg.model.overrides),
+                      "params": count_params(model), "macs": macs, "img_size": cfg.data.img_size,
+                      "patch_size": getattr(model, "patch_size", None), "epochs": t.epochs,
+                      "eval_split": split_name, "device": str(ctx.device), "world_size": ctx.world_size},
+        info={"model": {"name": cfg.model.name, "overrides": cfg.model.overrides, "img_size": cfg.data.img_size},
+              "classes": classes, "config": cfg.to_dict(),
+              "eval_transform": {k: getattr(cfg.data, k) for k in ("prepare_size", "img_size", "eval_crop", "mean",
+                                                                   "std")}})
+    if plan == "resume":
+        state = restore(out / rundir.CHECKPOINT / "last.json", classes, model, optimizer, scaler, ema)
+        s.epoch, s.start_batch, s.step = state["epoch"], state["batch"], state["step"]
+        s.wall_before, s.best_loss = state["wall_time_s"], state["best_val_loss"]
+        s.partial_sums = state.get("train_sums")
+        torn = []
+        s.rows = [r for r in rundir.read_metrics(out / rundir.METRICS, on_torn=torn.append) if r["epoch"] <= s.epoch]
+        log(s, progress, *torn, f"resuming {out} at epoch {s.epoch + 1}, batch {s.start_batch} (step {s.step})")
+    elif ctx.main:
+        if overwrite:
+            clear_run_dir(out)
+        rundir.make_dir(out)
+        doc = {**cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
+               "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": len(train_loader),
+                           "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
+                           "num_eval": len(eval_split), "eval_split": split_name}}
+        rundir.atomic_write_json(out / rundir.CONFIG, doc)
+    ctx.barrier()
+    if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
+        rundir.write_metrics(out / rundir.METRICS, s.rows)
+        from torch.utils.tensorboard import SummaryWriter
+
+        s.writer = SummaryWriter(str(out / rundir.TB), purge_step=s.step)
+    return s
 
 
-def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-              progress: bool = True) -> dict:
-    """Train `cfg` into `out_dir` and return summary.json's dict.
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """nn.SyncBatchNorm for DDP on GPUs. Refuses models whose BatchNorms carry more than normalisation
+    (the fused GELUBatchNorm2d would lose its GELU in torch's conversion)."""
+    from patchbench.kernels import GELUBatchNorm2d
 
-    resume=True continues the run in `out_dir` from its last checkpoint (a finished run returns its
-    summary without work; an empty or missing folder starts a new run). overwrite=True replaces a
-    previous run there. Raises UserError for bad input, TrainingDiverged on a NaN/inf loss and
-    KeyboardInterrupt after checkpointing on SIGINT/SIGTERM.
-    """
-    cfg.validate()
-    out = Path(out_dir)
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    ctx = setup_distributed(cfg.train.device)
-    try:
-        return _train(cfg, out, ctx, resume, overwrite, progress)
-    finally:
-        torch.set_num_threads(threads)
-        if ctx.owns_group:
-            dist.destroy_process_group()
+    if any(isinstance(m, GELUBatchNorm2d) for m in model.modules()):
+        raise UserError("--sync-bn cannot convert the fused GELU -> BatchNorm layers of patchbench.kernels; "
+                        "use --no-fast-kernels with --sync-bn")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def restore(path: Path, classes: list[str], model: nn.Module, optimizer, scaler, ema: EMA | None) -> dict:
@@ -339,202 +392,234 @@ def restore(path: Path, classes: list[str], model: nn.Module, optimizer, scaler,
     return state
 
 
-def _train(cfg: RunConfig, out: Path, ctx: Dist, resume: bool, overwrite: bool, progress: bool) -> dict:
-    from patchbench.data import Loader, prepare
+def log(s: Session, progress: bool, *messages: str) -> None:
+    if progress and s.ctx.main:
+        for msg in messages:
+            tqdm.write(msg, file=sys.stderr)
 
-    t = cfg.train
-    if t.batch_size % ctx.world_size:
-        raise UserError(f"--batch-size {t.batch_size} (global) does not split over {ctx.world_size} processes; "
-                        f"use a multiple of {ctx.world_size}")
-    if t.sync_bn and ctx.device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
-    plan = plan_run_dir(out, cfg, resume, overwrite)  # every rank checks before anyone writes
-    if plan == "finished":
-        return json.loads((out / "summary.json").read_text())
-    ctx.barrier()
-    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and ctx.main else (lambda msg: None)
 
-    # data: the first process on each node decodes (once), the others then load its cache
-    if ctx.local_rank == 0:
-        data = prepare(cfg.data, progress=progress and ctx.main)
-    ctx.barrier()
-    if ctx.local_rank != 0:
-        data = prepare(cfg.data, progress=False)
-    classes, per_rank = data.classes, t.batch_size // ctx.world_size
-    loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
-                       channels_last=t.channels_last)  # batches arrive in the model's memory format
-    train_loader = Loader(data.train, cfg.data, batch_size=per_rank, train=True, **loader_args)
-    val_loader = Loader(data.val, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
-    steps_per_epoch = len(train_loader)
-    total = total_steps(t, steps_per_epoch)
+def save(s: Session, name: str, batch: int, sums: list[float] | None) -> None:
+    """Checkpoint `name`; every rank takes part (metric sums are reduced), rank 0 writes."""
+    opt_doc, opt_tensors = optimizer_to_parts(s.optimizer)
+    rng_doc, rng_tensors = rng_to_parts()
+    tensors = {**opt_tensors, **rng_tensors}
+    if s.ema is not None:
+        tensors.update({f"model.{k}": v for k, v in s.model.state_dict().items()})
+    if s.ctx.main:
+        state = {**s.info, "epoch": s.epoch, "batch": batch, "step": s.step, "world_size": s.ctx.world_size,
+                 "optimizer": opt_doc, "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
+                 "rng": rng_doc, "train_sums": sums, "wall_time_s": s.wall(), "best_val_loss": s.best_loss,
+                 "eval_weights": "ema" if s.ema is not None else "model"}
+        save_checkpoint(s.out / rundir.CHECKPOINT, name, s.eval_model.state_dict(), state, tensors)
 
-    seed_everything(t.seed, t.deterministic)
-    model = build_model(cfg, len(classes))
-    if t.fast_kernels and ctx.device.type == "cpu":
-        use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
-    params = count_params(model)
-    with torch.device("meta"):
-        macs = count_macs(build_model(cfg, len(classes)), cfg.data.img_size)
-    if t.sync_bn and ctx.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(ctx.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
-    optimizer = create_optimizer(model, t)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
-    ema = EMA(model, t.ema_decay) if t.ema_decay else None
-    step_model = model
-    if ctx.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if t.compile:
-        step_model = torch.compile(step_model)
 
-    epoch, start_batch, step, wall_before = 0, 0, 0, 0.0
-    partial_sums = None
-    best_loss, rows = math.inf, []
-    if plan == "resume":
-        state = restore(out / "checkpoint" / "last.json", classes, model, optimizer, scaler, ema)
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        wall_before, best_loss = state["wall_time_s"], state["best_val_loss"]
-        partial_sums = state.get("train_sums")
-        rows = [r for r in _read_jsonl(out / "metrics.jsonl") if r["epoch"] <= epoch]
-        log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch} (step {step})")
-    elif ctx.main:
-        if overwrite:
-            clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        doc = {**cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
-               "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": steps_per_epoch,
-                           "schedule_steps": total, "classes": classes, "num_train": len(data.train),
-                           "num_val": len(data.val)}}
-        atomic_write_text(out / "config.json", json.dumps(doc, indent=2))
-    ctx.barrier()
-    if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"), purge_step=step) if ctx.main else None
-    eval_model = ema.module if ema is not None else model
-    info = {"model": {"name": cfg.model.name, "overrides": cfg.model.overrides, "img_size": cfg.data.img_size},
-            "classes": classes, "config": cfg.to_dict(),
-            "eval_transform": {k: getattr(cfg.data, k) for k in ("prepare_size", "img_size", "eval_crop", "mean", "std")}}
-
-    def save(name: str, epoch_: int, batch: int, sums: list[float] | None, wall: float) -> None:
-        """Checkpoint `name`; every rank takes part (metric sums are reduced), rank 0 writes."""
-        opt_doc, opt_tensors = optimizer_to_parts(optimizer)
-        rng_doc, rng_tensors = rng_to_parts()
-        tensors = {**opt_tensors, **rng_tensors}
-        if ema is not None:
-            tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
-        if ctx.main:
-            state = {**info, "epoch": epoch_, "batch": batch, "step": step, "world_size": ctx.world_size,
-                     "optimizer": opt_doc, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "rng": rng_doc, "train_sums": sums, "wall_time_s": wall, "best_val_loss": best_loss,
-                     "eval_weights": "ema" if ema is not None else "model"}
-            save_checkpoint(out / "checkpoint", name, eval_model.state_dict(), state, tensors)
-
-    summary_base = {"model": cfg.model.name, "params": params, "macs": macs, "img_size": cfg.data.img_size,
-                    "patch_size": getattr(model, "patch_size", None), "epochs": t.epochs,
-                    "device": str(ctx.device), "world_size": ctx.world_size}
-
-    def write_summary(status: str, error: str | None = None) -> dict:
-        s = {"status": status, **summary_base, **_summarise(rows, wall_before + time.perf_counter() - started)}
-        if error:
-            s["error"] = error
-        if ctx.main:
-            atomic_write_text(out / "summary.json", json.dumps(s, indent=2))
-        return s
-
-    started = time.perf_counter()
-    val = None
-    with StopFlag() as stop:
-        try:
-            write_summary("running")
-            while epoch < t.epochs:
-                train_loader.set_epoch(epoch)
-                meter = Meter(len(classes), ctx.device)
-                if partial_sums is not None and ctx.main:
-                    meter.sums += torch.tensor(partial_sums, dtype=torch.float64, device=ctx.device)
-                partial_sums = None
-                trained = (steps_per_epoch - start_batch) * t.batch_size  # images trained in this session
-                tick = time.perf_counter()
-                with tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                          disable=not (progress and ctx.main), leave=False, file=sys.stderr, unit="step") as bar:
-                    step, cut = train_one_epoch(model, step_model, train_loader, optimizer, scaler, ema, cfg,
-                                                epoch=epoch, step=step, total=total, start_batch=start_batch,
-                                                meter=meter, stop=stop, ctx=ctx, bar=bar, writer=writer)
-                train_time = time.perf_counter() - tick
-                sums = meter.all_reduce().sums.tolist()
-                if cut is not None:
-                    save("last", epoch, cut, sums, wall_before + time.perf_counter() - started)
-                    break
-                train = meter.result()
-                val = evaluate_model(eval_model, val_loader, len(classes), amp=t.amp, channels_last=t.channels_last)
-                if not math.isfinite(val["loss"]):
-                    raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {epoch + 1}; lower --lr or "
-                                           f"set --grad-clip")
-                epoch, start_batch = epoch + 1, 0
-                rows.append({"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                             "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
-                             "val_top1": val["top1"], "val_top5": val["top5"],
-                             "epoch_time_s": round(train_time + val["time_s"], 3),
-                             "train_images_per_s": round(trained / train_time, 1),
-                             "infer_images_per_s": round(val["images"] / val["time_s"], 1)})
-                if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rows[-1]) + "\n")
-                    for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):
-                        writer.add_scalar(f"epoch/{k}", rows[-1][k], step)
-                    writer.flush()
-                wall = wall_before + time.perf_counter() - started
-                if val["loss"] < best_loss:
-                    best_loss = val["loss"]
-                    save("best", epoch, 0, None, wall)
-                save("last", epoch, 0, None, wall)
-                r = rows[-1]
-                log(f"epoch {epoch}/{t.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
-                    f"top1 {r['val_top1']:.4f}  top5 {r['val_top5']:.4f}  {r['epoch_time_s']:.1f}s  "
-                    f"{r['train_images_per_s']:.0f} img/s")
-                write_summary("running")
-                if stop.signum is not None:
-                    break
-        except TrainingDiverged as e:
-            write_summary("failed", str(e))
-            raise
-        finally:
-            if writer is not None:
-                writer.close()
-        if epoch < t.epochs:
-            write_summary("interrupted", f"stopped by signal {stop.signum}")
-            ctx.barrier()
-            raise KeyboardInterrupt(f"stopped by signal {stop.signum}; checkpoint saved, continue with "
-                                    f"`patchbench train --resume {out}`")
-
-    if val is None:  # resumed a run whose epochs were all done: score the final weights
-        val = evaluate_model(eval_model, val_loader, len(classes), amp=t.amp, channels_last=t.channels_last)
-    if ctx.main:
-        result = {"classes": classes, **{k: val[k] for k in ("loss", "top1", "top5", "per_class_top1", "confusion",
-                                                                "images")}}
-        atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    summary = write_summary("finished")
-    ctx.barrier()
+def write_summary(s: Session, status: str, error: str | None = None) -> dict:
+    summary = {"status": status, **s.summary_base, **summarise(s.rows, s.wall())}
+    if error:
+        summary["error"] = error
+    if s.ctx.main:
+        rundir.atomic_write_json(s.out / rundir.SUMMARY, summary)
     return summary
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def summarise(rows: list[dict], wall: float) -> dict:
+    """summary.json's figures from the metrics rows (accuracies as fractions).
 
-
-def _summarise(rows: list[dict], wall: float) -> dict:
-    """summary.json's figures from the metrics rows (accuracies as fractions)."""
+    The best epoch is the one with the lowest validation loss, the same rule that picks
+    checkpoint/best; best_top1 is that epoch's top-1 (an optimistic figure: chosen on the split it is
+    measured on)."""
     out = {"epochs_done": len(rows), "wall_time_s": round(wall, 2)}
     if rows:
-        best = max(rows, key=lambda r: r["val_top1"])
-        train_time = sum(r["epoch_time_s"] for r in rows)
+        best = min(rows, key=lambda r: r["val_loss"])
         out.update(final_top1=rows[-1]["val_top1"], final_top5=rows[-1]["val_top5"],
                    final_val_loss=rows[-1]["val_loss"], best_top1=best["val_top1"], best_epoch=best["epoch"],
                    train_images_per_s=rows[-1]["train_images_per_s"],
-                   infer_images_per_s=rows[-1]["infer_images_per_s"], epochs_time_s=round(train_time, 2))
+                   infer_images_per_s=rows[-1]["infer_images_per_s"],
+                   epochs_time_s=round(sum(r["epoch_time_s"] for r in rows), 2))
     return out
+
+
+# ----------------------------------------------------------------------------- the loops
+
+
+def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None:
+    """Train the current epoch from batch `s.start_batch`. Returns None when done, or the next batch
+    when a stop signal cut it short. Raises TrainingDiverged on a NaN/inf loss."""
+    t, ctx = s.cfg.train, s.ctx
+    s.model.train()
+    last = len(s.train_loader) - 1
+    since, images, tick = 0, 0, time.perf_counter()
+    for b, (x, y) in enumerate(s.train_loader, start=s.start_batch):
+        if s.tuner is not None:
+            s.tuner.step_begins()
+        lr, beta1 = lr_at(s.step, s.total_steps, t)
+        set_lr(s.optimizer, lr, beta1)
+        target = s.mixer(x, y, s.epoch, b) if s.mixer is not None else y  # x is mixed in place
+        with autocast(ctx.device, t.amp):
+            logits = s.step_model(x).float()  # (B, num_classes)
+        # soft targets (mixup/cutmix) carry their own smoothing; top-1 is counted against the hard label y
+        loss = F.cross_entropy(logits, target, label_smoothing=0.0 if s.mixer is not None else t.label_smoothing)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        if t.grad_clip:
+            s.scaler.unscale_(s.optimizer)
+            nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        if s.ema is not None:
+            s.ema.update(s.model)
+        meter.update(logits.detach(), y, loss.detach() * len(y))
+        s.step, since, images = s.step + 1, since + 1, images + len(y) * ctx.world_size
+        if s.tuner is not None:
+            s.tuner.step_ends()
+        stop_now = stop.signum is not None and ctx.world_size == 1  # under DDP, ranks agree at log points
+        if s.step % t.log_every and b != last and not stop_now:
+            continue
+        # every log_every steps: one sync for the progress bar, the NaN check and the stop signal
+        flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(meter.sums[0]))])
+        if ctx.world_size > 1:
+            flags = flags.to(ctx.device)
+            dist.all_reduce(flags)
+        if flags[1] > 0:
+            raise TrainingDiverged(f"loss became {meter.sums[0].item()} at epoch {s.epoch + 1}, step {s.step}; "
+                                   f"lower --lr, set --grad-clip, or use --amp bf16 instead of fp16")
+        rate = images / (time.perf_counter() - tick)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        bar.update(since)
+        if s.writer is not None:
+            s.writer.add_scalar("train/loss", loss.item(), s.step)
+            s.writer.add_scalar("train/lr", lr, s.step)
+        since, images, tick = 0, 0, time.perf_counter()
+        if flags[0] > 0 and b != last:
+            return b + 1
+    return None
+
+
+def validate(s: Session) -> dict:
+    val = evaluate_model(s.eval_model, s.val_loader, len(s.classes), amp=s.cfg.train.amp,
+                         channels_last=s.cfg.train.channels_last)
+    if not math.isfinite(val["loss"]):
+        raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {s.epoch}; lower --lr or set --grad-clip")
+    return val
+
+
+def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
+    """Epochs from where the session stands to the end; returns the final weights' validation, or
+    None when a stop signal ended it early (the run is then checkpointed)."""
+    t, ctx = s.cfg.train, s.ctx
+    val = None
+    while s.epoch < t.epochs:
+        size = s.cfg.train_size(s.epoch)
+        s.train_loader.set_epoch(s.epoch, img_size=size, start_batch=s.start_batch)
+        meter = Meter(len(s.classes), ctx.device)
+        if s.partial_sums is not None and ctx.main:  # the part of this epoch trained before a stop
+            meter.sums += torch.tensor(s.partial_sums, dtype=torch.float64, device=ctx.device)
+        s.partial_sums = None
+        trained = (len(s.train_loader) - s.start_batch) * t.batch_size  # images trained in this session
+        threads_before = dict(s.tuner.steps_at) if s.tuner is not None else None
+        tick = time.perf_counter()
+        with tqdm(total=len(s.train_loader), initial=s.start_batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
+                  disable=not (progress and ctx.main), leave=False, file=sys.stderr, unit="step") as bar:
+            cut = train_one_epoch(s, meter, stop, bar)
+        train_time = time.perf_counter() - tick
+        sums = meter.all_reduce().sums.tolist()
+        if cut is not None:
+            save(s, "last", cut, sums)
+            return None
+        train = meter.result()
+        s.epoch, s.start_batch = s.epoch + 1, 0
+        val = validate(s)
+        s.rows.append({"epoch": s.epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
+                       "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
+                       "val_top1": val["top1"], "val_top5": val["top5"], "img_size": size,
+                       "epoch_time_s": round(train_time + val["time_s"], 3),
+                       "train_images_per_s": round(trained / train_time, 1),
+                       "infer_images_per_s": round(val["images"] / val["time_s"], 1),
+                       "threads": round(s.tuner.mean_threads(threads_before), 2) if s.tuner is not None
+                       else torch.get_num_threads()})
+        if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
+            rundir.append_metrics(s.out / rundir.METRICS, s.rows[-1])
+            for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):
+                s.writer.add_scalar(f"epoch/{k}", s.rows[-1][k], s.step)
+            s.writer.flush()
+        if val["loss"] < s.best_loss:
+            s.best_loss = val["loss"]
+            save(s, "best", 0, None)
+        save(s, "last", 0, None)
+        r = s.rows[-1]
+        log(s, progress, f"epoch {s.epoch}/{t.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
+            f"top1 {r['val_top1']:.4f}  top5 {r['val_top5']:.4f}  {r['epoch_time_s']:.1f}s  "
+            f"{r['train_images_per_s']:.0f} img/s" + (f"  {size}px" if size != s.cfg.data.img_size else ""))
+        write_summary(s, rundir.RUNNING)
+        if stop.signum is not None:
+            break
+    if s.epoch < t.epochs:
+        return None
+    return val if val is not None else validate(s)  # validate: a resumed run whose epochs were all done
+
+
+def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Train `cfg` into `out_dir` and return summary.json's dict.
+
+    resume=True continues the run in `out_dir` from its last checkpoint (a finished run returns its
+    summary without work; an empty or missing folder starts a new run). overwrite=True replaces a
+    previous run there. Raises UserError for bad input, TrainingDiverged on a NaN/inf loss and
+    KeyboardInterrupt after checkpointing on SIGINT/SIGTERM.
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ctx = setup_distributed(cfg.train.device)
+    try:
+        t = cfg.train
+        if t.batch_size % ctx.world_size:
+            raise UserError(f"--batch-size {t.batch_size} (global) does not split over {ctx.world_size} processes; "
+                            f"use a multiple of {ctx.world_size}")
+        if t.sync_bn and ctx.device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
+        plan = plan_run_dir(out, cfg, resume, overwrite)  # every rank checks before anyone writes
+        if plan == "finished":
+            return rundir.read_summary(out / rundir.SUMMARY)
+        ctx.barrier()
+        s = setup(cfg, out, ctx, plan, overwrite, progress)
+        return _run(s, progress)
+    finally:
+        torch.set_num_threads(threads)
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _run(s: Session, progress: bool) -> dict:
+    """run_epochs with the run directory kept truthful: a summary saying how it ended, eval.json at the end."""
+    with StopFlag() as stop:
+        try:
+            write_summary(s, rundir.RUNNING)
+            val = run_epochs(s, stop, progress)
+        except TrainingDiverged as e:
+            write_summary(s, rundir.FAILED, str(e))
+            raise
+        except BaseException as e:  # a crash, a full disk, Ctrl-C twice: the run can be resumed
+            if s.ctx.main:
+                try:
+                    write_summary(s, rundir.INTERRUPTED, f"stopped by {type(e).__name__}: {str(e)[:200]}")
+                except (OSError, UserError):
+                    pass  # the disk that failed may refuse this too; the checkpoint is what resume needs
+            raise
+        finally:
+            if s.writer is not None:
+                s.writer.close()
+    if s.epoch < s.cfg.train.epochs:
+        write_summary(s, rundir.INTERRUPTED, f"stopped by signal {stop.signum}")
+        s.ctx.barrier()
+        raise KeyboardInterrupt(f"stopped by signal {stop.signum}; checkpoint saved, continue with "
+                                f"`patchbench train --resume {s.out}`")
+    if s.ctx.main:
+        result = {"classes": s.classes, "split": s.eval_split,
+                  **{k: val[k] for k in ("loss", "top1", "top5", "per_class_top1", "confusion", "images")}}
+        rundir.atomic_write_json(s.out / rundir.EVAL, result, indent=1)
+    summary = write_summary(s, rundir.FINISHED)
+    s.ctx.barrier()
+    return summary

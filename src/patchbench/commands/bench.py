@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from patchbench.bench import AGAINST, DTYPES, MODES, Settings, format_table, run_bench, write_json
 from patchbench.errors import UserError
+from patchbench.values import parse_text
+
+DTYPES, MODES, AGAINST = ("fp32", "bf16", "fp16"), ("train", "infer"), ("timm", "torchvision")
 
 
 def add_parser(sub):
@@ -19,17 +19,17 @@ def add_parser(sub):
         "torchvision at its own best settings, timed interleaved with ours; the last line is ratio=ours/reference.",
     )
     p.add_argument("--model", required=True, help="registered model name (see `patchbench models`)")
-    p.add_argument("--img-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", default="160", metavar="N", help="square input side in pixels (default 160)")
+    p.add_argument("--batch-size", default="64", metavar="N", help="images per step (default 64)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (autocast below fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (references are then tried compiled too)")
     p.add_argument("--mode", choices=list(MODES), default="train")
     p.add_argument("--against", choices=list(AGAINST), default=None, help="reference implementation")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--repeats", default="5", metavar="N", help="timed steps per model (median reported; default 5)")
+    p.add_argument("--warmup", default="2", metavar="N", help="untimed steps first (compilation happens here; default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", default=None, metavar="N",
                    help="torch CPU threads for both sides (default: torch's; 1 can be faster on a shared CPU)")
     p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
                    help="do not use patchbench.kernels' depthwise weight-gradient kernel (CPU training)")
@@ -48,11 +48,28 @@ def command_line(args) -> str:
     return " ".join(words + [f"--out {args.out}"])
 
 
+def _count(args, name: str, lo: int, hi: int) -> int:
+    flag = "--" + name.replace("_", "-")
+    value = parse_text(getattr(args, name), int, flag)
+    if not lo <= value <= hi:
+        raise UserError(f"{flag} {value}: need a whole number in [{lo}, {hi}]")
+    setattr(args, name, value)
+    return value
+
+
 def run(args) -> int:
+    from patchbench import rundir
+    from patchbench.bench import Settings, format_table, run_bench
+    from patchbench.device import check_device_name
+
+    for name, lo, hi in (("img_size", 1, 4096), ("batch_size", 1, 65536), ("repeats", 1, 10_000), ("warmup", 0, 10_000)):
+        _count(args, name, lo, hi)
+    check_device_name(args.device)
+    out = rundir.check_output_file(args.out, "--out")  # before minutes of timing, not after
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        import torch
+
+        torch.set_num_threads(_count(args, "threads", 1, 1024))
     settings = Settings(args.dtype, args.channels_last, args.compile)
     result = run_bench(
         args.model, img_size=args.img_size, batch_size=args.batch_size, settings=settings, mode=args.mode,
@@ -60,7 +77,7 @@ def run(args) -> int:
         fast_kernels=args.fast_kernels, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     result["command"] = command_line(args)
-    write_json(args.out, result)
+    rundir.atomic_write_json(out, result)
     print(f"{result['mode']} step, {result['model']} at {result['img_size']}px, batch {result['batch_size']}, "
           f"{result['device_name']}; median of {result['repeats']} (FLOPs: {result['flops_note']})")
     print(format_table(result))

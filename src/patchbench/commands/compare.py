@@ -1,19 +1,23 @@
-"""`patchbench compare --preset P [--models a,b] [--seeds 0,1,2] [--data SRC] [--param-budget 1.0M] --out STUDY`.
+"""`patchbench compare --preset P [--models a,b] [--seeds 0,1,2] [flags] --out STUDY`.
 
 Trains every (model, seed) of the study as STUDY/runs/<model>-s<seed>, skipping finished runs and
 resuming interrupted ones, then writes STUDY/report.md and report.html (see patchbench.compare).
+Every training and data flag of `train` is accepted and applies to every run.
 """
 
 from __future__ import annotations
 
+from patchbench.commands.options import add_progress_flag, add_recipe_flags, config_file, recipe_changes
 from patchbench.config import get_preset
 from patchbench.errors import UserError
+from patchbench.values import parse_text
 
 
 def add_parser(sub):
     p = sub.add_parser("compare", help="train models x seeds into a study folder, then write its report",
                        description="Train every (model, seed) of a preset into STUDY/runs/ (finished runs are "
-                       "skipped, interrupted ones resumed), then write STUDY/report.md and report.html.")
+                       "skipped, interrupted ones resumed), then write STUDY/report.md and report.html. "
+                       "Training and data flags apply to every run and are recorded in study.json.")
     add_study_args(p, default_seeds="0,1,2")
     p.add_argument("--models", metavar="A,B,C", help="comma-separated model names (default: the preset's)")
     p.add_argument("--param-budget", metavar="N", help="size each model's width to N parameters (±5%%), "
@@ -22,19 +26,34 @@ def add_parser(sub):
 
 
 def add_study_args(p, default_seeds: str) -> None:
-    """Arguments shared by compare and sweep."""
-    p.add_argument("--preset", required=True, metavar="P", help="training recipe (see config.py): seed, "
-                   "study160, quick, smoke")
+    """Arguments shared by compare, sweep and ablate."""
+    p.add_argument("--preset", metavar="P", help="training recipe (`patchbench train --list-presets`); "
+                   "optional with a --config that names one")
     p.add_argument("--seeds", default=default_seeds, metavar="0,1,2", help=f"seeds (default: {default_seeds})")
-    p.add_argument("--data", metavar="SRC", help="dataset name, archive (.tgz/.zip) or folder "
-                   "(default: the preset's, imagenette-160)")
     p.add_argument("--out", required=True, metavar="STUDY", help="study folder (created; re-use it to resume)")
-    p.add_argument("--lock-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--lock-timeout", default="600", metavar="S",
                    help="a run lock whose heartbeat is older than S seconds is stale and taken over (default 600)")
     p.add_argument("--format", default="md,html", metavar="md,html", help="report formats (default: md,html)")
     p.add_argument("--no-report", action="store_true", help="only train; make the report later with "
                    "`patchbench report STUDY`")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_flag(p)
+    add_recipe_flags(p, exclude=("seed",))
+
+
+def study_inputs(args) -> dict:
+    """The recipe layers and study options common to compare, sweep and ablate, parsed and checked."""
+    from patchbench.compare import parse_seeds
+
+    lock_timeout = parse_text(args.lock_timeout, float, "--lock-timeout")
+    if lock_timeout <= 0:
+        raise UserError(f"--lock-timeout {args.lock_timeout}: need a positive number of seconds")
+    config = config_file(args)
+    preset = get_preset(args.preset) if args.preset else None
+    if preset is None and config is None:
+        raise UserError("--preset is required (see `patchbench train --list-presets`), or a --config recipe")
+    return {"preset": preset, "config": config, "changes": recipe_changes(args, exclude=("seed",)),
+            "seeds": parse_seeds(args.seeds), "progress": args.progress, "stale_after": lock_timeout,
+            "report_formats": report_formats(args)}
 
 
 def report_formats(args):
@@ -54,14 +73,16 @@ def print_result(result) -> None:
 
 
 def run(args) -> int:
-    from patchbench.compare import compare, parse_budget, parse_names, parse_seeds
+    from patchbench.compare import compare, parse_budget, parse_names
 
-    if args.lock_timeout <= 0:
-        raise UserError(f"--lock-timeout must be a positive number of seconds, got {args.lock_timeout}")
-    preset = get_preset(args.preset)
-    models = parse_names(args.models, "--models") if args.models else list(preset.models)
-    result = compare(preset, models, parse_seeds(args.seeds), args.out, source=args.data,
-                     param_budget=parse_budget(args.param_budget) if args.param_budget else None,
-                     progress=not args.quiet, stale_after=args.lock_timeout, report_formats=report_formats(args))
+    inputs = study_inputs(args)
+    preset, config = inputs["preset"], inputs["config"]
+    base = preset or (get_preset(config.preset) if config.preset else None)
+    models = parse_names(args.models, "--models") if args.models else \
+        list((config.models if config and config.models else None) or (base.models if base else []))
+    if not models:
+        raise UserError("no models: pass --models a,b,c (the recipe lists none)")
+    result = compare(models=models, out=args.out,
+                     param_budget=parse_budget(args.param_budget) if args.param_budget else None, **inputs)
     print_result(result)
     return 1 if result.outcome["failed"] else 0

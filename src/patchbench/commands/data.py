@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
-from patchbench.config import DataConfig
+from patchbench.commands.options import add_progress_flag
+from patchbench.config import MAX_SIZE, DataConfig
 from patchbench.errors import UserError
+from patchbench.values import parse_text
 
 
 def add_parser(sub):
@@ -29,14 +31,20 @@ def add_parser(sub):
                     "(.tgz/.tar.gz/.tar/.zip) or folder with train/<class>/ and val/<class>/ "
                     f"(default: {DataConfig.source})")
     pr.add_argument("--md5", default=None, help="expected MD5 of the archive")
-    pr.add_argument("--img-size", type=int, default=DataConfig.prepare_size, dest="prepare_size",
+    pr.add_argument("--img-size", default=str(DataConfig.prepare_size), dest="prepare_size", metavar="N",
                     help="stored resolution N: shorter side to N, centre crop NxN "
                     f"(default: {DataConfig.prepare_size})")
     pr.add_argument("--cache-dir", default=None, help="cache directory (default: $PATCHBENCH_CACHE "
                     "or ~/.cache/patchbench)")
-    pr.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.add_argument("--workers", default=None, metavar="N", help="decoding processes (default: all cores)")
+    add_progress_flag(pr)
     pr.set_defaults(func=run_prepare)
+
+
+def _md5(text: str | None) -> str | None:
+    from patchbench.config import check_setting, fields_of
+
+    return check_setting(fields_of("data")["md5"], text) if text is not None else None
 
 
 def run_list(args):
@@ -51,21 +59,27 @@ def run_list(args):
 
 
 def run_download(args):
-    from patchbench.data.imagenette import resolve_source
+    from patchbench.data.imagenette import DATASETS, resolve_source
 
-    root = resolve_source(args.name, cache_dir=args.cache_dir, md5=args.md5, download=True)
+    if args.name not in DATASETS:
+        raise UserError(f"data download {args.name}: not a registered dataset; choose one of {', '.join(DATASETS)} "
+                        f"(a local archive or folder needs no download: pass it to --data)")
+    root = resolve_source(args.name, cache_dir=args.cache_dir, md5=_md5(args.md5), download=True)
     print(f"{args.name}: {root}")
 
 
 def run_prepare(args):
     from patchbench.data import prepare
 
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: need at least 1")
-    cfg = DataConfig(source=args.data, md5=args.md5, cache_dir=args.cache_dir,
-                     prepare_size=args.prepare_size)
+    workers = parse_text(args.workers, int, "--workers") if args.workers is not None else None
+    if workers is not None and not 1 <= workers <= 1024:
+        raise UserError(f"--workers {workers}: need a whole number in [1, 1024]")
+    size = parse_text(args.prepare_size, int, "--img-size")
+    if not 1 <= size <= MAX_SIZE:
+        raise UserError(f"--img-size {size}: need a whole number of pixels in [1, {MAX_SIZE}]")
+    cfg = DataConfig(source=args.data, md5=_md5(args.md5), cache_dir=args.cache_dir, prepare_size=size)
     start = time.perf_counter()
-    data = prepare(cfg, progress=not args.no_progress, workers=args.workers)
+    data = prepare(cfg, progress=args.progress, workers=workers)
     seconds = time.perf_counter() - start
     size = data.index["prepare_size"]
     what = "cache already valid, nothing decoded" if data.reused else f"prepared in {seconds:.1f} s"

@@ -1,6 +1,7 @@
-"""`patchbench eval RUN_DIR|CHECKPOINT [--data SRC]`: loss, top-1/top-5, per-class accuracy, confusion matrix.
+"""`patchbench eval RUN_DIR|CHECKPOINT [--data SRC] [--split val|holdout]`: loss, top-1/top-5, per-class
+accuracy, confusion matrix.
 
-Deterministic: the full val split, in order, with the run's centre-crop transform.
+Deterministic: the whole split, in order, with the run's centre-crop transform.
 """
 
 from __future__ import annotations
@@ -8,9 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from patchbench.checkpoint import atomic_write_text
-from patchbench.commands.values import whole_number
 from patchbench.errors import UserError
+from patchbench.values import parse_text
 
 
 def add_parser(sub):
@@ -23,6 +23,8 @@ def add_parser(sub):
     p.add_argument("--cache-dir", help="dataset cache folder (default: the run's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", default="128", metavar="N", help="evaluation batch size (default 128)")
+    p.add_argument("--split", default="val", choices=("val", "holdout"),
+                   help="val (default), or holdout: the part of train a --holdout run validated on")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
     p.set_defaults(func=run)
@@ -31,18 +33,23 @@ def add_parser(sub):
 def run(args):
     from patchbench.evaluate import evaluate_run
 
-    batch_size = whole_number("--batch-size")(args.batch_size)
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: need at least 1")
+    from patchbench import rundir
+    from patchbench.device import check_device_name
+
+    batch_size = parse_text(args.batch_size, int, "--batch-size")
+    if not 1 <= batch_size <= 65536:
+        raise UserError(f"--batch-size {batch_size}: need a whole number in [1, 65536]")
+    check_device_name(args.device)
+    output = rundir.check_output_file(args.output, "--output") if args.output else None
     result = evaluate_run(args.path, args.data, device=args.device, batch_size=batch_size,
-                      cache_dir=args.cache_dir, progress=sys.stderr.isatty())
+                          cache_dir=args.cache_dir, progress=sys.stderr.isatty(), split=args.split)
     text = json.dumps(result, indent=1)
-    if args.output:
-        atomic_write_text(args.output, text)
+    if output:
+        rundir.atomic_write_text(output, text)
     if args.json:
         print(text)
         return 0
-    print(f"{result['checkpoint']}: {result['images']} images  loss {result['loss']:.4f}  "
+    print(f"{result['checkpoint']} on {result['split']}: {result['images']} images  loss {result['loss']:.4f}  "
           f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
     width = max(len(c) for c in result["classes"])
     for name, acc in zip(result["classes"], result["per_class_top1"]):

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 
-import torch
-
+from patchbench.config import MAX_SIZE
 from patchbench.errors import UserError
-from patchbench.flops import count_macs, count_params
-from patchbench.models import create_model, list_models
-
-MAX_IMG_SIZE = 4096
+from patchbench.values import parse_text
 
 
 def add_parser(sub):
@@ -31,17 +27,19 @@ def add_parser(sub):
 
 
 def parse_img_size(text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise UserError(f"--img-size must be a whole number of pixels, got {text!r}") from None
-    if not 1 <= size <= MAX_IMG_SIZE:
-        raise UserError(f"--img-size must be between 1 and {MAX_IMG_SIZE} pixels, got {size}")
+    size = parse_text(text, int, "--img-size")
+    if not 1 <= size <= MAX_SIZE:
+        raise UserError(f"--img-size must be between 1 and {MAX_SIZE} pixels, got {size}")
     return size
 
 
 def describe(name: str, img_size: int) -> dict:
     """Params and MACs of `name` built for `img_size`; `error` says why when it cannot run at that size."""
+    import torch
+
+    from patchbench.flops import count_macs, count_params
+    from patchbench.models import create_model
+
     with torch.device("meta"):
         natural = create_model(name)
     row = {"model": name, "params": count_params(natural), "macs": None,
@@ -51,8 +49,8 @@ def describe(name: str, img_size: int) -> dict:
             model = create_model(name, img_size=img_size)
         row["params"] = count_params(model)  # differs from `natural` only for ViTs (position embedding)
         row["macs"] = count_macs(model, img_size)  # the input goes on the model's (meta) device
-    except (ValueError, RuntimeError) as e:
-        row["error"] = str(e).splitlines()[0]
+    except (UserError, ValueError, RuntimeError) as e:  # a size the model cannot take (its constructor says why)
+        row["error"] = str(e).splitlines()[0].removeprefix(f"model {name}: ")
     return row
 
 
@@ -77,7 +75,11 @@ def _human(n: int) -> str:
 
 
 def run(args) -> int:
+    from patchbench.models import list_models, spec
+
     img_size = parse_img_size(args.img_size)
+    for name in args.names:
+        spec(name)  # an unknown name: UserError with the closest names
     rows = [describe(name, img_size) for name in (args.names or list_models())]
     if args.json:
         print(json.dumps({"img_size": img_size, "num_classes": 10, "models": rows}, indent=2))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from patchbench.commands.values import whole_number
+from patchbench.errors import UserError
+from patchbench.values import parse_text
 
 
 def add_parser(sub):
@@ -25,7 +26,12 @@ def add_parser(sub):
 def run(args):
     from patchbench.evaluate import predict
 
-    topk = whole_number("--topk")(args.topk)
+    from patchbench.device import check_device_name
+
+    topk = parse_text(args.topk, int, "--topk")
+    if not 1 <= topk <= 100_000:
+        raise UserError(f"--topk {topk}: need a whole number >= 1")
+    check_device_name(args.device)
     results = predict(args.checkpoint, args.images, topk=topk, device=args.device)
     if args.json:
         print(json.dumps(results, indent=1))

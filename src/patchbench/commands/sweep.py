@@ -1,15 +1,13 @@
-"""`patchbench sweep --grid 'patch_size=2,4,8 kernel_size=3,5,7,9' --model M --preset P --out STUDY`.
+"""`patchbench sweep --grid 'patch_size=2,4,8 kernel_size=3,5,7,9' --model M --preset P [flags] --out STUDY`.
 
 Each grid cell is a set of model overrides; every (cell, seed) is a run of the study, with compare's
 skip/resume rules and per-run locks, so several processes or machines can share one sweep folder.
-The report gains a heatmap of final top-1 over the grid.
+The report gains a heatmap of final top-1 over the grid. Training and data flags apply to every run.
 """
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, print_result, report_formats
-from patchbench.config import get_preset
-from patchbench.errors import UserError
+from patchbench.commands.compare import add_study_args, print_result, study_inputs
 
 
 def add_parser(sub):
@@ -17,19 +15,16 @@ def add_parser(sub):
                        description="Expand --grid into runs of one model (each cell: model overrides), train "
                        "them into STUDY/runs/ like compare does, then write the report with a heatmap.")
     p.add_argument("--grid", required=True, metavar="'K=V1,V2 K2=...'",
-                   help="space-separated KEY=V1,V2,... model overrides, e.g. 'patch_size=2,4,8 kernel_size=3,5,7,9'")
+                   help="space-separated KEY=V1,V2,... model overrides, e.g. 'patch_size=2,4,8 kernel_size=3,5,7,9'; "
+                   "values are checked against the model's signature")
     p.add_argument("--model", required=True, metavar="NAME", help="the model to sweep, e.g. convmixer_256_8")
     add_study_args(p, default_seeds="0")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from patchbench.compare import parse_grid, parse_seeds, sweep
+    from patchbench.compare import parse_grid, sweep
 
-    if args.lock_timeout <= 0:
-        raise UserError(f"--lock-timeout must be a positive number of seconds, got {args.lock_timeout}")
-    result = sweep(get_preset(args.preset), args.model, parse_grid(args.grid), parse_seeds(args.seeds), args.out,
-                   source=args.data, progress=not args.quiet, stale_after=args.lock_timeout,
-                   report_formats=report_formats(args))
+    result = sweep(model=args.model, grid=parse_grid(args.grid), out=args.out, **study_inputs(args))
     print_result(result)
     return 1 if result.outcome["failed"] else 0

@@ -98,19 +98,28 @@ def normalize_constants(mean, std, device="cpu") -> tuple[torch.Tensor, torch.Te
     return scale, shift
 
 
+def normalize_(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """In place: (x - mean) / std per channel, for x in [0, 1]."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
 def crop_resize_normalize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor | None,
                           out_size: int, mean, std, *, rows: list[int] | None = None,
-                          channels_last: bool = False) -> torch.Tensor:
+                          channels_last: bool = False, accelerator: bool | None = None) -> torch.Tensor:
     """uint8 (N, S, S, 3) images on the device -> normalised float32 (B, 3, out_size, out_size).
 
     `boxes` (B, 4) are integer (x0, y0, x1, y1) pixel boxes; `flip` (B,) bool mirrors those samples
     horizontally (None: no flips). Both are CPU tensors. Sample i is cropped from image `rows[i]`
     (None: image i), so on the CPU crops are read straight from a memory-mapped split, no gather.
     `channels_last`: the same values in NHWC memory (the layout a channels_last model wants).
+    `accelerator`: the gather + roi_align path (default: on every device but the CPU; True runs it on
+    the CPU too, which is how that path is tested without a GPU).
     """
     device = images.device
     scale, shift = normalize_constants(mean, std, device)
-    if device.type != "cpu":
+    if accelerator if accelerator is not None else device.type != "cpu":
         batch = images if rows is None else images[torch.tensor(rows, device=device)]  # (B, S, S, 3)
         x = _crop_resize_roi_align(batch, boxes, flip, out_size)
         x = x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))

@@ -41,10 +41,40 @@ CACHE_VERSION = 1
 @dataclass
 class Split:
     images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (n,) int64: the label of each sample
+    rows: np.ndarray | None = None  # (n,) the image row of each sample (None: sample i is row i)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def row_of(self, idx: np.ndarray) -> np.ndarray:
+        """Image rows of samples `idx`."""
+        return idx if self.rows is None else self.rows[idx]
+
+    def subset(self, idx: np.ndarray) -> "Split":
+        """The samples `idx` of this split, sharing its image array (nothing is copied)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.images, self.labels[idx], self.row_of(idx))
+
+
+def holdout_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, holdout): a seeded, class-stratified `fraction` of `split` held out for validation.
+
+    Each class gives round(fraction * its count) samples (at least one from a class of two or more),
+    chosen by a generator seeded with `seed` alone, so every training seed sees the same split.
+    """
+    labels = np.asarray(split.labels)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x401D]))
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(members)))
+        if fraction > 0 and len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        held.extend(rng.permutation(members)[:k].tolist())
+    held_mask = np.zeros(len(labels), dtype=bool)
+    held_mask[held] = True
+    return split.subset(np.flatnonzero(~held_mask)), split.subset(np.flatnonzero(held_mask))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from patchbench.config import cache_root, default_cache_dir  # noqa: F401 (re-exported)
 from patchbench.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -100,19 +101,6 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
-def default_cache_dir() -> Path:
-    """$PATCHBENCH_CACHE, else $XDG_CACHE_HOME/patchbench, else ~/.cache/patchbench."""
-    if os.environ.get("PATCHBENCH_CACHE"):
-        return Path(os.environ["PATCHBENCH_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "patchbench"
-
-
-def cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
 def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -150,8 +138,8 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, *, progres
             raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
         response = None
     except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"download of {url} failed: {e}; check the network or pass a local "
-                        f"archive with --data PATH") from e
+        raise UserError(f"download of {url} failed: {e}; check the network, or train from a local copy "
+                        f"of the archive (--data PATH)") from e
     if response is not None:
         with response:
             resumed = response.status == 206

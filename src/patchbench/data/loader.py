@@ -2,8 +2,10 @@
 
 Every random choice is a pure function of (seed, epoch, batch index): the permutation of an epoch
 comes from a generator seeded with (seed, epoch), the crops and flips of global batch b from one
-seeded with (seed, epoch, b). So a run resumed at an epoch boundary sees exactly the batches it
-would have seen, and the batches do not depend on how the work is split over ranks.
+seeded with (seed, epoch, b), and the per-sample ops (TrivialAugmentWide / RandAugment) and random
+erasing from streams of their own (data/autoaugment.py). So a run resumed at any batch
+(`set_epoch(epoch, start_batch=b)`) sees exactly the batches it would have seen, and the batches do
+not depend on how the work is split over ranks.
 
 Training (train=True): each rank takes the same permutation; global batch b is the slice
 perm[b*B*W : (b+1)*B*W] (B = batch_size per rank, W = world_size), and rank r takes the r-th
@@ -25,13 +27,14 @@ import numpy as np
 import torch
 
 from patchbench.config import DataConfig
+from patchbench.data import autoaugment
 from patchbench.data.augment import (center_crop_boxes, check_crop_args, crop_resize_normalize,
-                                     one_thread, random_resized_crop_boxes)
+                                     normalize_, one_thread, random_resized_crop_boxes)
 from patchbench.data.cache import Split
 from patchbench.data.memory import reuse_freed_batches
 from patchbench.errors import UserError
 
-_PERMUTATION, _AUGMENT = 0, 1  # independent random streams
+_PERMUTATION, _AUGMENT, _AUTOAUG, _ERASE = 0, 1, 3, 4  # independent random streams (2 is mixing's: data/mix.py)
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -41,13 +44,22 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 
 class Loader:
-    """Iterate (x, y) batches of one split: x float32 (B, 3, img_size, img_size) normalised, y int64 (B,),
+    """Iterate (x, y) batches of one split: x float32 (B, 3, size, size) normalised, y int64 (B,),
     both on `device`. `batch_size` is per rank. `channels_last`: x in NHWC memory (same shape and
     values), what a channels_last model wants; on the CPU it is also the cheaper layout to write.
-    On the CPU, iterating sets glibc's malloc thresholds once per process (`data/memory.py`)."""
+    On the CPU, iterating sets glibc's malloc thresholds once per process (`data/memory.py`).
+
+    Two ways to make a batch, the same function within the documented tolerance (augment.py):
+    - the CPU path: crops read straight from the memory-mapped split by the C kernel;
+    - the accelerator path: the whole uint8 split held on the device, one gather and one
+      `roi_align` per batch. It runs on GPUs when the split takes < 1/4 of free memory;
+      `hold_on_device=True` forces it (on the CPU too: that is how it is tested without a GPU),
+      `False` forbids it.
+    """
 
     def __init__(self, split: Split, cfg: DataConfig, *, batch_size: int, train: bool, device="cpu",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 hold_on_device: bool | None = None):
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size}: need at least 1")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -65,7 +77,8 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         self.channels_last = bool(channels_last)
         self.device = torch.device(device)
-        self.epoch = 0
+        self.hold_on_device = hold_on_device
+        self.epoch, self.img_size, self.start_batch = 0, cfg.img_size, 0
         n = len(split)
         if train:
             self.num_batches = n // (batch_size * world_size)
@@ -78,38 +91,48 @@ class Loader:
             self._eval_range = (lo, hi)
             self.num_samples = hi - lo
             self.num_batches = math.ceil(self.num_samples / batch_size)
-        self._images = None  # the whole split on the device, when it is a GPU with room for it
+        self._images = None  # the whole split on the device, when held there
         self._labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, *, img_size: int | None = None, start_batch: int = 0) -> None:
+        """The epoch to iterate next, its image size (default the config's) and the batch to start at
+        (a run resumed mid-epoch makes only the batches it has not trained on)."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch={start_batch} outside 0..{self.num_batches}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.img_size = int(img_size or self.cfg.img_size)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def _held_on_device(self) -> torch.Tensor | None:
-        """On CUDA, copy the uint8 split to the GPU once (airbench's trick) if it takes < 1/4 of free memory."""
-        if self.device.type != "cuda":
+        """The uint8 image array on the device (airbench's trick), copied once: on CUDA when it takes
+        < 1/4 of free memory, wherever `hold_on_device` is True; None otherwise."""
+        if self.hold_on_device is False or (self.hold_on_device is None and self.device.type != "cuda"):
             return None
         if self._images is None:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if self.split.images.nbytes < free // 4:
+            fits = True
+            if self.hold_on_device is None:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                fits = self.split.images.nbytes < free // 4
+            if fits:
                 self._images = torch.from_numpy(np.ascontiguousarray(self.split.images)).to(self.device)
         return self._images
 
-    def _source(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-        """uint8 images (N, S, S, 3) on the device to crop from, and the rows of `idx` in them.
+    def _source(self, rows: np.ndarray) -> tuple[torch.Tensor, list[int] | None, bool]:
+        """(uint8 images (N, S, S, 3) to crop from, the rows of this batch in them, accelerator path?).
 
-        On the CPU that is the memory-mapped split itself (read, never written), so only the crop
-        regions are read; on a GPU the split held there, else this batch copied over."""
+        Held on the device: the held array and the rows (a gather, then roi_align). On the CPU: the
+        memory-mapped split itself (read, never written), so only the crop regions are read. Else
+        (a GPU without room): this batch's images copied over."""
+        held = self._held_on_device()
+        if held is not None:
+            return held, rows.tolist(), True
         if self.device.type == "cpu":
             with warnings.catch_warnings():  # a read-only memmap: torch warns that writes would fail
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(self.split.images), idx.tolist()
-        held = self._held_on_device()
-        if held is not None:
-            return held, idx.tolist()
-        return torch.from_numpy(self.split.images[idx.numpy()]).to(self.device), None
+                return torch.from_numpy(self.split.images), rows.tolist(), False
+        return torch.from_numpy(self.split.images[rows]).to(self.device), None, True
 
     def _permutation(self) -> torch.Tensor | None:
         if not self.train:
@@ -117,30 +140,53 @@ class Loader:
         return torch.randperm(len(self.split), generator=seeded_generator(self.seed, self.epoch, _PERMUTATION))
 
     def _indices(self, b: int, perm: torch.Tensor | None) -> torch.Tensor:
-        """Dataset indices (int64, CPU) of this rank's batch b, given the epoch's permutation."""
+        """Sample indices (int64, CPU) of this rank's batch b, given the epoch's permutation."""
         B, W, r = self.batch_size, self.world_size, self.rank
         if perm is not None:
             return perm[(b * W + r) * B:(b * W + r + 1) * B]
         lo, hi = self._eval_range
         return torch.arange(lo + b * B, min(lo + (b + 1) * B, hi))
 
-    def __iter__(self):
+    def _draws(self, b: int, n: int) -> dict:
+        """Every random choice of training batch b, drawn for the global batch; this rank keeps its part."""
         cfg, B, W, r = self.cfg, self.batch_size, self.world_size, self.rank
+        part = slice(r * B, (r + 1) * B)
+        g = seeded_generator(self.seed, self.epoch, _AUGMENT, b)
+        d = {"boxes": random_resized_crop_boxes(B * W, self.size, cfg.scale, cfg.ratio, g)[part],
+             "flip": (torch.rand(B * W, generator=g) < 0.5)[part] if cfg.hflip else None}
+        if cfg.auto_augment != "none":
+            ops, mags = autoaugment.draw_ops(cfg.auto_augment, B * W, self.img_size,
+                                             seeded_generator(self.seed, self.epoch, _AUTOAUG, b),
+                                             num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
+            d["ops"], d["mags"] = ops[part], mags[part]
+        if cfg.random_erasing > 0:
+            d["erase"] = autoaugment.draw_erasing(B * W, self.img_size, self.img_size, cfg.random_erasing,
+                                                  seeded_generator(self.seed, self.epoch, _ERASE, b))[part]
+        return d
+
+    def __iter__(self):
+        cfg = self.cfg
         if self.device.type == "cpu":
             reuse_freed_batches()  # else each batch is fresh, page-faulted memory (see data/memory.py)
         perm = self._permutation()
-        for b in range(self.num_batches):
+        size = self.img_size if self.train else cfg.img_size
+        for b in range(self.start_batch if self.train else 0, self.num_batches):
             idx = self._indices(b, perm)
             with one_thread():
                 if self.train:
-                    g = seeded_generator(self.seed, self.epoch, _AUGMENT, b)
-                    # drawn for the whole global batch, this rank keeps its part
-                    boxes = random_resized_crop_boxes(B * W, self.size, cfg.scale, cfg.ratio, g)[r * B:(r + 1) * B]
-                    flip = (torch.rand(B * W, generator=g) < 0.5)[r * B:(r + 1) * B] if cfg.hflip else None
+                    d = self._draws(b, len(idx))
                 else:
-                    boxes = center_crop_boxes(len(idx), self.size, cfg.eval_crop)
-                    flip = None
-            images, rows = self._source(idx)
-            x = crop_resize_normalize(images, boxes, flip, cfg.img_size, cfg.mean, cfg.std, rows=rows,
-                                      channels_last=self.channels_last)
+                    d = {"boxes": center_crop_boxes(len(idx), self.size, cfg.eval_crop), "flip": None}
+            images, rows, accelerator = self._source(self.split.row_of(idx.numpy()))
+            ops = "ops" in d
+            # with per-sample ops the crop stays in [0, 1] (torchvision's float range) until they ran
+            mean, std = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) if ops else (cfg.mean, cfg.std)
+            x = crop_resize_normalize(images, d["boxes"], d["flip"], size, mean, std, rows=rows,
+                                      channels_last=self.channels_last, accelerator=accelerator)
+            if ops:
+                x = normalize_(autoaugment.apply_ops(x, cfg.auto_augment, d["ops"], d["mags"]), cfg.mean, cfg.std)
+            if "erase" in d:
+                x = autoaugment.erase(x, d["erase"])
+            if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
             yield x, self._labels[idx].to(self.device)

@@ -92,11 +92,12 @@ class ResNet(nn.Module):
         return self.head(x)  # (B, num_classes)
 
 
-@register_model
-def resnet18(num_classes: int = 10, **kw) -> ResNet:
+@register_model(layers=(2, 2, 2, 2))
+def resnet18(**kw) -> ResNet:
     """ResNet-18, torchvision-equivalent; natural size 160px (the study's images), 32px with small_input."""
-    kw.setdefault("img_size", 32 if kw.get("small_input") else 160)
-    return ResNet(layers=(2, 2, 2, 2), num_classes=num_classes, **kw)
+    if kw.get("img_size") is None:
+        kw["img_size"] = 32 if kw.get("small_input") else 160
+    return ResNet(**kw)
 
 
 def conv_bn_relu(in_chs: int, out_chs: int, bias: bool) -> nn.Sequential:
@@ -141,13 +142,13 @@ class ResNet9(nn.Module):
 
 
 @register_model
-def resnet9(num_classes: int = 10, **kw) -> ResNet9:
+def resnet9(**kw) -> ResNet9:
     """Myrtle's ResNet-9 (6.57M parameters), natural size 32px; any size >= 8 works."""
-    return ResNet9(num_classes=num_classes, **kw)
+    return ResNet9(**kw)
 
 
-@register_model
-def seed_resnet9(num_classes: int = 10, **kw) -> ResNet9:
+@register_model(width=32, conv_bias=True, drop_rate=0.2, img_size=32)
+def seed_resnet9(**kw) -> ResNet9:
     """The study notebook's ResNet-9, exactly (1,647,242 parameters at 10 classes), for 32px images.
 
     Width 32 (channels 32-64-128-256), conv biases before every BN, dropout 0.2 before the classifier,
@@ -156,5 +157,4 @@ def seed_resnet9(num_classes: int = 10, **kw) -> ResNet9:
     (4x4 maps); we use a global max pool, identical at 32px and parameter-free, so the same model also
     runs at 160px (20x20 maps) with the same 1,647,242 parameters.
     """
-    args = dict(width=32, conv_bias=True, drop_rate=0.2, img_size=32)
-    return kaiming_init_(ResNet9(**{**args, **kw}, num_classes=num_classes))
+    return kaiming_init_(ResNet9(**kw))

@@ -154,15 +154,14 @@ class ViT(nn.Module):
         return self.head(x[:, 0])  # classify from the cls token
 
 
-@register_model
-def vit_tiny_6l8h(num_classes: int = 10, **kw) -> ViT:
+@register_model(dim=128, depth=6, num_heads=8, mlp_dim=256, patch_size=16, img_size=160)
+def vit_tiny_6l8h(**kw) -> ViT:
     """~0.9M-parameter ViT for 160px images: patch 16 (10x10 = 100 tokens), dim 128, 6 layers, 8 heads.
 
     Depth, heads, width and MLP (128 -> 256) are the study's ViT; the patch size is 16 rather than the
     notebook's 4 so that 160px images give a short sequence.
     """
-    args = dict(dim=128, depth=6, num_heads=8, mlp_dim=256, patch_size=16, img_size=160)
-    return ViT(**{**args, **kw}, num_classes=num_classes)
+    return ViT(**kw)
 
 
 class SeedViT(nn.Module):
@@ -231,6 +230,6 @@ class SeedBlock(nn.Module):
 
 
 @register_model
-def seed_vit(num_classes: int = 10, **kw) -> SeedViT:
+def seed_vit(**kw) -> SeedViT:
     """The study notebook's ViT (6 layers, 8 heads, dim 128, patch 4, 32px): see `SeedViT`."""
-    return SeedViT(num_classes=num_classes, **kw)
+    return SeedViT(**kw)

@@ -8,14 +8,11 @@ reports. Accuracies come in as fractions and are drawn in percent.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
-
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-if TYPE_CHECKING:
-    from patchbench.report import Group, Run
+from patchbench.report.load import Group, Run
 
 
 def _curves(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -194,7 +191,7 @@ def figure_sweep_heatmap(groups: list[Group], grid: dict[str, list]) -> Figure |
     acc = np.full((len(row_vals), len(col_vals)), np.nan)
     counts = np.zeros_like(acc, dtype=int)
     for g in groups:
-        vals = [r.summary["final_top1"] for r in g.done]
+        vals = g.finals()
         rv, cv = g.overrides.get(rows_k), g.overrides.get(cols_k) if cols_k else None
         if vals and rv in row_vals and cv in col_vals:
             i, j = row_vals.index(rv), col_vals.index(cv)

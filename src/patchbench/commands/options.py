@@ -1,0 +1,78 @@
+"""The flags `train`, `compare` and `sweep` share, built once from the config fields (config.py).
+
+Every field of DataConfig and TrainConfig is a flag (`--epochs`, `--batch-size`, `--data`, ...),
+with the help text, type and bounds written on the field; a bool is `--x/--no-x`. A flag given to
+`compare` or `sweep` applies to every run of the study. Values are parsed by `patchbench.values`
+(the same parser TOML recipes and `--model-arg` go through) and checked against the field's bounds,
+so a bad value is a one-line error naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from patchbench.config import SECTIONS, check_setting, describe_setting, fields_of, load_recipe
+from patchbench.values import parse_text
+
+
+def _dest(section: str, name: str) -> str:
+    return f"cfg.{section}.{name}"
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """--config FILE.toml and one flag per data/train setting (all default to "not given")."""
+    parser.add_argument("--config", metavar="FILE.toml", help="a recipe file (the shape of "
+                        "`patchbench train --dump-config`'s output): applied over the preset, under the flags")
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} settings (override the preset and --config)")
+        for f in fields_of(section).values():
+            if not f.cli or f.name in exclude:
+                continue
+            if f.kind is bool:
+                group.add_argument(f.flag, dest=_dest(section, f.name), default=None,
+                                   action=argparse.BooleanOptionalAction, help=describe_setting(f))
+            else:
+                group.add_argument(f.flag, dest=_dest(section, f.name), default=None, metavar="V",
+                                   help=describe_setting(f))
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """--progress/--no-progress, the same spelling in every command (--quiet is an alias of --no-progress)."""
+    parser.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                        help="progress bars and per-epoch lines on stderr (default: on)")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)
+
+
+def recipe_changes(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{"data": {...}, "train": {...}}: the settings given as flags, typed and checked."""
+    changes: dict[str, dict] = {section: {} for section in SECTIONS}
+    for section in SECTIONS:
+        for f in fields_of(section).values():
+            if f.name in exclude:
+                continue
+            value = getattr(args, _dest(section, f.name), None)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = parse_text(value, f.kind, f.flag)
+            changes[section][f.name] = check_setting(f, value)
+    return changes
+
+
+def config_file(args: argparse.Namespace):
+    return load_recipe(args.config) if getattr(args, "config", None) else None
+
+
+def describe_changes(changes: dict[str, dict]) -> list[str]:
+    """The flags back as text (`--epochs 1`, `--no-hflip`), for messages."""
+    words = []
+    for section, values in changes.items():
+        for name, value in values.items():
+            f = fields_of(section)[name]
+            if f.kind is bool:
+                words.append(f.flag if value else "--no-" + f.flag[2:])
+            else:
+                shown = "none" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else value
+                words.append(f"{f.flag} {shown}")
+    return words
+

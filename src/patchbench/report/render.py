@@ -1,0 +1,290 @@
+"""A study's report as text: markdown (+ PNG figures), a self-contained HTML page, a terminal table.
+
+    write_report("runs/quick")            # -> report.md, report.html, figures/*.png in that folder
+
+A pure function of the study's files (see report/load.py): nothing here imports torch or the
+training code, so a report can be made anywhere the files are, and it says the same thing every
+time it is made. Runs that are missing, still running, failed or half-written are listed in the
+report and left out of the statistics; they never crash it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from patchbench import rundir
+from patchbench.errors import UserError
+from patchbench.report.figures import (figure_accuracy_curves, figure_confusion, figure_loss_curves,
+                                       figure_patch_grid, figure_png, figure_sweep_heatmap, figure_tradeoffs,
+                                       patch_views)
+from patchbench.report.load import Group, Study, load_study, group_runs
+from patchbench.report.stats import conclusion, pct, pm, results_rows
+
+FORMATS = ("md", "html")
+
+def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tuple[str, str, Figure]]:
+    """(file stem, caption, figure) for every figure the study's files allow."""
+    figs = [("accuracy", "Validation top-1 per epoch", figure_accuracy_curves(groups)),
+            ("loss", "Train and validation loss per epoch", figure_loss_curves(groups)),
+            ("tradeoffs", "Final top-1 against size, compute and speed", figure_tradeoffs(rows))]
+    if study.meta.get("grid"):
+        heat = figure_sweep_heatmap(groups, study.meta["grid"])
+        if heat is not None:
+            figs.append(("sweep", "Sweep: final top-1 over the grid", heat))
+    grid = figure_patch_grid(study.samples, patch_views(groups, study.meta.get("patch_sizes")))
+    if grid is not None:
+        figs.append(("patches", "Val images cut into each model's patches", grid))
+    for g in groups:
+        conf = figure_confusion(g)
+        if conf is not None:
+            figs.append((f"confusion-{_slug(g.label)}", f"Confusion matrix: {g.label}", conf))
+    return figs
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+
+
+TABLE_NOTE = ("Final top-1: the last epoch's accuracy on the split named in the table, mean ± sample std over "
+              "the n finished seeds. Best-epoch top-1 is the epoch with the lowest loss on that same split: "
+              "optimistic (chosen on the split it is measured on), shown only for comparison.")
+TABLE_HEADER = ["model", "params", "MACs", "train img/s", "infer img/s", "final top-1 % (mean ± std)", "n",
+                "best-epoch top-1 %", "epochs", "res", "split", "wall time/run"]
+
+
+def table_cells(row: dict) -> list[str]:
+    n = f"{row['n']}" + (f" of {row['runs']}" if row["runs"] != row["n"] else "")
+    wall = "–" if row["wall_time_s"] is None else f"{row['wall_time_s'] / 60:.1f} min"
+    ips = [("–" if row[k] is None else f"{row[k]:,.0f}") for k in ("train_images_per_s", "infer_images_per_s")]
+    return [row["label"], "–" if row["params"] is None else f"{row['params']:,}", _human(row["macs"]), *ips,
+            pct(row["final_mean"]) + pm(row["final_std"]), n, pct(row["best_mean"]),
+            str(row["epochs"] or "–"), f"{row['img_size']}px" if row["img_size"] else "–", row["split"] or "–", wall]
+
+
+def model_lines(meta: dict, groups: list[Group]) -> list[str]:
+    """Which configuration each model ran with; with a matched budget, also how close each came to it."""
+    budget = meta.get("param_budget")
+    chosen = meta.get("chosen") or {g.model: g.overrides for g in groups}
+    labels = {**{g.model: g.label for g in groups}, **(meta.get("labels") or {})}
+    params_of = {g.model: (g.done[0].summary.get("params") if g.done else None) for g in groups}
+    lines = [f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"] if budget else []
+    for model, overrides in chosen.items():
+        params = (meta.get("chosen_params") or {}).get(model) or params_of.get(model)
+        size = "" if params is None else f" → {params:,} params"
+        if budget and params is not None:
+            size += f" ({100 * (params - budget) / budget:+.1f}%)"
+        args = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
+        lines.append(f"{labels.get(model, model)}: {args}{size}")
+    return lines
+
+
+def problem_lines(study: Study) -> list[str]:
+    lines = list(study.problems)
+    for run in study.runs:
+        lines += [f"{run.name}: {p}" for p in run.problems]
+    return lines
+
+
+SPLITS = {"val": "the val split (held out from training and tuning)",
+          "holdout": "a holdout carved out of train (--holdout; the val split was not used)"}
+
+
+def setup_line(study: Study) -> str:
+    """Data, recipe, the settings given on top of it, seeds, the split every number comes from, wall time."""
+    meta = study.meta
+    overrides = meta.get("overrides") or {}
+    given = ", ".join(f"{k}={v}" for section in overrides.values() for k, v in section.items())
+    splits = sorted({r.eval_split for r in study.runs if r.finished})
+    wall = sum(r.summary.get("wall_time_s") or 0 for r in study.runs if r.finished)
+    parts = [f"preset `{meta['preset']}`" if meta.get("preset") else None,
+             f"config file `{meta['config_file']}`" if meta.get("config_file") else None,
+             f"settings given for every run: {given}" if given else None,
+             f"data `{meta['data']}`" if meta.get("data") else None,
+             f"seeds {', '.join(map(str, meta['seeds']))}" if meta.get("seeds") else None,
+             f"{len(study.runs)} run directories",
+             "every accuracy is measured on " + " and ".join(SPLITS.get(s, s) for s in splits) if splits else None,
+             f"{wall / 3600:.1f} h of training in all (the sum of the finished runs' wall times)" if wall else None]
+    return "Study: " + "; ".join(p for p in parts if p) + "."
+
+
+@dataclass
+class Report:
+    title: str
+    setup: str
+    table: list[list[str]]
+    conclusion: list[str]
+    models: list[str]  # each model's configuration (and its matched budget)
+    problems: list[str]
+    figures: list[tuple[str, str, bytes]]  # (file stem, caption, PNG bytes)
+    configs: list[tuple[str, str]]  # (run name, config.json text)
+    sections: list[tuple[str, list[str]]] = field(default_factory=list)  # (title, markdown lines)
+
+
+def build_report(study: Study) -> Report:
+    groups = group_runs(study.runs)
+    rows = results_rows(groups)
+    figures = []
+    for stem, caption, fig in make_figures(study, groups, rows):
+        figures.append((stem, caption, figure_png(fig)))
+    configs = [(r.name, json.dumps(r.config, indent=2, sort_keys=True) if r.config else "(no config.json)")
+               for r in study.runs]
+    return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
+                  table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
+                  models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
+                  problems=problem_lines(study), figures=figures, configs=configs)
+
+
+def to_markdown(report: Report) -> str:
+    """Markdown that shows the PNGs written beside it in figures/."""
+    def md_row(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [f"# {report.title}", "", report.setup, "", "## Results", "",
+           md_row(TABLE_HEADER), md_row(["---"] * len(TABLE_HEADER)), *map(md_row, report.table), "",
+           TABLE_NOTE, "", "## Conclusion", "", *[f"- {line}" for line in report.conclusion], ""]
+    for title, lines in report.sections:
+        out += [f"## {title}", "", *lines, ""]
+    if report.models:
+        out += ["## Models", "", *[f"- {line}" for line in report.models], ""]
+    if report.problems:
+        out += ["## Missing or partial runs", "", *[f"- {line}" for line in report.problems], ""]
+    out += ["## Figures", ""]
+    for stem, caption, _ in report.figures:
+        out += [f"### {caption}", "", f"![{caption}](figures/{stem}.png)", ""]
+    out += ["## Run configurations", ""]
+    for name, text in report.configs:
+        out += [f"<details><summary>{name}</summary>", "", "```json", text, "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}li{margin:0.3em 0}"""
+
+
+def _inline(text: str) -> str:
+    """The few markdown marks the text uses, as HTML: **bold** and `code`."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def markdown_block(lines: list[str]) -> str:
+    """HTML for a section's markdown lines: paragraphs, "- " lists and "|" tables."""
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set("-: ") for c in cells):
+                    rows.append(cells)
+                i += 1
+            head, *body = rows
+            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        if line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+def to_html(report: Report) -> str:
+    """One self-contained page: figures are embedded as base64 PNGs."""
+    e, inline = html.escape, _inline
+
+    head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in report.table)
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>",
+           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(report.title)}</h1>", f"<p>{inline(report.setup)}</p>",
+           "<h2>Results</h2>", f"<table id='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+           f"<p>{e(TABLE_NOTE)}</p>",
+           "<h2>Conclusion</h2><ul>", *[f"<li>{inline(line)}</li>" for line in report.conclusion], "</ul>"]
+    for title, lines in report.sections:
+        out += [f"<h2>{e(title)}</h2>", markdown_block(lines)]
+    if report.models:
+        out += ["<h2>Models</h2><ul>", *[f"<li>{e(line)}</li>" for line in report.models], "</ul>"]
+    if report.problems:
+        out += ["<h2>Missing or partial runs</h2><ul id='problems'>",
+                *[f"<li>{e(line)}</li>" for line in report.problems], "</ul>"]
+    out.append("<h2>Figures</h2>")
+    for stem, caption, png in report.figures:
+        data = base64.b64encode(png).decode("ascii")
+        out.append(f"<h3>{e(caption)}</h3><img id='fig-{e(stem)}' alt='{e(caption)}' "
+                   f"src='data:image/png;base64,{data}'>")
+    out.append("<h2>Run configurations</h2>")
+    for name, text in report.configs:
+        out.append(f"<details><summary>{e(name)}</summary><pre>{e(text)}</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"--format {text!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+    return formats
+
+
+def save_report(report: Report, folder: Path, formats=FORMATS) -> list[Path]:
+    """Write report.md (+ figures/*.png) and/or report.html into `folder`; returns the paths."""
+    written = []
+    if "md" in formats:
+        fig_dir = rundir.make_dir(folder / rundir.FIGURES)
+        for stem, _, png in report.figures:
+            rundir.atomic_write_bytes(fig_dir / f"{stem}.png", png)
+        written.append(rundir.atomic_write_text(folder / rundir.REPORT_MD, to_markdown(report)))
+    if "html" in formats:
+        written.append(rundir.atomic_write_text(folder / rundir.REPORT_HTML, to_html(report)))
+    return written
+
+
+def write_report(study_dir: str | os.PathLike, formats=FORMATS) -> list[Path]:  # noqa: D103
+    """Read the study folder and write its report into it; returns the paths written."""
+    study = load_study(study_dir)
+    return save_report(build_report(study), study.path, formats)
+
+
+def to_text(report: Report) -> str:
+    """The table and the conclusion for a terminal."""
+    cells = [TABLE_HEADER, *report.table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_HEADER))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += ["", *[re.sub(r"\*\*", "", line) for line in report.conclusion]]
+    if report.problems:
+        lines += ["", f"{len(report.problems)} problem(s) with runs; see the report's 'Missing or partial runs'"]
+    return "\n".join(lines)

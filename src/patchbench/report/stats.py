@@ -1,0 +1,100 @@
+"""The report's numbers: means and spreads over seeds, Welch's t-test, the table rows, the conclusion.
+
+Statistics come from scipy (`scipy.stats.ttest_ind` with `equal_var=False`, Welch's test); the
+sample standard deviation uses ddof=1. Accuracies are fractions here, percent only when shown.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy import stats as _scipy
+
+from patchbench.report.load import Group
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; None with fewer than two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
+    """Welch's unequal-variance t-test: (t, degrees of freedom, two-sided p).
+
+    None when a test is impossible: fewer than two values on a side, or no spread on either side.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if mean_std(a)[1] == 0 and mean_std(b)[1] == 0:
+        return None
+    result = _scipy.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.df), float(result.pvalue)
+
+
+def results_rows(groups: list[Group]) -> list[dict]:
+    """One row per configuration: numbers as in the files (means over finished seeds), None when unknown."""
+    rows = []
+    for g in groups:
+        done = g.done
+        first = done[0].summary if done else {}
+        final_mean, final_std = mean_std(g.finals())
+        best_mean, _ = mean_std([r.summary["best_top1"] for r in done if r.summary.get("best_top1") is not None])
+        wall, _ = mean_std([r.summary["wall_time_s"] for r in done if r.summary.get("wall_time_s") is not None])
+        rows.append({
+            "label": g.label, "params": first.get("params"), "macs": first.get("macs"),
+            "train_images_per_s": mean_std([r.summary["train_images_per_s"] for r in done
+                                            if r.summary.get("train_images_per_s")])[0],
+            "infer_images_per_s": mean_std([r.summary["infer_images_per_s"] for r in done
+                                            if r.summary.get("infer_images_per_s")])[0],
+            "final_mean": final_mean, "final_std": final_std, "n": len(done), "runs": len(g.runs),
+            "best_mean": best_mean, "epochs": first.get("epochs"), "img_size": first.get("img_size"),
+            "wall_time_s": wall, "split": ",".join(sorted({r.eval_split for r in done})) or None,
+        })
+    return rows
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def pm(std: float | None) -> str:
+    return "" if std is None else f" ± {100 * std:.1f}"
+
+
+def conclusion(groups: list[Group]) -> list[str]:
+    """A few sentences: who wins, by how much, and whether the gap is larger than seed-to-seed noise."""
+    scored = [(mean_std(g.finals()), g) for g in groups if g.done]
+    scored.sort(key=lambda s: -s[0][0])
+    if not scored:
+        return ["No run has finished yet, so there is nothing to compare."]
+    (best_mean, best_std), best = scored[0]
+    lines = [f"**{best.label}** has the highest final-epoch top-1: {pct(best_mean)}%"
+             f"{pm(best_std)} over n={len(best.done)} seed(s)."]
+    if len(scored) == 1:
+        return lines
+    best_vals = best.finals()
+    for (mean, std), g in scored[1:]:
+        vals = g.finals()
+        gap = 100 * (best_mean - mean)
+        spread = max([s for s in (best_std, std) if s is not None], default=None)
+        text = f"It beats {g.label} ({pct(mean)}%{pm(std)}, n={len(vals)}) by {gap:.1f} points"
+        if spread is None:
+            text += "; with one seed on a side there is no seed-to-seed spread to compare with and no test is possible."
+        else:
+            ratio = gap / (100 * spread) if spread > 0 else math.inf
+            relation = "more than" if ratio > 1.25 else "less than" if ratio < 0.8 else "about the same as"
+            text += f", {relation} the larger seed-to-seed standard deviation ({100 * spread:.1f} points)"
+            test = welch_t_test(best_vals, vals)
+            if test is None:
+                text += "; Welch's t-test needs at least two seeds on each side, with some spread."
+            else:
+                t, df, p = test
+                verdict = "significant" if p < 0.05 else "not significant"
+                text += f"; Welch's t-test: t={t:.2f}, df={df:.1f}, p={p:.3g} ({verdict} at the 5% level)."
+        lines.append(text)
+    return lines
