@@ -359,3 +359,41 @@ def test_malloc_is_left_alone_when_the_user_tunes_it(monkeypatch):
     monkeypatch.delenv("MALLOC_TOP_PAD_")
     monkeypatch.setenv("PATCHBENCH_MALLOC", "default")
     assert memory._set_thresholds() is False
+
+
+# --------------------------------------------------------------------------------------------------
+# The accelerator path (split held on the device, gather + roi_align), run on the CPU
+
+
+def test_loader_held_on_device_path_runs_on_the_cpu_and_matches_the_cpu_path():
+    """hold_on_device=True takes the GPU code path (one gather of the held split, one roi_align) with CPU
+    tensors. Evaluation at the cached size is the identity on both paths; training crops that are
+    enlarged agree within one grey level away from the crop's border (see augment.py)."""
+    split = make_split(40)
+    cfg = DataConfig(img_size=S, eval_crop=1.0, scale=(0.3, 0.9))
+    for train in (False, True):
+        cpu = Loader(split, cfg, batch_size=8, train=train, seed=2, hold_on_device=False)
+        held = Loader(split, cfg, batch_size=8, train=train, seed=2, hold_on_device=True)
+        for (xa, ya), (xb, yb) in zip(cpu, held):
+            assert torch.equal(ya, yb)
+            a, b = unnormalise(xa, cfg), unnormalise(xb, cfg)
+            if train:
+                assert (a - b)[:, :, 2:-2, 2:-2].abs().max() <= 1.0 + 1e-3
+            else:
+                assert torch.allclose(a, b, atol=1e-3)
+        assert held._images is not None and held._images.device.type == "cpu"  # the split was held
+
+
+def test_held_split_follows_a_holdout_subset_row_for_row():
+    from patchbench.data import holdout_split
+
+    split = make_split(40)
+    split.labels = split.labels % 4  # four classes of ten
+    _, held_out = holdout_split(split, 0.25, seed=0)
+    assert len(held_out) == 8  # round(0.25 * 10) = 2 per class
+    cfg = DataConfig(img_size=S, eval_crop=1.0)
+    xa = torch.cat([x for x, _ in Loader(held_out, cfg, batch_size=8, train=False, hold_on_device=False)])
+    xb = torch.cat([x for x, _ in Loader(held_out, cfg, batch_size=8, train=False, hold_on_device=True)])
+    assert torch.allclose(xa, xb, atol=1e-5)
+    images = torch.from_numpy(split.images[held_out.rows]).permute(0, 3, 1, 2).float()
+    assert torch.allclose(unnormalise(xa, cfg), images, atol=1e-3)  # the right rows, in order

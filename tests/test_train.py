@@ -14,11 +14,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import patchbench.data.loader as loader_mod
 import patchbench.train as train_mod
 from patchbench.cli import main
 from patchbench.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from patchbench.train import TrainingDiverged, train_run
 
+THREADS = torch.get_num_threads()
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
 
 
@@ -40,15 +42,18 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
-def tiny_config(folder, cache, model="vit_tiny_6l8h", **train):
+def tiny_config(folder, cache, model="vit_tiny_6l8h", model_args=None, **switches):
+    """A tiny run; `switches` are TrainConfig or DataConfig settings, `model_args` constructor overrides."""
     overrides = {"vit_tiny_6l8h": {"dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8,
                                    "dropout": 0.1},
                  "resnet9": {"width": 8},
                  "convmixer_256_8": {"dim": 32, "depth": 2, "patch_size": 4, "kernel_size": 3}}.get(model, {})
+    data_fields = set(DataConfig.__dataclass_fields__)
     t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu", threads=1)
-    t.update(train)
-    return RunConfig(model=ModelConfig(model, overrides),
-                     data=DataConfig(source=str(folder), cache_dir=str(cache), prepare_size=32, img_size=32),
+    t.update({k: v for k, v in switches.items() if k not in data_fields})
+    d = dict(source=str(folder), cache_dir=str(cache), prepare_size=32, img_size=32)
+    d.update({k: v for k, v in switches.items() if k in data_fields})
+    return RunConfig(model=ModelConfig(model, {**overrides, **(model_args or {})}), data=DataConfig(**d),
                      train=TrainConfig(**t))
 
 
@@ -129,6 +134,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monk
     dict(amp="fp16", ema_decay=0.9, grad_clip=0.5, channels_last=True, label_smoothing=0.1),
     dict(amp="bf16", schedule="piecewise", weight_decay=0.1, init="kaiming"),
     dict(model="convmixer_256_8", channels_last=True, fast_kernels=True, ema_decay=0.5),
+    # the recipes of the fair preset: per-sample ops, erasing, mixup/cutmix, drop path, progressive sizes
+    dict(auto_augment="trivialaugment", random_erasing=0.5, mixup=0.4, cutmix=1.0, label_smoothing=0.1,
+         model_args={"drop_path": 0.2}, train_sizes=(24, 32)),
+    dict(model="convmixer_256_8", auto_augment="randaugment", randaugment_ops=2, mixup=0.3, channels_last=True,
+         model_args={"drop_path": 0.1}, holdout=0.25),
 ])
 def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch, switches):
     """AMP (with the GradScaler's state), EMA, clipping, channels_last... survive a crash and resume."""
@@ -139,8 +149,9 @@ def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["status"] == "finished"
 
 
-def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch):
-    cfg = tiny_config(folder, tmp_path)
+@pytest.mark.parametrize("switches", [{}, dict(auto_augment="trivialaugment", random_erasing=0.5, cutmix=1.0)])
+def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch, switches):
+    cfg = tiny_config(folder, tmp_path, **switches)
     train_run(cfg, tmp_path / "full", progress=False)
 
     real = train_mod.lr_at
@@ -157,7 +168,11 @@ def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monk
     state = json.loads((tmp_path / "cut" / "checkpoint" / "last.json").read_text())
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 5)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "interrupted"
+    made = []  # batches the loader makes while resuming: the two already trained on are not made again
+    real_crop = loader_mod.crop_resize_normalize
+    monkeypatch.setattr(loader_mod, "crop_resize_normalize", lambda *a, **k: made.append(1) or real_crop(*a, **k))
     train_run(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert len(made) == 1 + 1  # epoch 2's last train batch, then the one val batch (12 images)
     assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
@@ -262,3 +277,37 @@ def test_every_preset_model_builds_at_its_size(preset):
         assert (t.batch_size, t.lr, t.weight_decay, t.epochs, t.schedule_epochs) == (16, 1e-3, 0.3, 30, 100)
         assert (d.img_size, d.scale, d.ratio, d.mean) == (32, (0.8, 0.99), (1.0, 1.0), (0.4914, 0.4822, 0.4465))
         assert p.config_for("seed_convmixer").train.weight_decay == 0.0 and p.quirks
+
+
+def test_the_accelerator_data_path_trains_like_the_cpu_path(folder, tmp_path):
+    """--data-on-device yes runs the GPU data path (split held on the device, gather + roi_align) on the
+    CPU. With full-image crops both paths make the same pixels (to float rounding), so a tiny run
+    trains to the same losses and accuracies."""
+    same_pixels = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), epochs=2)
+    runs = {}
+    for mode in ("no", "yes"):
+        cfg = tiny_config(folder, tmp_path, "resnet9", data_on_device=mode, **same_pixels)
+        train_run(cfg, tmp_path / mode, progress=False)
+        runs[mode] = metrics(tmp_path / mode)
+    for a, b in zip(runs["no"], runs["yes"]):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+        assert a["val_top1"] == b["val_top1"] and a["train_top1"] == b["train_top1"]
+
+
+def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
+    """On a fake clock where one thread count is 3x slower, each trial keeps the faster one."""
+    from patchbench import threads
+
+    clock = {"now": 0.0, "slow": 2}
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
+    for slow in (2, 1):
+        clock["slow"] = slow
+        tuner = threads.ThreadTuner(window=4, period=10, most=2)
+        for _ in range(2 * 4 + 10):
+            tuner.step_begins()
+            clock["now"] += 3.0 if torch.get_num_threads() == clock["slow"] else 1.0
+            tuner.step_ends()
+        assert tuner.current == (1 if slow == 2 else 2)
+        assert tuner.steps_at[tuner.current] > 10  # it stayed there for the period
+    torch.set_num_threads(THREADS)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from patchbench import rundir
-from patchbench.config import Recipe, RunConfig, build_config
+from patchbench.config import Recipe, RunConfig, build_config, get_preset
 from patchbench.errors import UserError
 from patchbench.flops import count_params
 from patchbench.models import check_overrides, create_model, describe
@@ -199,9 +199,19 @@ class Layers:
         return build_config(model, preset=self.preset, config=self.config, changes=self.changes,
                             overrides=overrides, seed=seed)
 
-    def base_overrides(self, model: str) -> dict:
-        """The model's constructor overrides from the recipe alone (before budgets or grid cells)."""
-        return dict(self.config_for(model).model.overrides)
+    def _recipes(self) -> list[Recipe]:
+        base = get_preset(self.config.preset) if self.config is not None and self.config.preset and \
+            self.preset is None else None
+        return [r for r in (base, self.preset, self.config) if r is not None]
+
+    @property
+    def param_budget(self) -> int | None:
+        """The recipe's matched budget (a config file's over its preset's), None when it sets none."""
+        return next((r.param_budget for r in reversed(self._recipes()) if r.param_budget), None)
+
+    @property
+    def reference(self) -> dict | None:
+        return next((r.reference for r in reversed(self._recipes()) if r.reference), None)
 
 
 def plan_compare(models: list[str], seeds: list[int], layers: Layers,
@@ -415,6 +425,8 @@ def write_study_json(study: Path, meta: dict) -> dict:
             meta[key] = list(dict.fromkeys([*old.get(key, []), *meta[key]]))
         for key in ("chosen", "chosen_params", "patch_sizes", "labels"):
             meta[key] = {**old.get(key, {}), **meta.get(key, {})}
+        if old.get("notes"):  # written by hand: what the numbers mean (the report shows them)
+            meta["notes"] = old["notes"]
     rundir.atomic_write_json(path, meta)
     return meta
 
@@ -460,9 +472,12 @@ def _prepare(cfg: RunConfig, progress: bool):
 
 
 def _study_meta(kind: str, layers: Layers, models: list[str], seeds: list[int], sample: RunConfig) -> dict:
-    return {"kind": kind, "preset": sample.preset, "models": models, "seeds": seeds, "data": sample.data.source,
+    meta = {"kind": kind, "preset": sample.preset, "models": models, "seeds": seeds, "data": sample.data.source,
             "config_file": layers.config.where if layers.config else None,
             "overrides": {k: v for k, v in (layers.changes or {}).items() if v} or None}
+    if layers.reference:
+        meta["reference"] = layers.reference
+    return meta
 
 
 def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, progress: bool,
@@ -488,6 +503,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
     """Train models x seeds into `out` (skipping finished runs), then write the report."""
     study = Path(out)
     layers = Layers(preset, config, changes)
+    param_budget = param_budget or layers.param_budget
     base = {m: layers.config_for(m).validate() for m in models}
     data = _prepare(base[models[0]], progress)
     num_classes = len(data.classes)

@@ -168,6 +168,9 @@ class TrainConfig:
                                  "(same function, faster step)")
     sync_bn: bool = setting(False, "SyncBatchNorm across DDP ranks (GPU)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", resumable=True)
+    data_on_device: Literal["auto", "yes", "no"] = setting(
+        "auto", "hold the uint8 split on the device and crop with roi_align: auto (on GPUs, when it fits in a "
+        "quarter of free memory) | yes (also on the CPU: the accelerator path, for testing it) | no")
     threads: int | None = setting(None, "torch CPU threads per process (none: adaptive, 1 or all cores, "
                                   "whichever trains faster now)", check=between(1, 1024), resumable=True)
     seed: int = setting(0, "seeds Python, NumPy, torch and the loader", check=between(0, 2**32 - 1))
@@ -303,7 +306,8 @@ class RunConfig:
 # Recipes: presets and config files
 
 
-TOP_KEYS = ("name", "description", "models", "quirks", "preset", "model", "data", "train", "per_model")
+TOP_KEYS = ("name", "description", "models", "quirks", "preset", "model", "data", "train", "per_model",
+            "param_budget", "reference")
 PER_MODEL_KEYS = ("data", "train", "overrides")
 
 
@@ -325,6 +329,8 @@ class Recipe:
     per_model: dict[str, dict[str, dict]] = field(default_factory=dict)
     model: dict[str, Any] | None = None
     preset: str | None = None
+    param_budget: int | None = None  # compare/ablate: size every model to this many parameters (±5%)
+    reference: dict[str, Any] | None = None  # published figures to set the study's against (report)
     where: str = "recipe"  # the file it came from, for messages
 
     def apply(self, cfg: RunConfig) -> RunConfig:
@@ -390,10 +396,19 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
         if set(model) - {"name", "overrides"} or not isinstance(model.get("name", ""), str) \
                 or not isinstance(model.get("overrides", {}), dict):
             raise UserError(f"{where}: [model] holds a name and an [model.overrides] table, nothing else")
+    budget = typed("param_budget", int)
+    if budget is not None and budget < 1:
+        raise UserError(f"{where}: param_budget = {budget}: need a positive number of parameters")
+    reference = typed("reference", dict)
+    if reference is not None:
+        for key, entry in reference.items():
+            if key != "source" and not (isinstance(entry, dict) and set(entry) <= {"final", "best"}
+                                        and all(isinstance(v, (int, float)) for v in entry.values())):
+                raise UserError(f"{where}: [reference.{key}] holds final and best top-1 fractions, e.g. final = 0.808")
     return Recipe(name=typed("name", str), description=typed("description", str) or "",
                   models=typed("models", list[str]) or [], quirks=typed("quirks", list[str]),
                   data=dict(doc.get("data", {})), train=dict(doc.get("train", {})), per_model=per_model,
-                  model=model, preset=typed("preset", str), where=where)
+                  model=model, preset=typed("preset", str), param_budget=budget, reference=reference, where=where)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -55,7 +55,7 @@ from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
 from patchbench.kernels import use_fast_kernels
 from patchbench.metrics import Meter
-from patchbench.models import create_model, describe
+from patchbench.models import arguments, create_model, describe
 from patchbench.models.layers import kaiming_init_
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.threads import ThreadTuner
@@ -170,12 +170,30 @@ def environment(device: torch.device, world_size: int) -> dict:
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The run's model, built for the evaluation size; a ViT trained at other sizes too (--train-sizes)
+    resamples its position embedding to them (`dynamic_img_size`, the same function at the built size)."""
     overrides = dict(cfg.model.overrides)
     if overrides.setdefault("img_size", cfg.data.img_size) != cfg.data.img_size:
         raise UserError(f"model override img_size={overrides['img_size']} differs from the data's img_size="
                         f"{cfg.data.img_size}; set --img-size instead")
+    if any(size != cfg.data.img_size for size in cfg.data.train_sizes) and \
+            "dynamic_img_size" in arguments(cfg.model.name):
+        overrides.setdefault("dynamic_img_size", True)
     model = create_model(cfg.model.name, num_classes=num_classes, **overrides)
     return kaiming_init_(model) if cfg.train.init == "kaiming" else model
+
+
+def check_sizes(cfg: RunConfig, num_classes: int) -> int:
+    """MACs per image at the evaluation size; UserError when the model cannot take a training size."""
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes)
+        for size in sorted(set(cfg.data.train_sizes) - {cfg.data.img_size}):
+            try:
+                model(torch.empty(1, 3, size, size))
+            except (ValueError, RuntimeError) as e:
+                raise UserError(f"--train-sizes {size}: {cfg.model.name} cannot train at {size}px "
+                                f"({str(e).splitlines()[0]})") from None
+        return count_macs(model, cfg.data.img_size)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -299,7 +317,8 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
                             f"unreadable); check the dataset")
     classes, per_rank = data.classes, t.batch_size // ctx.world_size
     loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
-                       channels_last=t.channels_last)  # batches arrive in the model's memory format
+                       channels_last=t.channels_last,  # batches arrive in the model's memory format
+                       hold_on_device={"auto": None, "yes": True, "no": False}[t.data_on_device])
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
     val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
 
@@ -307,8 +326,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     model = build_model(cfg, len(classes))
     if t.fast_kernels and ctx.device.type == "cpu":
         use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
-    with torch.device("meta"):
-        macs = count_macs(build_model(cfg, len(classes)), cfg.data.img_size)
+    macs = check_sizes(cfg, len(classes))
     if t.sync_bn and ctx.world_size > 1:
         model = convert_sync_batchnorm(model)
     model.to(ctx.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)

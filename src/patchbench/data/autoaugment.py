@@ -120,13 +120,16 @@ def contrast(x, m):
 
 
 def sharpness(x, m):
-    """Blend with a 3x3 smoothing (5 in the middle, 1 around, /13) on the interior; the border is kept."""
+    """Blend with a 3x3 smoothing (5 in the middle, 1 around, /13) on the interior; the border is kept.
+
+    The smoothing is torchvision's 3x3 kernel, computed as (3x3 box sum + 4 x centre) / 13 with two
+    separable sums: ~3x faster than the grouped conv2d on a CPU, equal within float rounding."""
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
         return x
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=x.dtype, device=x.device).expand(3, 1, 3, 3)
     out = x.clone()
-    blurred = F.conv2d(x, kernel, groups=3)  # (n, 3, H-2, W-2)
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # (n, 3, H-2, W)
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # (n, 3, H-2, W-2)
+    blurred = box.add_(x[..., 1:-1, 1:-1], alpha=4.0).div_(13.0)
     view = out[..., 1:-1, 1:-1]
     view.add_(blurred.sub_(view).mul_(_col(-m, x)))  # x + (1 - factor) (blur - x), factor = 1 + m
     return out.clamp_(0, 1)
@@ -178,60 +181,88 @@ def _warp(x: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def shear_x(x, m):
-    h, w = x.shape[-2:]  # torchvision shears about the top-left corner (center=[0, 0])
-    return _warp(x, [_inverse_affine(0.0, (0, 0), (math.degrees(math.atan(v)), 0.0), (-0.5 * w, -0.5 * h))
-                     for v in m.tolist()])
+def affine_matrix(name: str, v: float, h: int, w: int) -> list[float] | None:
+    """torchvision's inverse affine matrix of op `name` at signed magnitude `v` (None: a quarter turn,
+    which torchvision makes with rot90 rather than a grid)."""
+    if name == "ShearX":  # torchvision shears about the top-left corner (center=[0, 0])
+        return _inverse_affine(0.0, (0, 0), (math.degrees(math.atan(v)), 0.0), (-0.5 * w, -0.5 * h))
+    if name == "ShearY":
+        return _inverse_affine(0.0, (0, 0), (0.0, math.degrees(math.atan(v))), (-0.5 * w, -0.5 * h))
+    if name == "TranslateX":
+        return _inverse_affine(0.0, (int(v), 0), (0.0, 0.0), (0.0, 0.0))
+    if name == "TranslateY":
+        return _inverse_affine(0.0, (0, int(v)), (0.0, 0.0), (0.0, 0.0))
+    if name == "Rotate":
+        angle = v % 360
+        if angle in _quarter_turns(h, w):
+            return None
+        return _inverse_affine(-angle, (0, 0), (0.0, 0.0), (0.0, 0.0))
+    raise ValueError(f"{name} is not an affine op")
 
 
-def shear_y(x, m):
+def _quarter_turns(h: int, w: int) -> dict[float, int]:
+    """Angles torchvision's rotate makes exactly with rot90 (90 and 270 only for square images)."""
+    return {0: 0, 180: 2, 90: 1, 270: 3} if h == w else {0: 0, 180: 2}
+
+
+def warp(x: torch.Tensor, names: list[str], m: torch.Tensor) -> torch.Tensor:
+    """The affine ops of a round, each sample its own (op, magnitude), in one grid_sample call."""
     h, w = x.shape[-2:]
-    return _warp(x, [_inverse_affine(0.0, (0, 0), (0.0, math.degrees(math.atan(v))), (-0.5 * w, -0.5 * h))
-                     for v in m.tolist()])
-
-
-def translate_x(x, m):
-    return _warp(x, [_inverse_affine(0.0, (int(v), 0), (0.0, 0.0), (0.0, 0.0)) for v in m.tolist()])
-
-
-def translate_y(x, m):
-    return _warp(x, [_inverse_affine(0.0, (0, int(v)), (0.0, 0.0), (0.0, 0.0)) for v in m.tolist()])
+    values = m.tolist()
+    matrices = [affine_matrix(name, v, h, w) for name, v in zip(names, values)]
+    grid = [i for i, mat in enumerate(matrices) if mat is not None]
+    if len(grid) == len(x):  # the usual case: no quarter turn in this group
+        return _warp(x, matrices)
+    out = torch.empty_like(x)
+    if grid:
+        idx = torch.tensor(grid, device=x.device)
+        out.index_copy_(0, idx, _warp(x.index_select(0, idx), [matrices[i] for i in grid]))
+    turns = _quarter_turns(h, w)
+    for k in set(turns.values()):
+        idx = [i for i, mat in enumerate(matrices) if mat is None and turns[values[i] % 360] == k]
+        if idx:
+            idx = torch.tensor(idx, device=x.device)
+            out.index_copy_(0, idx, torch.rot90(x.index_select(0, idx), k=k, dims=(-2, -1)))
+    return out
 
 
 def rotate(x, m):
     """torchvision's rotate: exact quarter turns by rot90 (square images), others by the affine grid."""
-    out = torch.empty_like(x)
-    angles = [v % 360 for v in m.tolist()]
-    square = x.shape[-1] == x.shape[-2]
-    quarter = {0: 0, 180: 2, 90: 1, 270: 3} if square else {0: 0, 180: 2}
-    rest = [i for i, a in enumerate(angles) if a not in quarter]
-    for k in set(quarter.values()):
-        idx = [i for i, a in enumerate(angles) if quarter.get(a) == k]
-        if idx:
-            out[idx] = torch.rot90(x[idx], k=k, dims=(-2, -1))
-    if rest:
-        out[rest] = _warp(x[rest], [_inverse_affine(-angles[i], (0, 0), (0.0, 0.0), (0.0, 0.0)) for i in rest])
-    return out
+    return warp(x, ["Rotate"] * len(m), m)
 
 
-OPS = {"Identity": None, "ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
-       "TranslateY": translate_y, "Rotate": rotate, "Brightness": brightness, "Color": color, "Contrast": contrast,
-       "Sharpness": sharpness, "Posterize": posterize, "Solarize": solarize, "AutoContrast": autocontrast,
-       "Equalize": equalize}
+AFFINE = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+COLOUR_OPS = {"Brightness": brightness, "Color": color, "Contrast": contrast, "Sharpness": sharpness,
+              "Posterize": posterize, "Solarize": solarize, "AutoContrast": autocontrast, "Equalize": equalize}
+OPS = {"Identity": None, **{name: None for name in AFFINE}, **COLOUR_OPS}  # affine ops run through `warp`
 
 
 def apply_ops(x: torch.Tensor, policy: str, ops: torch.Tensor, mags: torch.Tensor) -> torch.Tensor:
-    """Apply the drawn ops (from `draw_ops`) round by round; each op runs once over the samples that drew it."""
+    """Apply the drawn ops (from `draw_ops`) round by round; returns the batch in its original order.
+
+    Each round sorts the batch by op (one gather), so every op runs once, on a contiguous slice of the
+    samples that drew it, and all the round's affine ops share one grid_sample call; a last gather
+    puts the samples back in order. (Gathering a few samples per op instead cost ~0.1 ms per sample
+    and op on this CPU, more than the ops themselves.)"""
     names = list(POLICIES[policy])
+    rank = {name: i for i, name in enumerate(("Identity", *AFFINE, *COLOUR_OPS))}  # affine ops side by side
+    x = x.contiguous()  # NCHW: gathers of whole samples are plain copies
+    order = torch.arange(len(x))  # x[j] is sample order[j]
     for r in range(ops.shape[1]):
-        for k, name in enumerate(names):
-            fn = OPS[name]
-            idx = (ops[:, r] == k).nonzero().flatten()
-            if fn is None or len(idx) == 0:
-                continue
-            idx_dev = idx.to(x.device)
-            x[idx_dev] = fn(x.index_select(0, idx_dev), mags[idx, r])
-    return x
+        drawn = [names[k] for k in ops[:, r].tolist()]
+        by_op = torch.tensor(sorted(range(len(x)), key=lambda j: rank[drawn[order[j]]]))  # stable sort
+        x, order = x.index_select(0, by_op.to(x.device)), order[by_op]
+        kinds = [drawn[i] for i in order.tolist()]
+        m = mags[order, r]
+        for group in (AFFINE, *((name,) for name in COLOUR_OPS)):
+            idx = [j for j, k in enumerate(kinds) if k in group]
+            if idx:
+                lo, hi = idx[0], idx[-1] + 1
+                fn = COLOUR_OPS.get(group[0]) or (lambda v, mv: warp(v, kinds[lo:hi], mv))
+                x[lo:hi] = fn(x[lo:hi], m[lo:hi])
+    return x.index_select(0, torch.argsort(order).to(x.device)) if ops.shape[1] else x
 
 
 # --------------------------------------------------------------------------------------------------

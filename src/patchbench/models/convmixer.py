@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from patchbench.models import register_model
-from patchbench.models.layers import Residual, check_img_size, kaiming_init_
+from patchbench.models.layers import Residual, check_img_size, drop_path_rates, kaiming_init_
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -27,7 +27,8 @@ class ConvMixer(nn.Module):
 
     `stem_stride` (default `patch_size`) other than `patch_size` makes the stem an overlapping conv
     rather than a patch embedding; `residual_gain` scales each depthwise residual by a learnable scalar
-    initialised to 0; `drop_rate` is dropout before the classifier. `img_size` is only the natural
+    initialised to 0; `drop_rate` is dropout before the classifier; `drop_path` is stochastic depth on
+    the depthwise residual branches, rising linearly over the blocks to this rate (timm's schedule). `img_size` is only the natural
     input size (recorded as `default_img_size`); the model is fully convolutional and runs at any size
     of at least `patch_size` pixels.
     """
@@ -45,6 +46,7 @@ class ConvMixer(nn.Module):
         stem_stride: int | None = None,
         residual_gain: bool = False,
         drop_rate: float = 0.0,
+        drop_path: float = 0.0,
         img_size: int = 224,
     ):
         super().__init__()
@@ -73,12 +75,13 @@ class ConvMixer(nn.Module):
                         nn.BatchNorm2d(dim),
                     ),
                     gain_init=0.0 if residual_gain else None,
+                    drop_path=rate,
                 ),
                 nn.Conv2d(dim, dim, kernel_size=1),  # channel mixing
                 act(),
                 nn.BatchNorm2d(dim),
             )
-            for _ in range(depth)
+            for rate in drop_path_rates(drop_path, depth)
         ])
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),

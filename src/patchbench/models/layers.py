@@ -1,4 +1,5 @@
-"""Small pieces shared by the model families: the residual wrapper, input-size checks, the study's init."""
+"""Small pieces shared by the model families: the residual wrapper, stochastic depth, input-size checks,
+the study's init."""
 
 from __future__ import annotations
 
@@ -6,22 +7,51 @@ import torch
 import torch.nn as nn
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016), per sample: in training, the branch it wraps is dropped
+    for a sample with probability `p` and scaled by 1 / (1 - p) otherwise; identity in eval. The same
+    draws as timm's `DropPath` (one bernoulli_ over a (B, 1, ...) tensor from the global RNG)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """timm's schedule: the rate grows linearly from 0 at the first block to `drop_path` at the last."""
+    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class Residual(nn.Module):
-    """`x + fn(x)`, or `x + gain * fn(x)` with a learnable scalar gain when `gain_init` is given.
+    """`x + fn(x)`, or `x + gain * fn(x)` with a learnable scalar gain when `gain_init` is given, the
+    branch dropped per sample with probability `drop_path` in training (stochastic depth).
 
     The gain is how the study's notebook scaled its ConvMixer residuals (initialised to 0, so every
     block starts as the identity on its mixing branch). It has shape (1,) so optimisers that skip
     weight decay on `ndim <= 1` parameters skip it too.
     """
 
-    def __init__(self, fn: nn.Module, gain_init: float | None = None):
+    def __init__(self, fn: nn.Module, gain_init: float | None = None, drop_path: float = 0.0):
         super().__init__()
         self.fn = fn
         self.gain = None if gain_init is None else nn.Parameter(torch.full((1,), float(gain_init)))
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fn(x)
-        return x + (out if self.gain is None else self.gain * out)
+        return x + self.drop_path(out if self.gain is None else self.gain * out)
 
 
 def check_img_size(img_size: int, min_size: int, model: str) -> int:

@@ -11,8 +11,12 @@ dropout).
 
 Image size: the position embedding has one entry per patch of an `img_size` x `img_size` image, so a
 ViT runs only at the size it was built for. Other sizes raise ValueError in `forward`, naming the
-`img_size=` to build it with; we do not interpolate position embeddings silently. `create_model`
-accepts `img_size=` for every model, so build the ViT for the size you train at.
+`img_size=` to build it with; we do not interpolate position embeddings silently. With
+`dynamic_img_size=True` (what training at other sizes than the evaluation size needs: progressive
+resizing, train-test resolution) any square multiple of the patch size is accepted, the position
+embedding resampled bicubically to its grid as timm's `resample_abs_pos_embed` does; at the built
+size nothing changes. `drop_path` is stochastic depth on both residual branches of every block,
+rising linearly over the blocks (timm's schedule).
 
 `seed_vit` is the study notebook's ViT, flaws included (see `SeedViT`).
 """
@@ -24,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchbench.models import register_model
-from patchbench.models.layers import kaiming_init_
+from patchbench.models.layers import DropPath, drop_path_rates, kaiming_init_
 
 
 def _num_patches(img_size: int, patch_size: int, model: str) -> int:
@@ -79,18 +83,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block, each branch dropped per sample with probability `drop_path`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ViT(nn.Module):
@@ -110,6 +115,8 @@ class ViT(nn.Module):
         patch_size: int = 16,
         img_size: int = 224,
         dropout: float = 0.0,
+        drop_path: float = 0.0,
+        dynamic_img_size: bool = False,
         in_chans: int = 3,
         num_classes: int = 10,
     ):
@@ -123,11 +130,13 @@ class ViT(nn.Module):
         grid = _num_patches(img_size, patch_size, "ViT")
         self.default_img_size = img_size
         self.patch_size = patch_size  # recorded in summary.json for the report's patch-grid figure
+        self.dynamic_img_size = dynamic_img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))  # +1: the cls token
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_drop = nn.Dropout(dropout)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_dim, dropout) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_dim, dropout, rate)
+                                      for rate in drop_path_rates(drop_path, depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
@@ -145,11 +154,28 @@ class ViT(nn.Module):
         """Parameters that must not be weight-decayed (besides the usual ndim <= 1 ones)."""
         return {"cls_token", "pos_embed"}
 
+    def pos_embed_for(self, grid: int) -> torch.Tensor:
+        """The position embedding for a grid x grid image: as learned, or resampled bicubically (timm's
+        resample_abs_pos_embed: cls entry kept, the patch grid interpolated in float32, antialiased)."""
+        built = self.default_img_size // self.patch_size
+        if grid == built:
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        dim = patches.shape[-1]
+        patches = patches.float().reshape(1, built, built, dim).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(self.pos_embed.dtype)
+        return torch.cat([cls, patches], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.default_img_size, "ViT")
+        if self.dynamic_img_size and x.shape[-1] == x.shape[-2] and x.shape[-1] % self.patch_size == 0:
+            grid = x.shape[-1] // self.patch_size
+        else:
+            _check_input(x, self.default_img_size, "ViT")
+            grid = self.default_img_size // self.patch_size
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, dim)
-        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)  # (B, N + 1, dim)
+        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed_for(grid))  # (B, N + 1, dim)
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])  # classify from the cls token
 

@@ -26,7 +26,7 @@ from patchbench.report.figures import (figure_accuracy_curves, figure_confusion,
                                        figure_patch_grid, figure_png, figure_sweep_heatmap, figure_tradeoffs,
                                        patch_views)
 from patchbench.report.load import Group, Study, load_study, group_runs
-from patchbench.report.stats import conclusion, pct, pm, results_rows
+from patchbench.report.stats import conclusion, pct, pm, reference_rows, results_rows
 
 FORMATS = ("md", "html")
 
@@ -99,6 +99,31 @@ def model_lines(meta: dict, groups: list[Group]) -> list[str]:
     return lines
 
 
+def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[str]]]:
+    """"Against the reference": the published numbers (study.json's reference) next to ours."""
+    rows = reference_rows(meta.get("reference"), groups)
+    if not rows:
+        return []
+    lines = [f"Reference: {meta['reference'].get('source', 'published figures')}.", "",
+             "| model | reference final % (best) | ours final % (mean ± std) | n | ours min–max | ours best-epoch % "
+             "| ours − reference | reference inside our range | within ±2 points |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = f"{pct(r['ref_final'])} ({pct(r['ref_best'])})"
+        rng = "–" if r["min"] is None else f"{pct(r['min'])}–{pct(r['max'])}"
+        gap = "–" if "gap" not in r else f"{100 * r['gap']:+.1f}"
+        yes = {True: "yes", False: "no"}
+        lines.append(f"| {r['model']} | {ref} | {pct(r['mean'])}{pm(r['std'])} | {r['n']} | {rng} | {pct(r['best'])} "
+                     f"| {gap} | {yes.get(r.get('inside'), '–')} | {yes.get(r.get('within_2'), '–')} |")
+    return [("Against the reference", lines)]
+
+
+def notes_section(meta: dict) -> list[tuple[str, list[str]]]:
+    """Notes written into study.json by hand or by a recipe (e.g. why a result differs from a reference)."""
+    notes = meta.get("notes") or []
+    return [("Notes", [f"- {n}" for n in notes])] if notes else []
+
+
 def problem_lines(study: Study) -> list[str]:
     lines = list(study.problems)
     for run in study.runs:
@@ -152,7 +177,8 @@ def build_report(study: Study) -> Report:
     return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
                   table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
-                  problems=problem_lines(study), figures=figures, configs=configs)
+                  problems=problem_lines(study), figures=figures, configs=configs,
+                  sections=reference_section(study.meta, groups) + notes_section(study.meta))
 
 
 def to_markdown(report: Report) -> str:

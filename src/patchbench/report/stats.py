@@ -98,3 +98,24 @@ def conclusion(groups: list[Group]) -> list[str]:
                 text += f"; Welch's t-test: t={t:.2f}, df={df:.1f}, p={p:.3g} ({verdict} at the 5% level)."
         lines.append(text)
     return lines
+
+
+def reference_rows(reference: dict | None, groups: list[Group]) -> list[dict]:
+    """Each referenced model's published final (and best-epoch) top-1 against ours: the difference, and
+    whether the published number lies inside the range of our seeds and within 2 points of our mean."""
+    rows = []
+    for model, ref in (reference or {}).items():
+        if model == "source" or not isinstance(ref, dict):
+            continue
+        done = [r for g in groups if g.model == model for r in g.done]
+        finals = [r.summary["final_top1"] for r in done]
+        mean, std = mean_std(finals)
+        best, _ = mean_std([r.summary["best_top1"] for r in done if r.summary.get("best_top1") is not None])
+        row = {"model": model, "ref_final": ref.get("final"), "ref_best": ref.get("best"), "mean": mean, "std": std,
+               "n": len(finals), "min": min(finals, default=None), "max": max(finals, default=None), "best": best}
+        if mean is not None and ref.get("final") is not None:
+            row["gap"] = mean - ref["final"]
+            row["inside"] = row["min"] <= ref["final"] <= row["max"]
+            row["within_2"] = abs(row["gap"]) <= 0.02
+        rows.append(row)
+    return rows
