@@ -52,6 +52,14 @@ def test_match_budget_within_five_percent(model):
     assert knob in overrides
 
 
+def test_a_model_already_within_the_budget_is_kept_as_designed():
+    """ConvMixer-256/12 has 996,362 parameters: at a 1.0M budget its width (256: whole vectors of 16
+    channels for the C kernels) stays, rather than moving to the marginally closer dim=255."""
+    assert cp.match_budget("convmixer_256_12", 1_000_000, num_classes=10, img_size=160) == ({}, 996_362)
+    overrides, _ = cp.match_budget("convmixer_256_12", 1_100_000, num_classes=10, img_size=160)
+    assert overrides["dim"] != 256
+
+
 @pytest.mark.parametrize("budget", [1_000_000, 2_000_000, 20_000])
 def test_vit_budget_keeps_heads_and_mlp_ratio_unless_too_coarse(budget):
     overrides, params = cp.match_budget("vit_tiny_6l8h", budget, num_classes=10, img_size=64)

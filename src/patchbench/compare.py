@@ -143,8 +143,8 @@ def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) 
 
 def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, base: dict | None = None,
                  tolerance: float = BUDGET_TOLERANCE) -> tuple[dict, int]:
-    """(overrides, params): `base` (the preset's overrides: depth, patch size, ...) with the width whose
-    parameter count is closest to `budget`.
+    """(overrides, params): `base` (the preset's overrides: depth, patch size, ...) unchanged when it is
+    within `tolerance` of `budget` already, else with the width whose parameter count is closest.
 
     Raises UserError when even the closest width misses by more than `tolerance` (relative).
     """
@@ -157,6 +157,9 @@ def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, ba
     def count(overrides: dict) -> int:
         return model_params(model, num_classes=num_classes, img_size=img_size, **overrides)
 
+    if abs(count(base) - budget) <= tolerance * budget:
+        return base, count(base)  # already within the budget: keep the model as designed (its width may be
+        # chosen for speed, e.g. a multiple of 16 channels for patchbench.kernels)
     overrides = overrides_for(_closest(lambda w: count(overrides_for(w)), budget, default, 1 << 14))
     if fine and abs(count(overrides) - budget) > tolerance * budget:
         coarse = dict(overrides)
