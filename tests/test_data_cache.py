@@ -156,3 +156,78 @@ def test_reextracting_the_same_archive_reuses_the_prepared_cache(tmp_path):
     shutil.rmtree(tmp_path / "cache" / "extracted")  # files come back with the archive's mtimes
     again = prepare(cfg, progress=False, workers=1)
     assert again.reused and again.path == first.path
+
+
+# --------------------------------------------------------------------------------------------------
+# Every image mode PIL opens: the right RGB values, or skipped and reported
+
+GREY = np.array([[0, 1, 64, 127], [128, 200, 254, 255]], dtype=np.uint8)
+
+
+def _expected_grey(values8: np.ndarray) -> np.ndarray:
+    return np.repeat(values8[..., None], 3, axis=2)
+
+
+MODES = {
+    # mode: (how to make it, file suffix, the RGB it means)
+    "1": (lambda: Image.fromarray(GREY > 127), ".png", _expected_grey(np.where(GREY > 127, 255, 0).astype(np.uint8))),
+    "L": (lambda: Image.fromarray(GREY), ".png", _expected_grey(GREY)),
+    "LA": (lambda: Image.merge("LA", [Image.fromarray(GREY), Image.fromarray(255 - GREY)]), ".png", _expected_grey(GREY)),
+    "P": (lambda: _palette(), ".png", np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]]] * 2,
+                                              dtype=np.uint8)),
+    "RGB": (lambda: Image.fromarray(np.dstack([GREY, 255 - GREY, GREY // 2])), ".png",
+            np.dstack([GREY, 255 - GREY, GREY // 2])),
+    "RGBA": (lambda: Image.fromarray(np.dstack([GREY, 255 - GREY, GREY // 2, GREY])), ".png",  # alpha dropped
+             np.dstack([GREY, 255 - GREY, GREY // 2])),
+    "I;16": (lambda: Image.fromarray((GREY.astype(np.uint16) * 257)), ".png", _expected_grey(GREY)),  # 16-bit
+    "I;16 odd": (lambda: Image.fromarray(np.array([[0, 1000, 32768, 65535]] * 2, dtype=np.uint16)), ".png",
+                 _expected_grey(np.array([[0, 4, 128, 255]] * 2, dtype=np.uint8))),  # round(v / 257)
+    "I": (lambda: Image.fromarray(GREY.astype(np.int32) * 257), ".tif", _expected_grey(GREY)),
+    "CMYK": (lambda: Image.frombytes("CMYK", (4, 2), np.dstack([GREY, GREY * 0, 255 - GREY, GREY * 0]).tobytes()),
+             ".tif", np.dstack([255 - GREY, np.full_like(GREY, 255), GREY])),  # PIL: R = 255 - C, ...
+}
+
+
+def _palette() -> Image.Image:
+    im = Image.fromarray(np.array([[0, 1, 2, 3]] * 2, dtype=np.uint8), mode="P")
+    im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30] + [0] * (256 * 3 - 12))
+    return im
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_every_mode_decodes_to_the_rgb_it_means(tmp_path, name):
+    make, suffix, expected = MODES[name]
+    im = make()
+    path = tmp_path / f"img{suffix}"
+    im.save(path)
+    with Image.open(path) as check:
+        assert check.mode == name.split()[0]  # the file really is in that mode
+    h, w = expected.shape[:2]
+    from patchbench.data.cache import to_rgb
+
+    with Image.open(path) as opened:
+        assert np.array_equal(np.asarray(to_rgb(opened)), expected)
+    out = decode_image(path, min(h, w))  # no resize: shorter side already the size, centre crop
+    left = (w - min(h, w)) // 2
+    assert np.array_equal(out, expected[:, left:left + min(h, w)])
+
+
+@pytest.mark.parametrize("array", [np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32),
+                                   np.array([[0, 70000], [5, 6]], dtype=np.int32)])
+def test_pixels_without_an_rgb_reading_are_refused(tmp_path, array):
+    """Refused by the decoder, so prepare skips and reports the file like a corrupt one (see the corrupt
+    image test above) and predict says so in one line."""
+    from patchbench.data.cache import UndecodableImage
+
+    path = tmp_path / "deep.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(UndecodableImage, match="no standard 8-bit reading"):
+        decode_image(path, 2)
+
+
+def test_a_16_bit_png_in_a_dataset_is_decoded_not_clipped(tmp_path):
+    root = make_folder(tmp_path / "toy", size=(4, 4))
+    Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)).save(root / "train" / WNIDS[0] / "deep.png")
+    data = prepare(cfg_for(root, tmp_path, prepare_size=4), progress=False, workers=1)
+    assert len(data.skipped) == 0 and len(data.train) == 10
+    assert (np.asarray(data.train.images) == 4).all(axis=(1, 2, 3)).sum() == 1  # 1000 / 257, not 255

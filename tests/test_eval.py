@@ -68,4 +68,4 @@ def test_predict_needs_only_the_checkpoint(run, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "junk.jpg").write_text("not an image")
     assert main(["predict", str(moved), str(tmp_path / "junk.jpg")]) == 2
-    assert "cannot read it as an image" in capsys.readouterr().err
+    assert "cannot read it as an RGB image" in capsys.readouterr().err

@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from patchbench import rundir
-from patchbench.config import Recipe, RunConfig, build_config, get_preset
+from patchbench.config import Recipe, RunConfig, build_config
 from patchbench.errors import UserError
-from patchbench.flops import count_params
+from patchbench.flops import count_macs, count_params
 from patchbench.models import check_overrides, create_model, describe
 from patchbench.train import TrainingDiverged, train_run
 
@@ -59,16 +59,16 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(s) for s in parse_names(text, "--seeds")]
     except ValueError:
         raise UserError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
-    if min(seeds) < 0:
-        raise UserError(f"--seeds {text!r}: seeds must be >= 0")
+    if min(seeds) < 0 or max(seeds) > 2**32 - 1:
+        raise UserError(f"--seeds {text!r}: seeds must be whole numbers in [0, 4294967295]")
     return seeds
 
 
-def parse_budget(text: str) -> int:
-    """'1.0M', '800K', '1500000' -> a parameter count."""
+def parse_budget(text: str, flag: str = "--param-budget") -> int:
+    """'1.0M', '800K', '1500000' -> a count."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"--param-budget {text!r}: give a positive count such as 1.0M, 800K or 1500000")
+        raise UserError(f"{flag} {text!r}: give a positive count such as 1.0M, 800K or 1500000")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
     return int(round(float(m.group(1)) * scale))
 
@@ -107,6 +107,15 @@ def model_params(model: str, *, num_classes: int, img_size: int, **overrides) ->
         return count_params(create_model(model, num_classes=num_classes, img_size=img_size, **overrides))
 
 
+def model_macs(model: str, *, num_classes: int, img_size: int, **overrides) -> int:
+    """MACs of one forward pass on one `img_size` image, counted on the meta device."""
+    with torch.device("meta"):
+        return count_macs(create_model(model, num_classes=num_classes, img_size=img_size, **overrides), img_size)
+
+
+MEASURES = {"params": (model_params, "--param-budget", "parameters"), "macs": (model_macs, "--mac-budget", "MACs")}
+
+
 def width_knob(model: str, *, num_classes: int, img_size: int,
                base: dict | None = None) -> tuple[str, int, Callable[[int], dict], str | None]:
     """(what is varied, its value in `base`, width -> overrides, a finer knob or None) for the model's family.
@@ -126,8 +135,10 @@ def width_knob(model: str, *, num_classes: int, img_size: int,
         dim, heads = net.head.in_features, net.blocks[0].attn.num_heads
         ratio = net.blocks[0].mlp.fc1.out_features / dim
         return "dim", dim // heads, lambda w: {"dim": heads * w, "mlp_dim": round(ratio * heads * w)}, "mlp_dim"
-    raise UserError(f"model {model!r} ({kind}) has no width to size for --param-budget; "
-                    f"use a convmixer_*, vit_* or resnet* model")
+    if kind == "Isotropic":  # every cell alike: `dim` in steps of 1 (attention heads are dim // num_heads wide)
+        return "dim", net.head.in_features, lambda w: {"dim": w}, None
+    raise UserError(f"model {model!r} ({kind}) has no width to size for a budget; "
+                    f"use a convmixer_*, vit_*, resnet* or iso_* model")
 
 
 def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) -> int:
@@ -142,12 +153,14 @@ def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) 
 
 
 def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, base: dict | None = None,
-                 tolerance: float = BUDGET_TOLERANCE) -> tuple[dict, int]:
-    """(overrides, params): `base` (the preset's overrides: depth, patch size, ...) unchanged when it is
-    within `tolerance` of `budget` already, else with the width whose parameter count is closest.
+                 tolerance: float = BUDGET_TOLERANCE, measure: str = "params") -> tuple[dict, int]:
+    """(overrides, size): `base` (the preset's overrides: depth, patch size, ...) unchanged when it is
+    within `tolerance` of `budget` already, else with the width whose size is closest. The size is the
+    parameter count, or with measure="macs" the MACs of one forward pass at `img_size`.
 
     Raises UserError when even the closest width misses by more than `tolerance` (relative).
     """
+    size_of, flag, unit = MEASURES[measure]
     base = dict(base or {})
     knob, default, width_overrides, fine = width_knob(model, num_classes=num_classes, img_size=img_size, base=base)
 
@@ -155,23 +168,25 @@ def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, ba
         return {**base, **width_overrides(w)}
 
     def count(overrides: dict) -> int:
-        return model_params(model, num_classes=num_classes, img_size=img_size, **overrides)
+        return size_of(model, num_classes=num_classes, img_size=img_size, **overrides)
 
     if abs(count(base) - budget) <= tolerance * budget:
         return base, count(base)  # already within the budget: keep the model as designed (its width may be
         # chosen for speed, e.g. a multiple of 16 channels for patchbench.kernels)
-    overrides = overrides_for(_closest(lambda w: count(overrides_for(w)), budget, default, 1 << 14))
+    w = _closest(lambda v: count(overrides_for(v)), budget, default, 1 << 14)
+    overrides = overrides_for(w)
     if fine and abs(count(overrides) - budget) > tolerance * budget:
         coarse = dict(overrides)
         overrides[fine] = _closest(lambda v: count({**coarse, fine: v}), budget, coarse[fine], 1 << 16)
     got = count(overrides)
     if abs(got - budget) > tolerance * budget:
-        w = overrides[knob]
+        near = f"{knob}={overrides[knob]} has {got:,}"
         neighbour = w + 1 if got < budget else w - 1  # the width on the budget's other side
-        near = f"{knob}={w} has {got:,}" + (f", {knob}={neighbour} has {count({**overrides, knob: neighbour}):,}"
-                                            if neighbour >= 1 and not fine else "")
-        raise UserError(f"--param-budget {budget:,} is more than {tolerance:.0%} from every {model}: {near} "
-                        f"parameters; choose a budget near one of these")
+        if neighbour >= 1 and not fine:
+            other = overrides_for(neighbour)
+            near += f", {knob}={other[knob]} has {count(other):,}"
+        raise UserError(f"{flag} {budget:,} is more than {tolerance:.0%} from every {model}: {near} "
+                        f"{unit}; choose a budget near one of these")
     return overrides, got
 
 
@@ -202,19 +217,20 @@ class Layers:
         return build_config(model, preset=self.preset, config=self.config, changes=self.changes,
                             overrides=overrides, seed=seed)
 
-    def _recipes(self) -> list[Recipe]:
-        base = get_preset(self.config.preset) if self.config is not None and self.config.preset and \
-            self.preset is None else None
-        return [r for r in (base, self.preset, self.config) if r is not None]
+    def _lookup(self, attr: str):
+        """The recipe setting `attr`: the config file's, else the preset's (each with its base presets)."""
+        for recipe in (self.config, self.preset):
+            if recipe is not None and recipe.inherited(attr):
+                return recipe.inherited(attr)
+        return None
 
     @property
     def param_budget(self) -> int | None:
-        """The recipe's matched budget (a config file's over its preset's), None when it sets none."""
-        return next((r.param_budget for r in reversed(self._recipes()) if r.param_budget), None)
+        return self._lookup("param_budget")
 
     @property
     def reference(self) -> dict | None:
-        return next((r.reference for r in reversed(self._recipes()) if r.reference), None)
+        return self._lookup("reference")
 
 
 def plan_compare(models: list[str], seeds: list[int], layers: Layers,
@@ -410,7 +426,8 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
 # --------------------------------------------------------------------------------------------------
 # study.json and samples.npz
 
-STUDY_IDENTITY = ("preset", "data", "grid", "param_budget", "overrides", "config_file", "kind")
+STUDY_IDENTITY = ("preset", "data", "grid", "param_budget", "mac_budget", "overrides", "config_file", "kind",
+                  "ablation")
 
 
 def write_study_json(study: Path, meta: dict) -> dict:
@@ -426,7 +443,7 @@ def write_study_json(study: Path, meta: dict) -> dict:
                                 f"{json.dumps(meta.get(key))}; use another --out (or the same settings to extend it)")
         for key in ("models", "seeds", "runs"):
             meta[key] = list(dict.fromkeys([*old.get(key, []), *meta[key]]))
-        for key in ("chosen", "chosen_params", "patch_sizes", "labels"):
+        for key in ("chosen", "chosen_params", "chosen_macs", "patch_sizes", "labels"):
             meta[key] = {**old.get(key, {}), **meta.get(key, {})}
         if old.get("notes"):  # written by hand: what the numbers mean (the report shows them)
             meta["notes"] = old["notes"]
@@ -502,38 +519,60 @@ def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, pro
 
 def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, preset: Recipe | None = None,
             config: Recipe | None = None, changes: dict | None = None, param_budget: int | None = None,
-            progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
-    """Train models x seeds into `out` (skipping finished runs), then write the report."""
-    study = Path(out)
+            mac_budget: int | None = None, progress: bool = True, stale_after: float = 600.0,
+            report_formats=("md", "html"), work=None, kind: str = "compare", extra_meta: dict | None = None
+            ) -> StudyResult:
+    """Train models x seeds into `out` (skipping finished runs), then write the report.
+
+    With a budget (`param_budget`, else `mac_budget`, else the recipe's param_budget) every model is
+    sized by its width to within ±5% of it; study.json records the chosen sizes, parameters and MACs."""
+    study = rundir.check_writable_dir(out, "--out")
     layers = Layers(preset, config, changes)
-    param_budget = param_budget or layers.param_budget
+    if param_budget and mac_budget:
+        raise UserError("--param-budget and --mac-budget: give one of them")
+    budget, measure = ((param_budget, "params") if param_budget else (mac_budget, "macs") if mac_budget
+                       else (layers.param_budget, "params"))
     base = {m: layers.config_for(m).validate() for m in models}
     data = _prepare(base[models[0]], progress)
     num_classes = len(data.classes)
-    chosen, chosen_params = {}, {}
+    chosen, chosen_params, chosen_macs = {}, {}, {}
     for m in models:
         img_size, overrides = base[m].data.img_size, base[m].model.overrides
-        if param_budget:
-            chosen[m], chosen_params[m] = match_budget(m, param_budget, num_classes=num_classes, img_size=img_size,
-                                                       base=overrides)
-        else:
-            chosen[m] = dict(overrides)
-            chosen_params[m] = model_params(m, num_classes=num_classes, img_size=img_size, **overrides)
-    meta = {**_study_meta("compare", layers, models, seeds, base[models[0]]), "param_budget": param_budget,
-            "chosen": chosen, "chosen_params": chosen_params, "labels": {m: describe(m, chosen[m]) for m in models},
+        size = dict(num_classes=num_classes, img_size=img_size)
+        chosen[m] = match_budget(m, budget, **size, base=overrides, measure=measure)[0] if budget else dict(overrides)
+        chosen_params[m] = model_params(m, **size, **chosen[m])
+        chosen_macs[m] = model_macs(m, **size, **chosen[m])
+    meta = {**_study_meta(kind, layers, models, seeds, base[models[0]]),
+            "param_budget": budget if measure == "params" else None,
+            "mac_budget": budget if measure == "macs" else None, "chosen": chosen, "chosen_params": chosen_params,
+            "chosen_macs": chosen_macs, "labels": {m: describe(m, chosen[m]) for m in models},
             "img_size": base[models[0]].data.img_size, "num_classes": num_classes,
             "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=base[m].data.img_size)
-                            for m in models}}
+                            for m in models}, **(extra_meta or {})}
     plan = plan_compare(models, seeds, layers, chosen)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
                     report_formats=report_formats)
+
+
+def ablate(mixers: list[str], stems: list[str], seeds: list[int], out: str | os.PathLike, **kw) -> StudyResult:
+    """The controlled experiment: every (token mixer, stem) cell of the isotropic backbone x seeds, at the
+    recipe's (or the given) matched budget; the report adds the mixer x stem table and each factor's effect."""
+    from patchbench.models.isotropic import MIXERS, STEMS
+
+    for what, given, known in (("--mixers", mixers, MIXERS), ("--stems", stems, STEMS)):
+        unknown = [v for v in given if v not in known]
+        if unknown or not given:
+            raise UserError(f"{what} {','.join(given)}: choose from {', '.join(known)}")
+    models = [f"iso_{m}_{s}" for m in mixers for s in stems]
+    return compare(models, seeds, out, kind="ablation", extra_meta={"ablation": {"mixers": mixers, "stems": stems}},
+                   **kw)
 
 
 def sweep(model: str, grid: dict[str, list], seeds: list[int], out: str | os.PathLike, *,
           preset: Recipe | None = None, config: Recipe | None = None, changes: dict | None = None,
           progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Train every grid cell (model overrides) x seed into `out`, then write the report with its heatmap."""
-    study = Path(out)
+    study = rundir.check_writable_dir(out, "--out")
     layers = Layers(preset, config, changes)
     grid = typed_grid(model, grid)
     base = layers.config_for(model).validate()

@@ -336,7 +336,10 @@ class Recipe:
     def apply(self, cfg: RunConfig) -> RunConfig:
         """`cfg` with this recipe's settings on top (its per-model settings for cfg's model included).
 
-        Model overrides stack: earlier layers, then this recipe's per-model `overrides`, then its [model]."""
+        Model overrides stack: earlier layers, then this recipe's per-model `overrides`, then its [model].
+        A recipe based on another preset (`preset = "name"`) applies that one first."""
+        if self.preset and self.preset != self.name:
+            cfg = get_preset(self.preset).apply(cfg)
         if self.model and self.model.get("name"):
             cfg.model = ModelConfig(name=self.model["name"], overrides=dict(cfg.model.overrides))
         mine = self.per_model.get(cfg.model.name, {})
@@ -365,6 +368,13 @@ class Recipe:
     @property
     def train_config(self) -> TrainConfig:
         return apply_changes(TrainConfig(), self.train, "train", self.where)
+
+    def inherited(self, attr: str):
+        """This recipe's `attr`, or its base preset's when it sets none."""
+        own = getattr(self, attr)
+        if own or not self.preset or self.preset == self.name:
+            return own
+        return get_preset(self.preset).inherited(attr)
 
     def model_overrides(self, model: str) -> dict[str, Any]:
         return dict(self.per_model.get(model, {}).get("overrides", {}))
@@ -463,11 +473,9 @@ def build_config(model: str | None, *, preset: Recipe | None = None, config: Rec
 
     `model` may be None when the config file's [model] names it. A config file that names a base
     preset gets it applied first, unless a different --preset was given (an error)."""
-    if config is not None and config.preset:
-        if preset is not None and preset.name != config.preset:
-            raise UserError(f"--config {config.where} is based on preset {config.preset!r}, but --preset "
-                            f"{preset.name} was given; drop one of them")
-        preset = preset or get_preset(config.preset)
+    if config is not None and config.preset and preset is not None and preset.name != config.preset:
+        raise UserError(f"--config {config.where} is based on preset {config.preset!r}, but --preset "
+                        f"{preset.name} was given; drop one of them")
     named = (config.model or {}).get("name") if config is not None else None
     if model and named and model != named:
         raise UserError(f"--model {model}, but --config {config.where} is a config of {named}; drop one of them")

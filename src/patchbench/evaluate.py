@@ -97,8 +97,8 @@ def _load_image(path: str | Path, transform: dict) -> torch.Tensor:
         return torch.from_numpy(np.array(decode_image(path, transform["prepare_size"])))  # writable copy
     except FileNotFoundError:
         raise UserError(f"image {path}: no such file") from None
-    except OSError as e:
-        raise UserError(f"image {path}: cannot read it as an image ({e})") from None
+    except (OSError, ValueError) as e:  # PIL's "cannot identify image file", or pixels with no RGB reading
+        raise UserError(f"image {path}: cannot read it as an RGB image ({e})") from None
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
 from patchbench.kernels import use_fast_kernels
 from patchbench.metrics import Meter
-from patchbench.models import arguments, create_model, describe
+from patchbench.models import arguments, check_overrides, create_model, describe
 from patchbench.models.layers import kaiming_init_
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.threads import ThreadTuner
@@ -586,6 +586,7 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
     KeyboardInterrupt after checkpointing on SIGINT/SIGTERM.
     """
     cfg.validate()
+    check_overrides(cfg.model.name, cfg.model.overrides, "model argument")  # an unknown name or argument: now
     out = Path(out_dir)
     threads = torch.get_num_threads()
     if cfg.train.threads:
@@ -601,6 +602,8 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
         plan = plan_run_dir(out, cfg, resume, overwrite)  # every rank checks before anyone writes
         if plan == "finished":
             return rundir.read_summary(out / rundir.SUMMARY)
+        if ctx.main:  # before the data is prepared: a folder that cannot be written fails now
+            rundir.check_writable_dir(out, "--resume" if resume else "--out")
         ctx.barrier()
         s = setup(cfg, out, ctx, plan, overwrite, progress)
         return _run(s, progress)

@@ -22,6 +22,8 @@ def add_parser(sub):
     p.add_argument("--models", metavar="A,B,C", help="comma-separated model names (default: the preset's)")
     p.add_argument("--param-budget", metavar="N", help="size each model's width to N parameters (±5%%), "
                    "e.g. 1.0M; the chosen widths are stored in study.json and stated in the report")
+    p.add_argument("--mac-budget", metavar="N", help="size each model's width to N MACs per image instead "
+                   "(±5%%), e.g. 100M")
     p.set_defaults(func=run)
 
 
@@ -83,6 +85,7 @@ def run(args) -> int:
     if not models:
         raise UserError("no models: pass --models a,b,c (the recipe lists none)")
     result = compare(models=models, out=args.out,
-                     param_budget=parse_budget(args.param_budget) if args.param_budget else None, **inputs)
+                     param_budget=parse_budget(args.param_budget) if args.param_budget else None,
+                     mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None, **inputs)
     print_result(result)
     return 1 if result.outcome["failed"] else 0

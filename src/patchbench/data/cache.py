@@ -34,6 +34,7 @@ from tqdm import tqdm
 from patchbench.config import DataConfig
 from patchbench.data.imagenette import cache_root, class_name, list_images, resolve_source
 from patchbench.errors import UserError
+from patchbench.rundir import OutputError, atomic_write_json, make_dir, output_error
 
 CACHE_VERSION = 1
 
@@ -92,11 +93,39 @@ class PreparedData:
         return self.index.get("skipped", [])
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UndecodableImage(ValueError):
+    """An image whose pixels have no standard 8-bit RGB reading (it is skipped and reported)."""
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode PIL opens -> 8-bit RGB with the values that mode means.
+
+    PIL's own conversion is right for the 8-bit modes (1, L, LA, P, PA, RGB, RGBA, RGBX, CMYK, YCbCr, LAB,
+    HSV; alpha is dropped, as torchvision's RGB read does). It is wrong for deeper pixels, which it
+    clips at 255: 16-bit grey (a 16-bit PNG) is scaled to 8 bits here (v / 257, rounded), as is 32-bit
+    integer grey holding 16-bit values; other 32-bit integer and float pixels have no standard 8-bit
+    reading and raise UndecodableImage.
+    """
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UndecodableImage(f"{im.mode} pixels outside 0..65535 have no standard 8-bit reading; "
+                                   f"convert the file to 8-bit RGB")
+        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise UndecodableImage("floating-point pixels have no standard 8-bit reading; convert the file to 8-bit RGB")
+    return im.convert("RGB")
+
+
 def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image file -> (size, size, 3) uint8: shorter side to `size`, centre crop, RGB."""
+    """One image file -> (size, size, 3) uint8: shorter side to `size`, centre crop, RGB (see `to_rgb`)."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2^k, staying >= size
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -185,11 +214,20 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
                         wnids=index["wnids"], path=path, index=index)
 
 
+def _disk_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 .npy memmap whose blocks are allocated on disk now: a disk too small for it raises
+    OSError(ENOSPC) here, rather than a SIGBUS when a page of a sparse file is first written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    return array
+
+
 def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str, list[Path]],
            fingerprint: str, size: int, progress: bool, workers: int) -> None:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_dir(tmp)
     label_of = {w: i for i, w in enumerate(wnids)}
     total = sum(len(v) for v in files.values())
     skipped: list[dict] = []
@@ -203,8 +241,7 @@ def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str
             for split in ("train", "val"):
                 paths = files[split]
                 labels = np.array([label_of[p.parent.name] for p in paths], dtype=np.int64)
-                images = np.lib.format.open_memmap(tmp / f"{split}_images.npy", mode="w+",
-                                                   dtype=np.uint8, shape=(len(paths), size, size, 3))
+                images = _disk_array(tmp / f"{split}_images.npy", (len(paths), size, size, 3))
                 jobs = [(str(p), size) for p in paths]
                 results = pool.imap(_decode_job, jobs, chunksize=32) if pool else map(_decode_job, jobs)
                 keep = np.ones(len(paths), dtype=bool)
@@ -222,14 +259,18 @@ def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str
                 del images
                 if n < len(paths):  # shrink the array to the images that decoded
                     full = np.load(tmp / f"{split}_images.npy", mmap_mode="r")
-                    kept = np.lib.format.open_memmap(tmp / f"{split}_images.kept.npy", mode="w+",
-                                                     dtype=np.uint8, shape=(n, size, size, 3))
+                    kept = _disk_array(tmp / f"{split}_images.kept.npy", (n, size, size, 3))
                     kept[:] = full[:n]
                     kept.flush()
                     del kept, full
                     os.replace(tmp / f"{split}_images.kept.npy", tmp / f"{split}_images.npy")
                 np.save(tmp / f"{split}_labels.npy", labels[keep])
                 counts[split] = n
+    except OSError as e:  # a full disk, most likely: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(len(v) for v in files.values()) * size * size * 3
+        raise OutputError(f"{output_error(out, e)} (the cache needs about {need / 2**20:,.0f} MB; or choose "
+                          f"another --cache-dir)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -251,7 +292,7 @@ def _build(out: Path, root: Path, source: str, wnids: list[str], files: dict[str
         "decode_seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    atomic_write_json(tmp / "index.json", index)
     if _valid(out, fingerprint, size):  # another process finished the same cache first: keep it
         shutil.rmtree(tmp, ignore_errors=True)
         return

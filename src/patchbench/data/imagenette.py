@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from patchbench.config import cache_root, default_cache_dir  # noqa: F401 (re-exported)
 from patchbench.errors import UserError
+from patchbench.rundir import output_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
@@ -204,10 +205,19 @@ def _member_target(archive: Path, root: Path, name: str) -> Path:
 
 
 def _write_member(src, out: Path, mtime: float) -> None:
-    """Copy an open member to `out`, keeping the archive's time (a stable cache key)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with src, open(out, "wb") as f:
-        shutil.copyfileobj(src, f, 1 << 20)
+    """Copy an open member to `out`, keeping the archive's time (a stable cache key). A failed write
+    (a full disk) is an OutputError naming the file, not taken for a corrupt archive."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(out, "wb")
+    except OSError as e:
+        raise output_error(out, e) from None
+    with src, f:
+        while chunk := src.read(1 << 20):  # reading: the archive's errors (caught by the caller)
+            try:
+                f.write(chunk)
+            except OSError as e:
+                raise output_error(out, e) from None
     os.utime(out, (mtime, mtime))
 
 
@@ -226,9 +236,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                     continue
                 _write_member(tar.extractfile(member), out, member.mtime)
     except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"cannot read archive {archive}: {e} (truncated or corrupt? "
+        raise UserError(f"cannot read archive {archive}: {_short(e)} (truncated or corrupt? "
                         f"download it again)") from e
 
 
@@ -247,8 +255,13 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                     continue
                 _write_member(zf.open(info), out, time.mktime(info.date_time + (0, 0, -1)))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise UserError(f"cannot read archive {archive}: {e} (truncated or corrupt? "
+        raise UserError(f"cannot read archive {archive}: {_short(e)} (truncated or corrupt? "
                         f"download it again)") from e
+
+
+def _short(e: Exception) -> str:
+    """The first clause of an archive library's message (tarfile lists every method it tried)."""
+    return str(e).split(" - method")[0].strip().rstrip(":")[:160] or type(e).__name__
 
 
 # ----------------------------------------------------------------------------- sources
@@ -328,14 +341,14 @@ def resolve_source(source: str, *, cache_dir=None, md5: str | None = None, downl
                                 f"`patchbench data download {source}` (cache: {cache})")
             download_file(entry.url, archive, expected, progress=progress)
             fetched = True
-        return _extract_once(archive, cache, expected, verified=fetched)
+        return _extract_once(archive, cache, expected, verified=fetched, progress=progress)
     path = Path(source).expanduser()
     if path.is_dir():
         root = find_root(path)
         list_images(root)  # fail now, with the folder named, rather than inside prepare
         return root
     if path.is_file() and is_archive(path):
-        return _extract_once(path, cache, md5, verified=False)
+        return _extract_once(path, cache, md5, verified=False, progress=progress)
     if path.exists():
         raise UserError(f"--data {source}: not a folder or a .tgz/.tar.gz/.tar/.zip archive")
     raise UserError(f"--data {source}: no such file or folder, and not a registered dataset "
@@ -351,7 +364,7 @@ def _extracted(cache: Path, archive: Path, md5: str | None) -> bool:
     return (_extract_dir(cache, archive, md5) / EXTRACTED_MARKER).exists()
 
 
-def _extract_once(archive: Path, cache: Path, md5: str | None, *, verified: bool) -> Path:
+def _extract_once(archive: Path, cache: Path, md5: str | None, *, verified: bool, progress: bool = True) -> Path:
     """Extract `archive` into the cache unless an extraction of this very file is there already.
 
     The marker records the archive's size and mtime (and MD5 when one was checked), so a changed
@@ -375,7 +388,8 @@ def _extract_once(archive: Path, cache: Path, md5: str | None, *, verified: bool
         if got != md5.lower():
             raise UserError(f"MD5 mismatch for {archive}: expected {md5}, got {got}; fix --md5 "
                             f"or replace the file")
-    print(f"extracting {archive} to {target}", file=sys.stderr, flush=True)
+    if progress:
+        print(f"extracting {archive} to {target}", file=sys.stderr, flush=True)
     safe_extract(archive, target)
     info["md5"] = md5.lower() if md5 else None
     tmp = marker.with_name(marker.name + ".tmp")

@@ -110,4 +110,4 @@ def describe(name: str, overrides: dict[str, Any] | None = None) -> str:
 
 
 # Importing the families fills the registry.
-from patchbench.models import convmixer, resnet, vit  # noqa: E402,F401
+from patchbench.models import convmixer, isotropic, resnet, vit  # noqa: E402,F401

@@ -51,21 +51,28 @@ def _check_input(x: torch.Tensor, img_size: int, model: str) -> None:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one packed q/k/v projection (as timm and the paper)."""
+    """Multi-head self-attention with one packed q/k/v projection (as timm and the paper).
+
+    Heads are dim // num_heads wide; when num_heads does not divide dim, q/k/v and the output
+    projection work in num_heads * (dim // num_heads) channels (the isotropic backbone's budgets size
+    dim in steps of 1); when it divides, this is exactly timm's Attention."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        if not 1 <= num_heads <= dim:
+            raise ValueError(f"attention needs 1 <= num_heads <= dim, got num_heads={num_heads}, dim={dim}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        x = x.transpose(1, 2).reshape(B, N, D)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
 

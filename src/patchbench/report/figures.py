@@ -188,14 +188,24 @@ def figure_sweep_heatmap(groups: list[Group], grid: dict[str, list]) -> Figure |
         return None
     rows_k, cols_k = keys[0], keys[1] if len(keys) == 2 else None
     row_vals, col_vals = grid[rows_k], grid[cols_k] if cols_k else [None]
+    cells = {(r, c): [] for r in row_vals for c in col_vals}
+    for g in groups:
+        rv, cv = g.overrides.get(rows_k), g.overrides.get(cols_k) if cols_k else None
+        if (rv, cv) in cells:
+            cells[rv, cv] += g.finals()
+    return figure_heatmap(cells, row_vals, col_vals, rows_k, cols_k or "")
+
+
+def figure_heatmap(cells: dict[tuple, list[float]], row_vals: list, col_vals: list, row_name: str,
+                   col_name: str, title: str = "final val top-1 (%), mean over seeds") -> Figure:
+    """Mean of each (row, column) cell's values in percent, with n; empty cells say "missing"."""
     acc = np.full((len(row_vals), len(col_vals)), np.nan)
     counts = np.zeros_like(acc, dtype=int)
-    for g in groups:
-        vals = g.finals()
-        rv, cv = g.overrides.get(rows_k), g.overrides.get(cols_k) if cols_k else None
-        if vals and rv in row_vals and cv in col_vals:
-            i, j = row_vals.index(rv), col_vals.index(cv)
-            acc[i, j], counts[i, j] = 100 * sum(vals) / len(vals), len(vals)
+    for i, r in enumerate(row_vals):
+        for j, c in enumerate(col_vals):
+            vals = cells.get((r, c), [])
+            if vals:
+                acc[i, j], counts[i, j] = 100 * sum(vals) / len(vals), len(vals)
     fig = Figure(figsize=(1.6 + 1.1 * len(col_vals), 1.2 + 0.8 * len(row_vals)))
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
@@ -205,10 +215,10 @@ def figure_sweep_heatmap(groups: list[Group], grid: dict[str, list]) -> Figure |
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if np.isnan(acc[i, j]) or acc[i, j] > np.nanmean(acc) else "white")
     ax.set_yticks(range(len(row_vals)), [str(v) for v in row_vals])
-    ax.set_ylabel(rows_k)
-    ax.set_xticks(range(len(col_vals)), [str(v) for v in col_vals] if cols_k else [""])
-    ax.set_xlabel(cols_k or "")
-    ax.set_title("final val top-1 (%), mean over seeds")
+    ax.set_ylabel(row_name)
+    ax.set_xticks(range(len(col_vals)), [str(v) if v is not None else "" for v in col_vals])
+    ax.set_xlabel(col_name)
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig

@@ -22,11 +22,12 @@ from matplotlib.figure import Figure
 
 from patchbench import rundir
 from patchbench.errors import UserError
-from patchbench.report.figures import (figure_accuracy_curves, figure_confusion, figure_loss_curves,
-                                       figure_patch_grid, figure_png, figure_sweep_heatmap, figure_tradeoffs,
-                                       patch_views)
+from patchbench.report.figures import (figure_accuracy_curves, figure_confusion, figure_heatmap,
+                                       figure_loss_curves, figure_patch_grid, figure_png, figure_sweep_heatmap,
+                                       figure_tradeoffs, patch_views)
 from patchbench.report.load import Group, Study, load_study, group_runs
-from patchbench.report.stats import conclusion, pct, pm, reference_rows, results_rows
+from patchbench.report.stats import (conclusion, effect_sentence, factor_effects, factorial_cells, mean_std, pct, pm,
+                                     reference_rows, results_rows)
 
 FORMATS = ("md", "html")
 
@@ -39,6 +40,11 @@ def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tu
         heat = figure_sweep_heatmap(groups, study.meta["grid"])
         if heat is not None:
             figs.append(("sweep", "Sweep: final top-1 over the grid", heat))
+    if study.meta.get("ablation"):
+        a = study.meta["ablation"]
+        cells = factorial_cells(groups, a["mixers"], a["stems"])
+        figs.append(("ablation", "Token mixer x stem: final top-1",
+                     figure_heatmap(cells, a["mixers"], a["stems"], "token mixer", "stem")))
     grid = figure_patch_grid(study.samples, patch_views(groups, study.meta.get("patch_sizes")))
     if grid is not None:
         figs.append(("patches", "Val images cut into each model's patches", grid))
@@ -83,17 +89,22 @@ def table_cells(row: dict) -> list[str]:
 
 
 def model_lines(meta: dict, groups: list[Group]) -> list[str]:
-    """Which configuration each model ran with; with a matched budget, also how close each came to it."""
-    budget = meta.get("param_budget")
+    """Which configuration each model ran with, its parameters and MACs; with a matched budget, how
+    close each came to it."""
+    budget, macs_budget = meta.get("param_budget"), meta.get("mac_budget")
     chosen = meta.get("chosen") or {g.model: g.overrides for g in groups}
     labels = {**{g.model: g.label for g in groups}, **(meta.get("labels") or {})}
     params_of = {g.model: (g.done[0].summary.get("params") if g.done else None) for g in groups}
-    lines = [f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"] if budget else []
+    lines = ([f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"] if budget else
+             [f"MAC budget {_human(macs_budget)} per image (±5%), each family sized by its width:"] if macs_budget else [])
     for model, overrides in chosen.items():
         params = (meta.get("chosen_params") or {}).get(model) or params_of.get(model)
+        macs = (meta.get("chosen_macs") or {}).get(model)
         size = "" if params is None else f" → {params:,} params"
         if budget and params is not None:
             size += f" ({100 * (params - budget) / budget:+.1f}%)"
+        if macs is not None:
+            size += f", {_human(macs)} MACs" + (f" ({100 * (macs - macs_budget) / macs_budget:+.1f}%)" if macs_budget else "")
         args = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
         lines.append(f"{labels.get(model, model)}: {args}{size}")
     return lines
@@ -116,6 +127,40 @@ def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[s
         lines.append(f"| {r['model']} | {ref} | {pct(r['mean'])}{pm(r['std'])} | {r['n']} | {rng} | {pct(r['best'])} "
                      f"| {gap} | {yes.get(r.get('inside'), '–')} | {yes.get(r.get('within_2'), '–')} |")
     return [("Against the reference", lines)]
+
+
+def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[str]]]:
+    """The mixer x stem table, and each factor's effect averaged over the other, in plain words."""
+    a = study.meta.get("ablation")
+    if not a:
+        return []
+    mixers, stems = a["mixers"], a["stems"]
+    cells = factorial_cells(groups, mixers, stems)
+    cell = {k: "–" if not v else f"{pct(mean_std(v)[0])}{pm(mean_std(v)[1])} (n={len(v)})" for k, v in cells.items()}
+    lines = ["Final top-1 % (mean ± std over seeds), rows: token mixer, columns: stem; the last column and row "
+             "are the means over the other factor.", "",
+             "| mixer | " + " | ".join(stems) + " | mean |", "|---|" + "---|" * (len(stems) + 1)]
+    for m in mixers:
+        row = [cell[m, s] for s in stems]
+        means = [mean_std(cells[m, s])[0] for s in stems]
+        avg = pct(sum(means) / len(means)) if all(x is not None for x in means) else "–"
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} |")
+    col_means = []
+    for s in stems:
+        means = [mean_std(cells[m, s])[0] for m in mixers]
+        col_means.append(pct(sum(means) / len(means)) if all(x is not None for x in means) else "–")
+    lines.append("| mean | " + " | ".join(col_means) + " | |")
+    runs = [r for g in groups for r in g.done]
+    epochs = sorted({r.summary.get("epochs") for r in runs} - {None})
+    budget = (f"{study.meta['param_budget'] / 1e6:.2g}M parameters" if study.meta.get("param_budget") else
+              f"{study.meta['mac_budget'] / 1e6:.3g}M MACs" if study.meta.get("mac_budget") else "their sizes")
+    setting = (f"At {budget} on {study.meta.get('data', 'the data')} ({study.meta.get('img_size')}px, "
+               f"{'/'.join(map(str, epochs)) or '?'} epochs, measured on the {runs[0].eval_split if runs else 'val'} split)")
+    effects = factor_effects(cells, mixers, stems)
+    lines += ["", "Effects (each factor's levels against attention and the patch stem, averaged over the other "
+              "factor; the seed-to-seed variance pooled over all cells gives the standard error):", ""]
+    lines += [f"- {effect_sentence(e, setting)}" for e in effects] or ["- not enough finished runs for an effect"]
+    return [("Token mixer x stem", lines)]
 
 
 def notes_section(meta: dict) -> list[tuple[str, list[str]]]:
@@ -178,7 +223,8 @@ def build_report(study: Study) -> Report:
                   table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
                   problems=problem_lines(study), figures=figures, configs=configs,
-                  sections=reference_section(study.meta, groups) + notes_section(study.meta))
+                  sections=ablation_section(study, groups) + reference_section(study.meta, groups)
+                  + notes_section(study.meta))
 
 
 def to_markdown(report: Report) -> str:

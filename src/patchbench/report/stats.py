@@ -7,6 +7,7 @@ sample standard deviation uses ddof=1. Accuracies are fractions here, percent on
 from __future__ import annotations
 
 import math
+import warnings
 
 from scipy import stats as _scipy
 
@@ -32,7 +33,9 @@ def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float] |
         return None
     if mean_std(a)[1] == 0 and mean_std(b)[1] == 0:
         return None
-    result = _scipy.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds are all equal
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = _scipy.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.df), float(result.pvalue)
 
 
@@ -119,3 +122,75 @@ def reference_rows(reference: dict | None, groups: list[Group]) -> list[dict]:
             row["within_2"] = abs(row["gap"]) <= 0.02
         rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The factorial ablation: mixer x stem
+
+
+MIXER_WORDS = {"conv": "depthwise convolution", "attention": "attention", "mlp": "a token-mixing MLP",
+               "pool": "average pooling", "identity": "no token mixing"}
+STEM_WORDS = {"patch": "the patch stem (a strided conv)", "conv": "the convolutional stem"}
+
+
+def factorial_cells(groups: list[Group], rows_: list[str], cols: list[str],
+                    name=lambda r, c: f"iso_{r}_{c}") -> dict[tuple[str, str], list[float]]:
+    """Final top-1 of every seed of each (row level, column level) cell, found by model name."""
+    by_model = {g.model: g.finals() for g in groups}
+    return {(r, c): by_model.get(name(r, c), []) for r in rows_ for c in cols}
+
+
+def pooled_variance(cells: dict[tuple, list[float]]) -> tuple[float | None, int]:
+    """The within-cell (seed-to-seed) variance pooled over the cells, and its degrees of freedom."""
+    ss = sum(sum((v - sum(vals) / len(vals)) ** 2 for v in vals) for vals in cells.values() if vals)
+    df = sum(len(vals) - 1 for vals in cells.values() if vals)
+    return (ss / df if df > 0 else None), df
+
+
+def contrast(cells: dict[tuple, list[float]], a: list[tuple], b: list[tuple]) -> dict | None:
+    """The mean over k of (cell a[k] - cell b[k]) with its standard error from the pooled seed variance,
+    a t-test against 0 (df: the pooled variance's) and its two-sided p; None when a cell is empty."""
+    if any(not cells[c] for c in (*a, *b)):
+        return None
+    k = len(a)
+    means = {c: sum(cells[c]) / len(cells[c]) for c in (*a, *b)}
+    effect = sum(means[x] - means[y] for x, y in zip(a, b)) / k
+    var, df = pooled_variance(cells)
+    if var is None:
+        return {"effect": effect, "se": None, "df": 0, "t": None, "p": None}
+    se = math.sqrt(var * sum(1 / len(cells[x]) + 1 / len(cells[y]) for x, y in zip(a, b)) / k ** 2)
+    t = effect / se if se > 0 else math.inf
+    p = float(2 * _scipy.t.sf(abs(t), df)) if se > 0 else 0.0
+    return {"effect": effect, "se": se, "df": df, "t": t, "p": p}
+
+
+def factor_effects(cells: dict[tuple, list[float]], mixers: list[str], stems: list[str],
+                   baseline_mixer: str = "attention", baseline_stem: str = "patch") -> list[dict]:
+    """Each mixer against `baseline_mixer` averaged over the stems, and each stem against `baseline_stem`
+    averaged over the mixers (main effects of the two-factor design)."""
+    out = []
+    for m in mixers:
+        if m != baseline_mixer and baseline_mixer in mixers:
+            c = contrast(cells, [(m, s) for s in stems], [(baseline_mixer, s) for s in stems])
+            if c:
+                out.append({"factor": "mixer", "level": m, "baseline": baseline_mixer, **c})
+    for s in stems:
+        if s != baseline_stem and baseline_stem in stems:
+            c = contrast(cells, [(m, s) for m in mixers], [(m, baseline_stem) for m in mixers])
+            if c:
+                out.append({"factor": "stem", "level": s, "baseline": baseline_stem, **c})
+    return out
+
+
+def effect_sentence(e: dict, setting: str) -> str:
+    """One effect in plain words, e.g. "replacing attention with depthwise convolution changes top-1 by ..."."""
+    words = MIXER_WORDS if e["factor"] == "mixer" else STEM_WORDS
+    over = "averaged over the stems" if e["factor"] == "mixer" else "averaged over the mixers"
+    size = f"{100 * e['effect']:+.1f}"
+    if e["se"] is None:
+        stat = f"{size} points ({over}; one seed per cell, so no test)"
+    else:
+        verdict = "significant" if e["p"] < 0.05 else "not significant"
+        stat = (f"{size} ± {100 * e['se']:.1f} points (± standard error, {over}; t-test on the pooled seed "
+                f"variance: t={e['t']:.2f}, df={e['df']}, p={e['p']:.2g}, {verdict} at the 5% level)")
+    return f"{setting}, replacing {words[e['baseline']]} with {words[e['level']]} changes top-1 by {stat}."

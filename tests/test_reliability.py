@@ -1,0 +1,230 @@
+"""Failing disks, damaged run files, empty splits, foreign libraries: clear errors, nothing lost, resumable.
+
+Disk-full cases inject OSError(ENOSPC) where the write happens; one test also fills a real 256 KB
+tmpfs (skipped where mounting is not allowed).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import runfixtures as fx
+from patchbench import checkpoint as ck
+from patchbench import kernels
+from patchbench.cli import main
+from patchbench.data import cache as cache_mod
+from patchbench.train import train_run
+from test_train import assert_same_run, make_image_folder, metrics, tiny_config
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def leftovers(root) -> list[str]:
+    return [p.name for p in root.rglob("*") if ".tmp" in p.name]
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def test_prepare_on_a_full_disk_says_so_and_leaves_no_temporary_folder(folder, tmp_path, capsys, monkeypatch):
+    def full(fd, offset, length):
+        raise ENOSPC
+
+    monkeypatch.setattr(cache_mod.os, "posix_fallocate", full)
+    code = main(["data", "prepare", "--data", str(folder), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left on the device" in err and "the cache needs about" in err
+    assert "prepared" in err and leftovers(tmp_path / "c") == []
+
+
+def _mount_tmpfs(path, size="256k") -> bool:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_prepare_filling_a_real_disk_is_an_error_not_a_bus_error(folder, tmp_path):
+    """A sparse memmap on a full tmpfs dies of SIGBUS when a page is first written; the cache's arrays
+    are allocated up front instead, so the process gets ENOSPC and says so."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk):
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "patchbench", "data", "prepare", "--data", str(folder), "--cache-dir", str(disk),
+             "--img-size", "160", "--no-progress"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr  # not -7 (SIGBUS)
+        assert "no space left on the device" in done.stderr
+        assert leftovers(disk) == [] and list((disk / "prepared").glob("*")) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=3)
+    train_run(cfg, tmp_path / "full", progress=False)
+    real = ck.save_file
+    calls = []
+
+    def full_on_the_third_file(tensors, path, *a, **k):  # epoch 1: best (2 files), last (the third fails)
+        calls.append(path)
+        if len(calls) == 3:
+            raise ENOSPC
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ck, "save_file", full_on_the_third_file)
+    out = tmp_path / "cut"
+    from patchbench.errors import UserError
+
+    with pytest.raises(UserError, match=r"cannot write .*checkpoint/last\.safetensors: no space left on the device"):
+        train_run(cfg, out, progress=False)
+    monkeypatch.setattr(ck, "save_file", real)
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert leftovers(out) == []  # the half-written checkpoint's temporary files are gone
+    train_run(cfg, out, resume=True, progress=False)  # space freed: the same command goes on
+    assert_same_run(tmp_path / "full", out)
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_old_report(tmp_path, capsys, monkeypatch):
+    from patchbench import rundir
+
+    study = fx.write_compare_study(tmp_path / "study")
+    assert main(["report", str(study), "--format", "md"]) == 0
+    before = (study / "report.md").read_bytes()
+    real = rundir.write_bytes_to
+
+    def full(tmp, data, path=None):
+        if str(tmp).endswith(".tmp-" + str(os.getpid())) and "report" in str(path or tmp):
+            raise rundir.output_error(path or tmp, ENOSPC)
+        return real(tmp, data, path)
+
+    monkeypatch.setattr(rundir, "write_bytes_to", full)
+    capsys.readouterr()
+    assert main(["report", str(study), "--format", "md"]) == 2
+    assert "report.md: no space left on the device" in capsys.readouterr().err
+    assert (study / "report.md").read_bytes() == before and leftovers(study) == []
+
+
+# ----------------------------------------------------------------------------- damaged run files
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_says_so(folder, tmp_path, capsys):
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=3)
+    train_run(cfg, tmp_path / "full", progress=False)
+    out = tmp_path / "torn"
+    train_run(tiny_config(folder, tmp_path, "resnet9", epochs=3), out, progress=False)
+    # a power cut while epoch 3's line was being appended, before its checkpoint: as if stopped after epoch 2
+    state = json.loads((out / "checkpoint" / "last.json").read_text())
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n" + rows[2][: len(rows[2]) // 2])
+    (out / "summary.json").write_text(json.dumps({"status": "running"}))
+    assert state["epoch"] == 3
+    capsys.readouterr()
+    train_run(cfg, out, resume=True, progress=True)
+    assert "metrics.jsonl: dropped its last line, cut short while being written" in capsys.readouterr().err
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]  # the checkpoint was already past epoch 3: finished
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda run: (run / "summary.json").write_text(json.dumps({"status": "finished", "final_top1": "high"})),
+     'summary.json: final_top1 is "high", not a number'),
+    (lambda run: (run / "summary.json").write_text("[1, 2]"), "summary.json holds a JSON list, not a JSON object"),
+    (lambda run: (run / "summary.json").write_text(json.dumps({"status": "done"})), "status is \"done\", not one of"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"epoch": 1, "val_top1": 0.5}\n[1]\n'),
+     "metrics.jsonl line 2 holds a JSON list, not an object"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"epoch": "one"}\n{"epoch": 2}\n'),
+     'metrics.jsonl line 1: epoch is "one", not a number'),
+    (lambda run: (run / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n'),
+     "metrics.jsonl line 2 is not valid JSON"),
+    (lambda run: (run / "eval.json").write_text(""), "eval.json is empty"),
+    (lambda run: (run / "config.json").write_bytes(b"\xff\xfe"), "config.json cannot be read"),
+])
+def test_report_names_each_damaged_file_and_goes_on(tmp_path, capsys, damage, problem):
+    study = fx.write_compare_study(tmp_path / "study")
+    damage(study / "runs" / "vit_tiny_6l8h-s1")
+    assert main(["report", str(study), "--format", "md"]) == 0
+    md = (study / "report.md").read_text()
+    assert "vit_tiny_6l8h-s1: " in md and problem in md
+    assert "| convmixer_256_8 |" in md  # the other runs are still reported
+
+
+def test_resume_with_a_damaged_checkpoint_names_the_file(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_run(tiny_config(folder, tmp_path, "resnet9", epochs=1), out, progress=False)
+    (out / "checkpoint" / "last.json").write_text("{cut")
+    (out / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint/last.json is not valid JSON" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- splits with nothing in them
+
+
+def test_a_split_with_no_readable_image_stops_before_training(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images", classes=2, train=4, val=2)
+    for p in (root / "val").rglob("*.JPEG"):
+        p.write_bytes(b"not a jpeg at all")
+    code = main(["train", "--preset", "smoke", "--model", "resnet9", "--data", str(root), "--cache-dir",
+                 str(tmp_path / "c"), "--device", "cpu", "--batch-size", "4", "--no-progress", "--out",
+                 str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the val split" in err and "has no usable images (4 unreadable)" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- foreign code, latent defects
+
+
+def test_a_planted_library_is_never_loaded(tmp_path, monkeypatch):
+    """A .so put in the kernel folder under the expected name, even with a matching digest file written by
+    someone else's tool, is rebuilt before anything is loaded: the marker its constructor would write
+    never appears."""
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_LIBS", {})
+    lib = kernels.build_library("dwconv_k3", "dwconv.c", ["-DKS=3"], kernels._SIGNATURES["dwconv"])
+    assert lib is not None
+    path = next((tmp_path / "cache" / "kernels").glob("dwconv_k3_*.so"))
+    marker = tmp_path / "planted-ran"
+    evil = tmp_path / "evil.c"
+    evil.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run(void) {{ '
+                    f'FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    subprocess.run(["cc", "-shared", "-fPIC", str(evil), "-o", str(path)], check=True)
+    assert kernels._load_verified(path) is None  # its digest is not the one recorded at build time
+    monkeypatch.setattr(kernels, "_LIBS", {})
+    assert kernels.build_library("dwconv_k3", "dwconv.c", ["-DKS=3"], kernels._SIGNATURES["dwconv"]) is not None
+    assert not marker.exists()
+
+
+def test_the_kernel_folder_is_made_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "kernels"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o777)
+    assert kernels.kernel_dir() == folder and (folder.stat().st_mode & 0o777) == 0o700
+
+
+def test_sync_batchnorm_refuses_the_fused_gelu_batchnorm():
+    from patchbench.errors import UserError
+    from patchbench.models import create_model
+    from patchbench.train import convert_sync_batchnorm
+
+    model = create_model("convmixer_256_8", dim=32, depth=1)
+    assert kernels.use_fast_kernels(model) > 0
+    with pytest.raises(UserError, match="--sync-bn cannot convert the fused GELU -> BatchNorm"):
+        convert_sync_batchnorm(model)
+    plain = convert_sync_batchnorm(create_model("resnet9", width=4))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
