@@ -8,6 +8,11 @@
     trainer's own pieces (`build_model`, `create_optimizer`, `lr_at`/`set_lr`, `autocast`), with
     the fast settings below: bf16 autocast, channels_last, patchbench.kernels' C kernels.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
+(c) with --against-previous: (b) as it ran before the residual gain was cast to the branch's dtype
+    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block); the
+    line `ratio_vs_previous=<(c) / (b)>` follows.
+(d) with --fp32: (b) in fp32 (channels_last and the C kernels: the same function as the notebook's,
+    what the `seed` preset trains seed_convmixer with).
 
 Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
 160px images, 591 batches of 16 per epoch on Imagenette-160.
@@ -29,6 +34,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -42,6 +48,7 @@ from patchbench.device import autocast
 from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
+from patchbench.models.layers import Residual
 from patchbench.train import build_model
 
 from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
@@ -101,12 +108,22 @@ def study_side(root: Path, cfg, num_classes: int, args):
     return loader, step, len(loader)
 
 
-def patchbench_side(data, cfg, args):
-    """(b): prepared cache + Loader + the trainer's pieces, fast settings."""
+def previous_residual(self, x):
+    """Residual.forward before this change: the fp32 gain multiplied into a bf16 branch (promoting it)."""
+    out = self.fn(x)
+    return x + self.drop_path(out if self.gain is None else self.gain * out)
+
+
+def patchbench_side(data, cfg, args, previous: bool = False):
+    """(b): prepared cache + Loader + the trainer's pieces, fast settings; (c) `previous` residuals."""
     t = cfg.train
     device = torch.device(args.device)
     loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
     model = build_model(cfg, len(data.classes))
+    if previous:
+        for m in model.modules():
+            if isinstance(m, Residual):
+                m.forward = types.MethodType(previous_residual, m)
     if args.fast_kernels:
         use_fast_kernels(model)
     model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
@@ -147,6 +164,8 @@ def main(argv=None) -> None:
                    "extrapolate to the epoch (default: the whole epoch)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
     p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
+    p.add_argument("--against-previous", action="store_true", help="also (c): (b) with the previous residual gain")
+    p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
                    "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
     args = p.parse_args(argv)
@@ -173,6 +192,11 @@ def main(argv=None) -> None:
             sides["a"] = study_side(root, cfg, len(data.classes), args)
         if args.only != "a":
             sides["b"] = patchbench_side(data, cfg, args)
+        if args.against_previous:
+            sides["c"] = patchbench_side(data, cfg, args, previous=True)
+        if args.fp32:
+            sides["d"] = patchbench_side(data, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none")),
+                                         args)
         rows = run_interleaved(sides, args.warmup, args.max_steps)
 
     steps = len(data.train) // cfg.train.batch_size
@@ -187,13 +211,20 @@ def main(argv=None) -> None:
     print("| pipeline | settings | timed steps | seconds | images/s | epoch (s) |")
     print("|---|---|---:|---:|---:|---:|")
     names = {"a": ("(a) the study's: ImageFolder + PIL, DataLoader 2 workers, plain loop", "fp32, NCHW"),
-             "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b)}
+             "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b),
+             "c": ("(c) (b) with the previous residual gain (fp32 promotion)", settings_b),
+             "d": ("(d) (b) in fp32: the notebook's function, the seed preset's settings",
+                   settings_b.replace(t.amp, "fp32"))}
     for key, r in rows.items():
         print(f"| {names[key][0]} | {names[key][1]} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['images_per_s']:.1f} | {r['epoch_s']:.0f} |")
     print(f"| patchbench prepare (one-off, {'cache reused' if data.reused else 'decoded now'}) | | | "
           f"{prep_s:.1f} | | |")
-    if len(rows) == 2:
+    if "c" in rows:
+        print(f"ratio_vs_previous={rows['c']['epoch_s'] / rows['b']['epoch_s']:.2f}")
+    if "d" in rows and "a" in rows:
+        print(f"ratio_fp32={rows['a']['epoch_s'] / rows['d']['epoch_s']:.2f}")
+    if "a" in rows and "b" in rows:
         print(f"ratio={rows['a']['epoch_s'] / rows['b']['epoch_s']:.2f}")
 
 

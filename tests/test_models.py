@@ -327,3 +327,18 @@ def test_resnet18_macs_at_224_match_the_published_figure():
     with torch.device("meta"):
         model = create_model("resnet18", num_classes=1000, img_size=224)
     assert count_macs(model, 224) / 1e9 == pytest.approx(1.82, abs=0.01)  # torchvision: 1.81 GFLOPS (MACs)
+
+
+def test_residual_gain_keeps_the_branch_dtype_and_the_fp32_function():
+    """The notebook's scalar gain: in fp32 exactly gain * branch; under bf16 autocast the trunk stays bf16
+    (an fp32 gain used to promote it, costing casts in every later layer)."""
+    from patchbench.models.layers import Residual
+
+    torch.manual_seed(0)
+    res = Residual(nn.Conv2d(8, 8, 3, padding=1), gain_init=0.0)
+    nn.init.normal_(res.gain)
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(res(x), x + res.gain * res.fn(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert res(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(create_model("seed_convmixer")(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=bool))

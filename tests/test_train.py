@@ -311,3 +311,39 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
         assert tuner.current == (1 if slow == 2 else 2)
         assert tuner.steps_at[tuner.current] > 10  # it stayed there for the period
     torch.set_num_threads(THREADS)
+
+
+def test_run_directories_of_the_previous_version_still_resume_and_report(folder, tmp_path, capsys):
+    """A run written before this version (no new settings in config.json, no label or eval_split in
+    summary.json, best_top1 chosen by top-1): resumes, finishes and reports."""
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=2)
+    train_run(cfg, tmp_path / "full", progress=False)
+    out = tmp_path / "old"
+    with pytest.raises(RuntimeError, match="simulated"):
+        real = train_mod.validate
+
+        def crash_second(s):
+            if s.epoch == 2:
+                raise RuntimeError("simulated")
+            return real(s)
+
+        train_mod.validate = crash_second
+        try:
+            train_run(cfg, out, progress=False)
+        finally:
+            train_mod.validate = real
+    doc = json.loads((out / "config.json").read_text())
+    for key in ("train_sizes", "auto_augment", "randaugment_ops", "randaugment_magnitude", "random_erasing", "mixup",
+                "cutmix", "holdout", "holdout_seed"):
+        doc["data"].pop(key)
+    doc["train"].pop("data_on_device")
+    doc["derived"]["num_val"] = doc["derived"].pop("num_eval")
+    (out / "config.json").write_text(json.dumps(doc))
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("label", "eval_split"):
+        summary.pop(key)
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert_same_run(tmp_path / "full", out)
+    assert main(["report", str(out), "--format", "md"]) == 0
+    assert "| resnet9(width=8) |" in (out / "report.md").read_text()

@@ -227,13 +227,23 @@ def build_report(study: Study) -> Report:
                   + notes_section(study.meta))
 
 
-def to_markdown(report: Report) -> str:
-    """Markdown that shows the PNGs written beside it in figures/."""
+def markdown_table(table: list[list[str]]) -> list[str]:
+    """The results table as markdown lines (what report.md shows, and the README copies)."""
     def md_row(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    out = [f"# {report.title}", "", report.setup, "", "## Results", "",
-           md_row(TABLE_HEADER), md_row(["---"] * len(TABLE_HEADER)), *map(md_row, report.table), "",
+    return [md_row(TABLE_HEADER), md_row(["---"] * len(TABLE_HEADER)), *map(md_row, table)]
+
+
+def study_table(path: str | os.PathLike) -> list[str]:
+    """The markdown results table of the study at `path`, without drawing any figure."""
+    study = load_study(path)
+    return markdown_table([table_cells(r) for r in results_rows(group_runs(study.runs))])
+
+
+def to_markdown(report: Report) -> str:
+    """Markdown that shows the PNGs written beside it in figures/."""
+    out = [f"# {report.title}", "", report.setup, "", "## Results", "", *markdown_table(report.table), "",
            TABLE_NOTE, "", "## Conclusion", "", *[f"- {line}" for line in report.conclusion], ""]
     for title, lines in report.sections:
         out += [f"## {title}", "", *lines, ""]

@@ -39,6 +39,15 @@ def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float] |
     return float(result.statistic), float(result.df), float(result.pvalue)
 
 
+def best_top1(run) -> float | None:
+    """Top-1 of the run's epoch with the lowest validation loss (the rule that picks checkpoint/best),
+    read from metrics.jsonl, so runs written by any version agree; summary.json's when there are no metrics."""
+    rows = [r for r in run.metrics if r.get("val_loss") is not None and r.get("val_top1") is not None]
+    if rows:
+        return min(rows, key=lambda r: r["val_loss"])["val_top1"]
+    return (run.summary or {}).get("best_top1")
+
+
 def results_rows(groups: list[Group]) -> list[dict]:
     """One row per configuration: numbers as in the files (means over finished seeds), None when unknown."""
     rows = []
@@ -46,7 +55,7 @@ def results_rows(groups: list[Group]) -> list[dict]:
         done = g.done
         first = done[0].summary if done else {}
         final_mean, final_std = mean_std(g.finals())
-        best_mean, _ = mean_std([r.summary["best_top1"] for r in done if r.summary.get("best_top1") is not None])
+        best_mean, _ = mean_std([b for b in map(best_top1, done) if b is not None])
         wall, _ = mean_std([r.summary["wall_time_s"] for r in done if r.summary.get("wall_time_s") is not None])
         rows.append({
             "label": g.label, "params": first.get("params"), "macs": first.get("macs"),
@@ -113,7 +122,7 @@ def reference_rows(reference: dict | None, groups: list[Group]) -> list[dict]:
         done = [r for g in groups if g.model == model for r in g.done]
         finals = [r.summary["final_top1"] for r in done]
         mean, std = mean_std(finals)
-        best, _ = mean_std([r.summary["best_top1"] for r in done if r.summary.get("best_top1") is not None])
+        best, _ = mean_std([b for b in map(best_top1, done) if b is not None])
         row = {"model": model, "ref_final": ref.get("final"), "ref_best": ref.get("best"), "mean": mean, "std": std,
                "n": len(finals), "min": min(finals, default=None), "max": max(finals, default=None), "best": best}
         if mean is not None and ref.get("final") is not None:

@@ -1,0 +1,31 @@
+"""The README's result tables are the committed studies' own (results/<study>/), regenerated here.
+
+A table in the README sits between `<!-- table: results/NAME -->` and `<!-- end table -->`; this test
+rebuilds it from the run directories with the report's own code and compares line by line.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from patchbench.report.render import study_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n<!-- end table -->", re.S)
+
+
+def blocks() -> list[tuple[str, list[str]]]:
+    return [(path, text.strip().splitlines()) for path, text in BLOCK.findall((ROOT / "README.md").read_text())]
+
+
+def test_the_readme_shows_every_committed_study():
+    shown = {path for path, _ in blocks()}
+    committed = {f"results/{p.name}" for p in (ROOT / "results").iterdir() if (p / "runs").is_dir()} \
+        if (ROOT / "results").is_dir() else set()
+    assert committed and committed <= shown | {p for p in committed if "tuning" in p}
+
+
+@pytest.mark.parametrize("path, lines", blocks(), ids=[p for p, _ in blocks()])
+def test_a_readme_table_is_its_study_regenerated(path, lines):
+    assert lines == study_table(ROOT / path)
