@@ -303,7 +303,7 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
     for slow in (2, 1):
         clock["slow"] = slow
-        tuner = threads.ThreadTuner(window=4, period=10, most=2)
+        tuner = threads.ThreadTuner(window=4, period=10, period_s=5.0, most=2)
         for _ in range(2 * 4 + 10):
             tuner.step_begins()
             clock["now"] += 3.0 if torch.get_num_threads() == clock["slow"] else 1.0

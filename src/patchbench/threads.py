@@ -5,8 +5,10 @@ core, a 2-thread step waits at every region for the descheduled thread; measured
 machine (seed_resnet9, batch 16, 32px), 220 images/s quiet fell to 62 images/s (28%) beside one
 busy process, while 1 thread made 108 (49%). A fixed `--threads 1` would give up ~40% of the
 quiet speed; libgomp's passive waiting (OMP_WAIT_POLICY=PASSIVE) recovered 104 images/s busy but
-cost 10-25% quiet. So the trainer measures instead: every `period` steps it times `window` steps
-at each setting and keeps the faster one until the next check.
+cost 10-25% quiet. So the trainer measures instead: it times `window` steps at each setting, keeps
+the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
+(the load of a shared machine changes by the minute; a choice made while another job ran must not
+stick for long).
 
 The thread count does not change what is computed beyond floating-point summation order; runs that
 must be bit-exact (`--deterministic`) and runs with an explicit `--threads N` keep a fixed count.
@@ -23,10 +25,11 @@ import torch
 class ThreadTuner:
     """Call `step_begins()` before and `step_ends()` after every training step."""
 
-    def __init__(self, window: int = 6, period: int = 250, most: int | None = None):
+    def __init__(self, window: int = 6, period: int = 60, period_s: float = 30.0, most: int | None = None):
         most = most or torch.get_num_threads()
         self.choices = [most, 1] if most > 1 else [1]
-        self.window, self.period = window, period
+        self.window, self.period, self.period_s = window, period, period_s
+        self.chosen_at = float("-inf")  # when the last trial ended (none yet: the first step starts one)
         self.current = most
         self.steps_at = {c: 0 for c in self.choices}  # steps trained at each count
         self.plan: list[int] = []  # the thread counts of the coming trial steps
@@ -37,7 +40,8 @@ class ThreadTuner:
 
     def step_begins(self) -> None:
         self._trial = None
-        if len(self.choices) > 1 and self.countdown <= 0 and not self.times:
+        due = self.countdown <= 0 and time.perf_counter() - self.chosen_at >= self.period_s
+        if len(self.choices) > 1 and due and not self.times:
             self.times = {c: [] for c in self.choices}
             self.plan = [c for c in self.choices for _ in range(self.window)]
         if self.plan:
@@ -55,7 +59,7 @@ class ThreadTuner:
         if not self.plan:  # the trial is complete: keep the faster count (each one's first step is a warm-up)
             speed = {c: statistics.median(t[1:] or t) for c, t in self.times.items()}
             self._set(min(speed, key=speed.get))
-            self.times, self.countdown = {}, self.period
+            self.times, self.countdown, self.chosen_at = {}, self.period, time.perf_counter()
 
     def _set(self, threads: int) -> None:
         if torch.get_num_threads() != threads:
