@@ -53,6 +53,31 @@ def figure_accuracy_curves(groups: list[Group]) -> Figure:
     return fig
 
 
+def figure_accuracy_vs_time(groups: list[Group]) -> Figure | None:
+    """Val top-1 against training time (the epochs' summed wall time, minutes), one line per seed: what
+    each recipe reaches for the time it took, when recipes run different numbers of epochs."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    drawn = False
+    for g, color in zip(groups, _colors(len(groups))):
+        for i, run in enumerate(g.done):
+            rows = [m for m in run.metrics if m.get("val_top1") is not None and m.get("epoch_time_s") is not None]
+            if rows:
+                minutes = np.cumsum([m["epoch_time_s"] for m in rows]) / 60
+                ax.plot(minutes, [100 * m["val_top1"] for m in rows], color=color, alpha=0.8, marker="o",
+                        markersize=2, label=g.label if i == 0 else None)
+                drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("training time (min, epochs incl. evaluation)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("Validation accuracy against training time (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def figure_loss_curves(groups: list[Group]) -> Figure:
     """Train and val loss per epoch, side by side, mean over seeds with a min-max band."""
     fig = Figure(figsize=(10, 4))

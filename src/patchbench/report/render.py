@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from patchbench import rundir
 from patchbench.errors import UserError
-from patchbench.report.figures import (figure_accuracy_curves, figure_confusion, figure_heatmap,
+from patchbench.report.figures import (figure_accuracy_curves, figure_accuracy_vs_time, figure_confusion, figure_heatmap,
                                        figure_loss_curves, figure_patch_grid, figure_png, figure_sweep_heatmap,
                                        figure_tradeoffs, patch_views)
 from patchbench.report.load import Group, Study, load_study, group_runs
@@ -33,7 +33,9 @@ FORMATS = ("md", "html")
 
 def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tuple[str, str, Figure]]:
     """(file stem, caption, figure) for every figure the study's files allow."""
+    by_time = figure_accuracy_vs_time(groups)
     figs = [("accuracy", "Validation top-1 per epoch", figure_accuracy_curves(groups)),
+            *([("accuracy-time", "Validation top-1 against training time", by_time)] if by_time else []),
             ("loss", "Train and validation loss per epoch", figure_loss_curves(groups)),
             ("tradeoffs", "Final top-1 against size, compute and speed", figure_tradeoffs(rows))]
     if study.meta.get("grid"):
