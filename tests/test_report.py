@@ -160,7 +160,7 @@ def test_html_is_self_contained_with_table_and_images(study):
     page = (study / "report.html").read_text()
     assert "<table id='results'>" in page and "<td>82.0 ± 2.0</td>" in page and "<td>594,186</td>" in page
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) == 6  # accuracy, loss, tradeoffs, patches, 2 confusion matrices
+    assert len(images) == 7  # accuracy (per epoch, against time), loss, tradeoffs, patches, 2 confusion matrices
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "src='figures/" not in page and "http" not in page.replace("http-equiv", "")
     assert page.count("<details>") == 6  # one config per run
@@ -168,7 +168,7 @@ def test_html_is_self_contained_with_table_and_images(study):
     md = (study / "report.md").read_text()
     assert "| convmixer_256_8 | 594,186 |" in md and "![Validation top-1 per epoch](figures/accuracy.png)" in md
     assert sorted(p.name for p in (study / "figures").iterdir()) == sorted(
-        ["accuracy.png", "loss.png", "tradeoffs.png", "patches.png", "confusion-convmixer_256_8.png",
+        ["accuracy-time.png", "accuracy.png", "loss.png", "tradeoffs.png", "patches.png", "confusion-convmixer_256_8.png",
          "confusion-vit_tiny_6l8h.png"])
 
 
