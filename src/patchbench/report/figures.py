@@ -31,6 +31,14 @@ def _band(ax, epochs, values, label, color, scale=1.0):
         ax.fill_between(epochs, values.min(0) * scale, values.max(0) * scale, color=color, alpha=0.2)
 
 
+def _label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def _colors(n: int) -> list:
     return [f"C{i % 10}" for i in range(n)]
 
@@ -43,12 +51,8 @@ def figure_accuracy_curves(groups: list[Group]) -> Figure:
         c = _curves(g.done, "val_top1")
         if c:
             _band(ax, *c, g.label, color, scale=100)
-    ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title("Validation accuracy (line: mean over seeds; band: min to max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label_axes(ax, "epoch", "val top-1 (%)", "Validation accuracy (line: mean over seeds; band: min to max)")
     fig.tight_layout()
     return fig
 
@@ -69,11 +73,8 @@ def figure_accuracy_vs_time(groups: list[Group]) -> Figure | None:
                 drawn = True
     if not drawn:
         return None
-    ax.set_xlabel("training time (min, epochs incl. evaluation)")
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title("Validation accuracy against training time (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label_axes(ax, "training time (min, epochs incl. evaluation)", "val top-1 (%)",
+                "Validation accuracy against training time (one line per seed)")
     fig.tight_layout()
     return fig
 
@@ -87,15 +88,11 @@ def figure_loss_curves(groups: list[Group]) -> Figure:
             c = _curves(g.done, key)
             if c:
                 _band(ax, *c, g.label, color)
-        ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")  # one diverging epoch must not flatten every other curve
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_ylabel(title)
-        ax.set_title(title.capitalize())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_axes(ax, "epoch", title, title.capitalize())
     fig.tight_layout()
     return fig
 
