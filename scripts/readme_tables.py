@@ -1,4 +1,4 @@
-"""Rewrite the README's result tables from the committed studies (results/<study>/).
+"""Rewrite the README's result tables (and their conclusions) from the committed studies (results/<study>/).
 
     .venv/bin/python scripts/readme_tables.py        # after `patchbench report results/<study>`
 
@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from patchbench.report.render import study_table  # noqa: E402
+from patchbench.report.render import study_summary  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- table: (results/[\w.-]+) -->\n)(.*?)(\n<!-- end table -->)", re.S)
 
@@ -21,7 +21,7 @@ BLOCK = re.compile(r"(<!-- table: (results/[\w.-]+) -->\n)(.*?)(\n<!-- end table
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = BLOCK.sub(lambda m: m.group(1) + "\n".join(study_table(ROOT / m.group(2))) + m.group(4), text)
+    new = BLOCK.sub(lambda m: m.group(1) + "\n".join(study_summary(ROOT / m.group(2))) + m.group(4), text)
     readme.write_text(new)
     print(f"{len(BLOCK.findall(new))} table(s) written")
 

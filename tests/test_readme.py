@@ -1,4 +1,4 @@
-"""The README's result tables are the committed studies' own (results/<study>/), regenerated here.
+"""The README's result tables and conclusions are the committed studies' own (results/<study>/), regenerated here.
 
 A table in the README sits between `<!-- table: results/NAME -->` and `<!-- end table -->`; this test
 rebuilds it from the run directories with the report's own code and compares line by line.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from patchbench.report.render import study_table
+from patchbench.report.render import study_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n<!-- end table -->", re.S)
@@ -28,4 +28,4 @@ def test_the_readme_shows_every_committed_study():
 
 @pytest.mark.parametrize("path, lines", blocks(), ids=[p for p, _ in blocks()])
 def test_a_readme_table_is_its_study_regenerated(path, lines):
-    assert lines == study_table(ROOT / path)
+    assert lines == study_summary(ROOT / path)

@@ -237,10 +237,11 @@ def markdown_table(table: list[list[str]]) -> list[str]:
     return [md_row(TABLE_HEADER), md_row(["---"] * len(TABLE_HEADER)), *map(md_row, table)]
 
 
-def study_table(path: str | os.PathLike) -> list[str]:
-    """The markdown results table of the study at `path`, without drawing any figure."""
-    study = load_study(path)
-    return markdown_table([table_cells(r) for r in results_rows(group_runs(study.runs))])
+def study_summary(path: str | os.PathLike) -> list[str]:
+    """The markdown results table of the study at `path` and its conclusion, without drawing any figure."""
+    groups = group_runs(load_study(path).runs)
+    return [*markdown_table([table_cells(r) for r in results_rows(groups)]), "",
+            *[f"- {line}" for line in conclusion(groups)]]
 
 
 def to_markdown(report: Report) -> str:
