@@ -15,13 +15,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from patchbench.report.render import study_summary  # noqa: E402
 
-BLOCK = re.compile(r"(<!-- table: (results/[\w.-]+) -->\n)(.*?)(\n<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table: (results/[\w.-]+) -->\n)(.*?)\n?<!-- end table -->", re.S)  # may be empty
 
 
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = BLOCK.sub(lambda m: m.group(1) + "\n".join(study_summary(ROOT / m.group(2))) + m.group(4), text)
+    new = BLOCK.sub(lambda m: m.group(1) + "\n".join(study_summary(ROOT / m.group(2))) + "\n<!-- end table -->", text)
     readme.write_text(new)
     print(f"{len(BLOCK.findall(new))} table(s) written")
 
