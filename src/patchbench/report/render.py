@@ -32,29 +32,23 @@ from patchbench.report.stats import (conclusion, effect_sentence, factor_effects
 FORMATS = ("md", "html")
 
 def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tuple[str, str, Figure]]:
-    """(file stem, caption, figure) for every figure the study's files allow."""
-    by_time = figure_accuracy_vs_time(groups)
+    """(file stem, caption, figure) for every figure the study's files allow (a figure function
+    returns None when they do not)."""
     figs = [("accuracy", "Validation top-1 per epoch", figure_accuracy_curves(groups)),
-            *([("accuracy-time", "Validation top-1 against training time", by_time)] if by_time else []),
+            ("accuracy-time", "Validation top-1 against training time", figure_accuracy_vs_time(groups)),
             ("loss", "Train and validation loss per epoch", figure_loss_curves(groups)),
             ("tradeoffs", "Final top-1 against size, compute and speed", figure_tradeoffs(rows))]
     if study.meta.get("grid"):
-        heat = figure_sweep_heatmap(groups, study.meta["grid"])
-        if heat is not None:
-            figs.append(("sweep", "Sweep: final top-1 over the grid", heat))
+        figs.append(("sweep", "Sweep: final top-1 over the grid", figure_sweep_heatmap(groups, study.meta["grid"])))
     if study.meta.get("ablation"):
         a = study.meta["ablation"]
         cells = factorial_cells(groups, a["mixers"], a["stems"])
         figs.append(("ablation", "Token mixer x stem: final top-1",
                      figure_heatmap(cells, a["mixers"], a["stems"], "token mixer", "stem")))
-    grid = figure_patch_grid(study.samples, patch_views(groups, study.meta.get("patch_sizes")))
-    if grid is not None:
-        figs.append(("patches", "Val images cut into each model's patches", grid))
-    for g in groups:
-        conf = figure_confusion(g)
-        if conf is not None:
-            figs.append((f"confusion-{_slug(g.label)}", f"Confusion matrix: {g.label}", conf))
-    return figs
+    figs.append(("patches", "Val images cut into each model's patches",
+                 figure_patch_grid(study.samples, patch_views(groups, study.meta.get("patch_sizes")))))
+    figs += [(f"confusion-{_slug(g.label)}", f"Confusion matrix: {g.label}", figure_confusion(g)) for g in groups]
+    return [(stem, caption, fig) for stem, caption, fig in figs if fig is not None]
 
 
 # --------------------------------------------------------------------------------------------------
