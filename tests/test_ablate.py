@@ -67,6 +67,15 @@ def test_report_has_the_table_heatmap_and_sentences(tmp_path):
     assert "## Token mixer x stem" in md and "<table>" in render.to_html(report)
 
 
+def test_the_readme_summary_of_an_ablation_is_its_table_and_effects(tmp_path):
+    summary = render.study_summary(write_ablation(tmp_path / "abl"))
+    assert summary[0].startswith("| model |") and len([x for x in summary if x.startswith("| iso_")]) == 6
+    assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in summary
+    assert any(x.startswith("- At 0.5M parameters") and "depthwise convolution changes top-1 by +7.5" in x
+               for x in summary)
+    assert not any("It beats" in x for x in summary)  # the pairwise conclusion is replaced by the effects
+
+
 def test_ablate_plans_every_cell_at_the_budget(tmp_path):
     study, log = tmp_path / "study", tmp_path / "log"
     kw = tiny_study(tmp_path)

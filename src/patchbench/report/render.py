@@ -232,10 +232,15 @@ def markdown_table(table: list[list[str]]) -> list[str]:
 
 
 def study_summary(path: str | os.PathLike) -> list[str]:
-    """The markdown results table of the study at `path` and its conclusion, without drawing any figure."""
-    groups = group_runs(load_study(path).runs)
-    return [*markdown_table([table_cells(r) for r in results_rows(groups)]), "",
-            *[f"- {line}" for line in conclusion(groups)]]
+    """The markdown results table of the study at `path` and its conclusion (for an ablation: the mixer x stem
+    table and each factor's effect), without drawing any figure."""
+    study = load_study(path)
+    groups = group_runs(study.runs)
+    table = markdown_table([table_cells(r) for r in results_rows(groups)])
+    ablation = ablation_section(study, groups)
+    if ablation:
+        return [*table, "", *ablation[0][1]]
+    return [*table, "", *[f"- {line}" for line in conclusion(groups)]]
 
 
 def to_markdown(report: Report) -> str:
