@@ -150,7 +150,8 @@ def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[
     epochs = sorted({r.summary.get("epochs") for r in runs} - {None})
     budget = (f"{study.meta['param_budget'] / 1e6:.2g}M parameters" if study.meta.get("param_budget") else
               f"{study.meta['mac_budget'] / 1e6:.3g}M MACs" if study.meta.get("mac_budget") else "their sizes")
-    setting = (f"At {budget} on {study.meta.get('data', 'the data')} ({study.meta.get('img_size')}px, "
+    data = Path(study.meta["data"]).name if study.meta.get("data") else "the data"  # the archive's name, not its path
+    setting = (f"At {budget} on {data} ({study.meta.get('img_size')}px, "
                f"{'/'.join(map(str, epochs)) or '?'} epochs, measured on the {runs[0].eval_split if runs else 'val'} split)")
     effects = factor_effects(cells, mixers, stems)
     lines += ["", "Effects (each factor's levels against attention and the patch stem, averaged over the other "
