@@ -6,24 +6,22 @@ Each table sits between `<!-- table: results/NAME -->` and `<!-- end table -->`;
 fails when one no longer matches its study.
 """
 
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from patchbench.report.render import study_summary  # noqa: E402
-
-BLOCK = re.compile(r"(<!-- table: (results/[\w.-]+) -->\n)(.*?)\n?<!-- end table -->", re.S)  # may be empty
+from patchbench.report.render import README_BLOCK, study_summary  # noqa: E402
 
 
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = BLOCK.sub(lambda m: m.group(1) + "\n".join(study_summary(ROOT / m.group(2))) + "\n<!-- end table -->", text)
+    new = README_BLOCK.sub(lambda m: "\n".join([f"<!-- table: {m.group(1)} -->", *study_summary(ROOT / m.group(1)),
+                                                "<!-- end table -->"]), text)
     readme.write_text(new)
-    print(f"{len(BLOCK.findall(new))} table(s) written")
+    print(f"{len(README_BLOCK.findall(new))} table(s) written")
 
 
 if __name__ == "__main__":

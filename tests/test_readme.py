@@ -4,20 +4,18 @@ A table in the README sits between `<!-- table: results/NAME -->` and `<!-- end 
 rebuilds it from the run directories with the report's own code and compares line by line.
 """
 
-import re
 from pathlib import Path
 
 import pytest
 
-from patchbench.report.render import study_summary
+from patchbench.report.render import README_BLOCK, study_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-# The same pattern as scripts/readme_tables.py: an empty block is found, and so checked, too.
-BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n?<!-- end table -->", re.S)
 
 
 def blocks() -> list[tuple[str, list[str]]]:
-    return [(path, text.strip().splitlines()) for path, text in BLOCK.findall((ROOT / "README.md").read_text())]
+    readme = (ROOT / "README.md").read_text()
+    return [(path, text.strip().splitlines()) for path, text in README_BLOCK.findall(readme)]
 
 
 def test_the_readme_shows_every_committed_study():

@@ -232,6 +232,12 @@ def markdown_table(table: list[list[str]]) -> list[str]:
     return [md_row(TABLE_HEADER), md_row(["---"] * len(TABLE_HEADER)), *map(md_row, table)]
 
 
+# A study's summary in the README: `<!-- table: results/NAME -->`, the lines (none yet: an empty block), then
+# `<!-- end table -->`. Groups: the study's path, the lines. scripts/readme_tables.py rewrites the blocks
+# and tests/test_readme.py checks them, both with this pattern.
+README_BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n?<!-- end table -->", re.S)
+
+
 def study_summary(path: str | os.PathLike) -> list[str]:
     """The markdown results table of the study at `path` and its conclusion (for an ablation: the mixer x stem
     table and each factor's effect), without drawing any figure."""
