@@ -14,6 +14,15 @@
 (d) with --fp32: (b) in fp32 (channels_last and the C kernels: the same function as the notebook's,
     what the `seed` preset trains seed_convmixer with).
 
+(b)-(d) run with glibc's malloc keeping freed memory, as the trainer does on the CPU
+(`patchbench.device.keep_freed_memory`); `--malloc default` runs them with glibc's defaults. That
+setting is process-wide, so `--against-default-malloc R` compares the two in R rounds of child
+processes, one of each per round in alternating order, each running (b) (c) (d) on `--max-steps`
+steps; it prints their median epoch times and `ratio_malloc=<(b) default / (b) kept>` and
+`ratio_vs_issue=<(c) default / (b) kept>`: against the code as it stood when the seed_convmixer
+speed-up was asked for (fp32-promoting gain, default malloc; the gelu/BatchNorm kernel's loop order
+then is not reproduced here, see docs/PERFORMANCE.md).
+
 Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
 160px images, 591 batches of 16 per epoch on Imagenette-160.
 
@@ -32,6 +41,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -44,7 +57,7 @@ from torchvision import datasets, transforms as T
 
 from patchbench.config import get_preset
 from patchbench.data import Loader, prepare, resolve_source
-from patchbench.device import autocast
+from patchbench.device import autocast, keep_freed_memory
 from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
@@ -168,9 +181,17 @@ def main(argv=None) -> None:
     p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
                    "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="glibc malloc: keep freed memory (the trainer's setting on the CPU) or its defaults")
+    p.add_argument("--against-default-malloc", type=int, default=0, metavar="ROUNDS",
+                   help="compare --malloc keep and default in ROUNDS rounds of child processes")
     args = p.parse_args(argv)
+    if args.against_default_malloc:
+        return against_default_malloc(args, argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         source, generated = args.data, False
@@ -226,6 +247,38 @@ def main(argv=None) -> None:
         print(f"ratio_fp32={rows['a']['epoch_s'] / rows['d']['epoch_s']:.2f}")
     if "a" in rows and "b" in rows:
         print(f"ratio={rows['a']['epoch_s'] / rows['b']['epoch_s']:.2f}")
+
+
+def against_default_malloc(args, argv: list[str]) -> None:
+    """Rounds of two child processes (--malloc default and keep, alternating which goes first), each
+    timing (b), (c) and (d); the medians over rounds and the ratios."""
+    rest, skip = [], False
+    for arg in argv:  # the parent's own flags, minus those that choose sides or the malloc
+        if skip:
+            skip = False
+        elif arg in ("--against-default-malloc", "--malloc", "--only"):
+            skip = True
+        elif not arg.startswith(("--against-default-malloc=", "--malloc=", "--only=")) and arg not in (
+                "--against-previous", "--fp32"):
+            rest.append(arg)
+    epochs: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.against_default_malloc):
+        for malloc in (("default", "keep") if r % 2 == 0 else ("keep", "default")):
+            cmd = [sys.executable, __file__, *rest, "--only", "b", "--against-previous", "--fp32", "--malloc", malloc]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            for side, epoch in re.findall(r"^\| \((b|c|d)\) .*\| ([0-9.]+) \|$", out, flags=re.M):
+                epochs.setdefault((side, malloc), []).append(float(epoch))
+            print(f"round {r + 1}, --malloc {malloc}: " + ", ".join(
+                f"({side}) {epochs[side, malloc][-1]:.0f} s" for side in "bcd"), flush=True)
+    median = {key: statistics.median(v) for key, v in epochs.items()}
+    print("| side | malloc default: epoch (s) | malloc kept: epoch (s) |")
+    print("|---|---:|---:|")
+    for side, name in (("b", "(b) bf16, channels_last, C kernels"), ("c", "(c) (b) with the previous residual gain"),
+                       ("d", "(d) (b) in fp32 (the seed preset's settings)")):
+        print(f"| {name} | {median[side, 'default']:.0f} | {median[side, 'keep']:.0f} |")
+    print(f"ratio_malloc={median['b', 'default'] / median['b', 'keep']:.2f}")
+    print(f"ratio_malloc_fp32={median['d', 'default'] / median['d', 'keep']:.2f}")
+    print(f"ratio_vs_issue={median['c', 'default'] / median['b', 'keep']:.2f}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from patchbench import rundir
 from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, rng_from_parts,
                                    rng_to_parts, save_checkpoint)
 from patchbench.config import RunConfig, fields_of
-from patchbench.device import autocast, device_name, resolve_device
+from patchbench.device import autocast, device_name, keep_freed_memory, resolve_device
 from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
@@ -301,6 +301,8 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     from patchbench.data.mix import BatchMixer
 
     t = cfg.train
+    if ctx.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse mapped pages instead of faulting in fresh ones
     # data: the first process on each node decodes (once), the others then load its cache
     if ctx.local_rank == 0:
         data = prepare(cfg.data, progress=progress and ctx.main)
