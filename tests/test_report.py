@@ -228,3 +228,43 @@ def test_html_renders_in_headless_chromium(study, tmp_path):
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("L"))
     assert im.size == (1200, 1600) and pixels.std() > 10  # a rendered page, not a blank one
+
+
+def test_reference_section_sets_the_published_numbers_against_our_seeds(study):
+    meta = json.loads((study / "study.json").read_text())
+    meta["reference"] = {"source": "the notebook", "convmixer_256_8": {"final": 0.83, "best": 0.85},
+                         "vit_tiny_6l8h": {"final": 0.70, "best": 0.72}, "resnet9": {"final": 0.76}}
+    (study / "study.json").write_text(json.dumps(meta))
+    # seed 1's lowest val loss is at epoch 2 (71%), its highest accuracy at epoch 3 (82%): "highest" is the latter
+    metrics = study / "runs" / "convmixer_256_8-s1" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[1]["val_loss"] = 0.01
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    text = render.to_markdown(render.build_report(load.load_study(study)))
+    section = text.split("## Against the reference")[1].split("\n## ")[0]
+    assert "Reference: the notebook." in section
+    lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    # convmixer: ours 80 / 82 / 84 -> 82.0 ± 2.0, the reference's 83 inside and 1 point away
+    assert lines["convmixer_256_8"] == "| convmixer_256_8 | 83.0 (85.0) | 82.0 ± 2.0 | 3 | 80.0–84.0 | 82.0 | -1.0 | yes | yes |"
+    # vit: ours 60 / 64 / 62, highest epochs 60 / 66 / 62; the reference's 70 is outside and 8 points away
+    assert lines["vit_tiny_6l8h"] == "| vit_tiny_6l8h | 70.0 (72.0) | 62.0 ± 2.0 | 3 | 60.0–64.0 | 62.7 | -8.0 | no | no |"
+    assert lines["resnet9"].startswith("| resnet9 | 76.0 (") and lines["resnet9"].endswith("| 0 | – | – | – | – | – |")
+
+
+def test_seed_preset_carries_the_notebooks_numbers():
+    from patchbench.config import get_preset
+
+    ref = get_preset("seed").reference
+    assert {m: (r["final"], r["best"]) for m, r in ref.items() if m != "source"} == {
+        "seed_convmixer": (0.808, 0.813), "seed_resnet9": (0.764, 0.785), "seed_vit": (0.613, 0.635)}
+
+
+@pytest.mark.parametrize("entry", [{"final": "80%"}, {"final": 0.8, "worst": 0.5}, 0.8])
+def test_a_bad_reference_entry_is_refused_with_its_name(entry):
+    from patchbench.config import parse_recipe
+    from patchbench.errors import UserError
+
+    assert parse_recipe({"reference": {"m": {"final": 0.8, "best": 0.81}}}, "r.toml").reference["m"]["best"] == 0.81
+    with pytest.raises(UserError, match=r"r.toml: \[reference.m\] holds final and best top-1 fractions"):
+        parse_recipe({"reference": {"m": entry}}, "r.toml")

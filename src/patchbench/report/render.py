@@ -112,7 +112,7 @@ def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[s
     if not rows:
         return []
     lines = [f"Reference: {meta['reference'].get('source', 'published figures')}.", "",
-             "| model | reference final % (best) | ours final % (mean ± std) | n | ours min–max | ours best-epoch % "
+             "| model | reference final % (best) | ours final % (mean ± std) | n | ours min–max | ours highest epoch % "
              "| ours − reference | reference inside our range | within ±2 points |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
