@@ -250,6 +250,8 @@ def test_reference_section_sets_the_published_numbers_against_our_seeds(study):
     # vit: ours 60 / 64 / 62, highest epochs 60 / 66 / 62; the reference's 70 is outside and 8 points away
     assert lines["vit_tiny_6l8h"] == "| vit_tiny_6l8h | 70.0 (72.0) | 62.0 ± 2.0 | 3 | 60.0–64.0 | 62.7 | -8.0 | no | no |"
     assert lines["resnet9"].startswith("| resnet9 | 76.0 (") and lines["resnet9"].endswith("| 0 | – | – | – | – | – |")
+    summary = render.study_summary(study)  # the README's block: the results table, conclusion, then this table
+    assert lines["convmixer_256_8"] in summary and summary.index(lines["convmixer_256_8"]) > summary.index("")
 
 
 def test_seed_preset_carries_the_notebooks_numbers():

@@ -240,14 +240,15 @@ README_BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n?<!-- end 
 
 def study_summary(path: str | os.PathLike) -> list[str]:
     """The markdown results table of the study at `path` and its conclusion (for an ablation: the mixer x stem
-    table and each factor's effect), without drawing any figure."""
+    table and each factor's effect; with a reference: the table against it too), without drawing any figure."""
     study = load_study(path)
     groups = group_runs(study.runs)
     table = markdown_table([table_cells(r) for r in results_rows(groups)])
     ablation = ablation_section(study, groups)
     if ablation:
         return [*table, "", *ablation[0][1]]
-    return [*table, "", *[f"- {line}" for line in conclusion(groups)]]
+    reference = [line for _, lines in reference_section(study.meta, groups) for line in ["", *lines]]
+    return [*table, "", *[f"- {line}" for line in conclusion(groups)], *reference]
 
 
 def to_markdown(report: Report) -> str:
