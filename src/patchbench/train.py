@@ -601,7 +601,8 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
                             f"use a multiple of {ctx.world_size}")
         if t.sync_bn and ctx.device.type != "cuda":
             raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
-        plan = plan_run_dir(out, cfg, resume, overwrite)  # every rank checks before anyone writes
+        plan = plan_run_dir(out, cfg, resume, overwrite)
+        ctx.barrier()  # every rank checks before anyone writes (rank 0's probe file below would look like a foreign one)
         if plan == "finished":
             return rundir.read_summary(out / rundir.SUMMARY)
         if ctx.main:  # before the data is prepared: a folder that cannot be written fails now
