@@ -9,8 +9,12 @@
     the fast settings below: bf16 autocast, channels_last, patchbench.kernels' C kernels.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
 (c) with --against-previous: (b) as it ran before the residual gain was cast to the branch's dtype
-    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block); the
-    line `ratio_vs_previous=<(c) / (b)>` follows.
+    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block) and
+    before the gain and the sum were folded into the GELU -> BatchNorm kernel; the line
+    `ratio_vs_previous=<(c) / (b)>` follows.
+(e) with --against-unfused: (b) with the gained residual as its own ops again (the gain cast to the
+    branch's dtype, then a multiply and an add), not folded into the kernel (FusedGainResidual); the
+    line `ratio_fused=<(e) / (b)>` follows.
 (d) with --fp32: (b) in fp32 (channels_last and the C kernels: the same function as the notebook's,
     what the `seed` preset trains seed_convmixer with).
 
@@ -58,7 +62,7 @@ from torchvision import datasets, transforms as T
 from patchbench.config import get_preset
 from patchbench.data import Loader, prepare, resolve_source
 from patchbench.device import autocast, keep_freed_memory
-from patchbench.kernels import use_fast_kernels
+from patchbench.kernels import FusedGainResidual, use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.models.layers import Residual
@@ -127,18 +131,34 @@ def previous_residual(self, x):
     return x + self.drop_path(out if self.gain is None else self.gain * out)
 
 
-def patchbench_side(data, cfg, args, previous: bool = False):
-    """(b): prepared cache + Loader + the trainer's pieces, fast settings; (c) `previous` residuals."""
+def unfuse_residuals(model, previous: bool) -> None:
+    """Turn each FusedGainResidual back into a plain Residual (same fn and gain): the multiply and the
+    add as their own ops; with `previous`, also the fp32-promoting gain of `previous_residual`."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FusedGainResidual):
+                plain = Residual(child.fn)
+                plain.gain = child.gain
+                if previous:
+                    plain.forward = types.MethodType(previous_residual, plain)
+                setattr(parent, name, plain)
+
+
+def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = False):
+    """(b): prepared cache + Loader + the trainer's pieces, fast settings; (c) `previous` residuals,
+    (e) `unfused` ones."""
     t = cfg.train
     device = torch.device(args.device)
     loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
     model = build_model(cfg, len(data.classes))
-    if previous:
-        for m in model.modules():
-            if isinstance(m, Residual):
-                m.forward = types.MethodType(previous_residual, m)
     if args.fast_kernels:
         use_fast_kernels(model)
+    if previous or unfused:
+        unfuse_residuals(model, previous)
+        if previous and not args.fast_kernels:
+            for m in model.modules():
+                if type(m) is Residual:
+                    m.forward = types.MethodType(previous_residual, m)
     model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
     step_model = torch.compile(model) if t.compile else model
@@ -178,6 +198,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
     p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
     p.add_argument("--against-previous", action="store_true", help="also (c): (b) with the previous residual gain")
+    p.add_argument("--against-unfused", action="store_true",
+                   help="also (e): (b) with the gained residual not folded into the GELU -> BatchNorm kernel")
     p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
                    "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
@@ -215,6 +237,8 @@ def main(argv=None) -> None:
             sides["b"] = patchbench_side(data, cfg, args)
         if args.against_previous:
             sides["c"] = patchbench_side(data, cfg, args, previous=True)
+        if args.against_unfused:
+            sides["e"] = patchbench_side(data, cfg, args, unfused=True)
         if args.fp32:
             sides["d"] = patchbench_side(data, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none")),
                                          args)
@@ -235,7 +259,8 @@ def main(argv=None) -> None:
              "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b),
              "c": ("(c) (b) with the previous residual gain (fp32 promotion)", settings_b),
              "d": ("(d) (b) in fp32: the notebook's function, the seed preset's settings",
-                   settings_b.replace(t.amp, "fp32"))}
+                   settings_b.replace(t.amp, "fp32")),
+             "e": ("(e) (b) with the gained residual not folded into the kernel", settings_b)}
     for key, r in rows.items():
         print(f"| {names[key][0]} | {names[key][1]} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['images_per_s']:.1f} | {r['epoch_s']:.0f} |")
@@ -243,6 +268,8 @@ def main(argv=None) -> None:
           f"{prep_s:.1f} | | |")
     if "c" in rows:
         print(f"ratio_vs_previous={rows['c']['epoch_s'] / rows['b']['epoch_s']:.2f}")
+    if "e" in rows:
+        print(f"ratio_fused={rows['e']['epoch_s'] / rows['b']['epoch_s']:.2f}")
     if "d" in rows and "a" in rows:
         print(f"ratio_fp32={rows['a']['epoch_s'] / rows['d']['epoch_s']:.2f}")
     if "a" in rows and "b" in rows:
@@ -259,7 +286,7 @@ def against_default_malloc(args, argv: list[str]) -> None:
         elif arg in ("--against-default-malloc", "--malloc", "--only"):
             skip = True
         elif not arg.startswith(("--against-default-malloc=", "--malloc=", "--only=")) and arg not in (
-                "--against-previous", "--fp32"):
+                "--against-previous", "--fp32", "--against-unfused"):
             rest.append(arg)
     epochs: dict[tuple[str, str], list[float]] = {}
     for r in range(args.against_default_malloc):

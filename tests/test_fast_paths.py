@@ -151,16 +151,69 @@ def test_fast_convmixer_matches_timm_convmixer():
         torch.testing.assert_close(go, gt, rtol=1e-4, atol=1e-5)
 
 
-def test_seed_convmixer_gets_the_kernel_and_keeps_its_gradients():
-    plain = create_model("seed_convmixer", dim=32, depth=1)
-    fast = create_model("seed_convmixer", dim=32, depth=1)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
+    z = (2 * torch.randn(4, 32, 7, 5)).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 7, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    bn = GELUBatchNorm2d(32).train()
+    gain = nn.Parameter(torch.tensor([0.7]))
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(32) + 0.5), bn.bias.copy_(torch.randn(32))
+    zz, xx = z.clone().requires_grad_(), x.clone().requires_grad_()
+    out = bn(zz, residual=xx, gain=gain)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    z64, x64, w64, b64, g64 = (t.detach().double().requires_grad_() for t in (z, x, bn.weight, bn.bias, gain))
+    ref = x64 + g64 * F.batch_norm(F.gelu(z64), None, None, w64, b64, training=True)
+    ref.backward(dout.double())
+    pairs = [(out, ref), (zz.grad, z64.grad), (xx.grad, x64.grad), (bn.weight.grad, w64.grad),
+             (bn.bias.grad, b64.grad), (gain.grad, g64.grad)]
+    for ours, truth in pairs:
+        assert ours.dtype in (dtype, torch.float32)
+        torch.testing.assert_close(ours.double(), truth, rtol=tol, atol=tol * truth.abs().max().item())
+    assert bn.num_batches_tracked.item() == 1
+    # off the fast path (NCHW) the same call is the plain ops
+    z2 = z.float().contiguous()
+    expected = x.float() + 0.7 * F.batch_norm(F.gelu(z2), None, None, bn.weight, bn.bias, training=True)
+    torch.testing.assert_close(bn(z2, residual=x.float().contiguous(), gain=gain), expected)
+
+
+def test_fused_ops_pass_torch_library_checks():
+    z = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    w, b, g = torch.rand(16) + 0.5, torch.randn(16), torch.tensor([0.3])
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(kernels.gelu_batch_norm, (z, w, b, 1e-5, x, g), test_utils=checks)
+    _, y, mean, rstd = kernels.gelu_batch_norm(z, w, b, 1e-5, x, g)
+    torch.library.opcheck(kernels.gelu_batch_norm_backward, (z, y, torch.randn_like(z), w, b, mean, rstd, g),
+                          test_utils=checks)
+
+
+def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
+    plain = create_model("seed_convmixer", dim=32, depth=2)
+    with torch.no_grad():  # non-zero gains, so the residual branches have gradients to compare
+        for i, block in enumerate(plain.blocks):
+            block[0].gain.fill_(0.5 + i)
+    fast = create_model("seed_convmixer", dim=32, depth=2)
     fast.load_state_dict(plain.state_dict())
-    assert use_fast_kernels(fast) == 4  # 1 depthwise conv, 3 GELU -> BatchNorm pairs
+    # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 2 gained residuals folded into their pair's kernel
+    assert use_fast_kernels(fast) == 9
+    assert sum(isinstance(m, kernels.FusedGainResidual) for m in fast.modules()) == 2
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
     plain, fast = plain.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     plain.head[2].p = fast.head[2].p = 0.0  # dropout off, BatchNorm in training mode
-    for gp, gf in zip(grads(plain, x)[1], grads(fast, x)[1]):
+    out_p, grads_p = grads(plain, x)
+    out_f, grads_f = grads(fast, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    for gp, gf in zip(grads_p, grads_f):
         torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-5)
+    for bp, bf in zip(plain.buffers(), fast.buffers()):
+        torch.testing.assert_close(bf, bp, rtol=1e-5, atol=1e-6)
+    plain.eval(), fast.eval()  # eval: the plain ops with the running statistics, the same outputs
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x))
 
 
 def test_only_fitting_layers_are_swapped():

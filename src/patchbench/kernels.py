@@ -16,6 +16,10 @@ passes forward and backward, each also an OpenMP parallel region (costly on a sh
   per-channel sums and one computing dz. GELU is exact (erf, Abramowitz & Stegun 7.1.26, the formula
   PyTorch's vectorised CPU erf uses); sums are fp32 per 64 rows, accumulated in double. y is kept
   for backward, as eager PyTorch keeps it.
+- seed_convmixer's gained residual x + gain * BN(GELU(z)) folded into that kernel's affine pass (the
+  gain into the per-channel scale and shift, the sum into the store): forward saves writing the
+  BatchNorm's output, the product and their separate passes; backward, the product's two passes
+  (dgain comes from the two per-channel sums the kernel computes anyway).
 
 Each kernel is C source in patchbench/csrc/, compiled once with the system C compiler (~0.1 s,
 `-O3 -march=native -fopenmp`, sharing torch's OpenMP threads) into a cache folder private to the
@@ -46,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchbench.device import cpu_features
+from patchbench.models.layers import Residual
 
 LANES = 16  # channels per vector in the C kernel (one 512-bit register of fp32)
 
@@ -178,6 +183,7 @@ _P, _L = ctypes.c_void_p, ctypes.c_long  # pointers (tensor.data_ptr()) and size
 _SIGNATURES = {
     "dwconv": {"dw_wgrad": (ctypes.c_int, [_P] * 4 + [_L] * 4)},
     "gelu_bn": {"gelu_stats": (None, [_P, _P, _L, _L, _P, _P]), "affine": (None, [_P, _P, _L, _L, _P, _P]),
+                "affine_res": (None, [_P, _P, _P, _L, _L, _P, _P]),
                 "grad_stats": (None, [_P, _P, _L, _L, _P, _P]), "gelu_bn_grad": (None, [_P] * 4 + [_L] * 2 + [_P] * 3)},
 }
 
@@ -285,9 +291,11 @@ def _suffix(x: torch.Tensor) -> str:
 
 
 @torch.library.custom_op("patchbench::gelu_batch_norm", mutates_args=())
-def gelu_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm of gelu(z), z channels_last (B, C, H, W) fp32/bf16.
+def gelu_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None,
+                    gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of gelu(z), z channels_last (B, C, H, W) fp32/bf16; with `residual` (like
+    z) and `gain` (a (1,) scalar) it returns residual + gain * that instead, in the same pass.
 
     Returns (out, y = gelu(z), batch mean, 1/sqrt(biased var + eps)); the last two (C,) in float64.
     """
@@ -300,12 +308,19 @@ def gelu_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     rstd = (q / (B * H * W) - mean * mean).clamp_min(0).add(eps).rsqrt()
     scale = (weight.double() * rstd).float()
     shift = (bias.double() - mean * weight.double() * rstd).float()
-    getattr(lib, f"affine_{_suffix(z)}")(y.data_ptr(), out.data_ptr(), B * H * W, C, scale.data_ptr(), shift.data_ptr())
+    if gain is not None:  # gain * (y * scale + shift), folded into the per-channel constants
+        scale, shift = scale * gain.float(), shift * gain.float()
+    if residual is None:
+        getattr(lib, f"affine_{_suffix(z)}")(y.data_ptr(), out.data_ptr(), B * H * W, C, scale.data_ptr(),
+                                             shift.data_ptr())
+    else:
+        getattr(lib, f"affine_res_{_suffix(z)}")(y.data_ptr(), residual.data_ptr(), out.data_ptr(), B * H * W, C,
+                                                 scale.data_ptr(), shift.data_ptr())
     return out, y, mean, rstd
 
 
 @gelu_batch_norm.register_fake
-def _(z, weight, bias, eps):
+def _(z, weight, bias, eps, residual=None, gain=None):
     C = z.shape[1]
     return (torch.empty_like(z), torch.empty_like(z), z.new_empty(C, dtype=torch.float64),
             z.new_empty(C, dtype=torch.float64))
@@ -313,8 +328,11 @@ def _(z, weight, bias, eps):
 
 @torch.library.custom_op("patchbench::gelu_batch_norm_backward", mutates_args=())
 def gelu_batch_norm_backward(z: torch.Tensor, y: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
-                             mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dz, dweight, dbias) of `gelu_batch_norm`; grad_out channels_last like z."""
+                             bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gain: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dz, dweight, dbias, dgain) of `gelu_batch_norm`; grad_out channels_last like z. With
+    `gain`, grad_out is that of residual + gain * BN(gelu(z)) (the residual's own gradient is grad_out)
+    and dgain = sum(grad_out * BN(gelu(z))); without it dgain is that sum too, unused."""
     lib = _library("gelu_bn")
     B, C, H, W = z.shape
     n = B * H * W
@@ -322,36 +340,44 @@ def gelu_batch_norm_backward(z: torch.Tensor, y: torch.Tensor, grad_out: torch.T
     getattr(lib, f"grad_stats_{_suffix(z)}")(y.data_ptr(), grad_out.data_ptr(), n, C, sd.data_ptr(), sdy.data_ptr())
     dbias = sd  # sum of dout
     dweight = rstd * (sdy - mean * sd)  # sum of dout * y_hat
-    # d out / d y folded into one line per channel: dy = ka * dout + kb * y + kc
+    dgain = (weight.double() * dweight + bias.double() * dbias).sum().reshape(1)  # sum of dout * BN(y)
     a = weight.double() * rstd
+    if gain is not None:  # the BatchNorm's output gradient is gain * dout
+        g = gain.double()
+        dbias, dweight, a_out = dbias * g, dweight * g, a * g
+    else:
+        a_out = a
+    # d out / d y folded into one line per channel: dy = ka * dout + kb * y + kc
     kb = -a * rstd * dweight / n
-    ka, kc = a.float(), (-a * dbias / n - kb * mean).float()
+    ka, kc = a_out.float(), (-a * dbias / n - kb * mean).float()
     kb = kb.float()
     dz = torch.empty_like(z)
     getattr(lib, f"gelu_bn_grad_{_suffix(z)}")(z.data_ptr(), y.data_ptr(), grad_out.data_ptr(), dz.data_ptr(), n, C,
                                       ka.data_ptr(), kb.data_ptr(), kc.data_ptr())
-    return dz, dweight.to(weight.dtype), dbias.to(weight.dtype)
+    return (dz, dweight.to(weight.dtype), dbias.to(weight.dtype),
+            dgain.to(gain.dtype if gain is not None else weight.dtype))
 
 
 @gelu_batch_norm_backward.register_fake
-def _(z, y, grad_out, weight, mean, rstd):
-    return torch.empty_like(z), torch.empty_like(weight), torch.empty_like(weight)
+def _(z, y, grad_out, weight, bias, mean, rstd, gain=None):
+    return (torch.empty_like(z), torch.empty_like(weight), torch.empty_like(weight),
+            weight.new_empty(1, dtype=gain.dtype if gain is not None else weight.dtype))
 
 
 class _GELUBatchNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, weight, bias, eps):
-        out, y, mean, rstd = gelu_batch_norm(z, weight, bias, eps)
-        ctx.save_for_backward(z, y, weight, mean, rstd)
-        ctx.mark_non_differentiable(y, mean, rstd)
+    def forward(ctx, z, weight, bias, eps, residual, gain):
+        out, y, mean, rstd = gelu_batch_norm(z, weight, bias, eps, residual, gain)
+        ctx.save_for_backward(z, y, weight, bias, mean, rstd, gain)
+        ctx.mark_non_differentiable(mean, rstd)
         return out, mean, rstd
 
     @staticmethod
     def backward(ctx, grad_out, _mean, _rstd):
-        z, y, weight, mean, rstd = ctx.saved_tensors
+        z, y, weight, bias, mean, rstd, gain = ctx.saved_tensors
         grad_out = grad_out.to(z.dtype).contiguous(memory_format=torch.channels_last)
-        dz, dweight, dbias = gelu_batch_norm_backward(z, y, grad_out, weight, mean, rstd)
-        return dz, dweight, dbias, None
+        dz, dweight, dbias, dgain = gelu_batch_norm_backward(z, y, grad_out, weight, bias, mean, rstd, gain)
+        return dz, dweight, dbias, None, grad_out if ctx.needs_input_grad[4] else None, dgain if gain is not None else None
 
 
 class GELUBatchNorm2d(nn.BatchNorm2d):
@@ -359,14 +385,20 @@ class GELUBatchNorm2d(nn.BatchNorm2d):
 
     Same parameters, buffers and state_dict keys as the BatchNorm2d it replaces. Training on CPU with
     a channels_last input runs the fused C kernels; everything else (eval, other devices or layouts)
-    runs F.gelu then BatchNorm2d.
+    runs F.gelu then BatchNorm2d. `forward(x, residual, gain)` returns residual + gain * BN(GELU(x)),
+    the sum and the scalar gain folded into the kernel's last pass (FusedGainResidual).
     """
 
-    def forward(self, x):
+    def forward(self, x, residual=None, gain=None):
         if not (self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4):
-            return super().forward(F.gelu(x))
-        out, mean, rstd = _GELUBatchNormFn.apply(x, self.weight, self.bias, self.eps)
+                and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4
+                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                          and residual.is_contiguous(memory_format=torch.channels_last)))):
+            out = super().forward(F.gelu(x))
+            if gain is not None:
+                out = out * gain.to(out.dtype)
+            return out if residual is None else residual + out
+        out, mean, rstd = _GELUBatchNormFn.apply(x, self.weight, self.bias, self.eps, residual, gain)
         with torch.no_grad():  # what BatchNorm2d does with its buffers in training mode
             self.num_batches_tracked.add_(1)
             n = x.numel() / x.shape[1]
@@ -374,6 +406,19 @@ class GELUBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
         return out
+
+
+class FusedGainResidual(Residual):
+    """Residual(x + gain * fn(x)) whose branch ends in a GELUBatchNorm2d: the gain's product and the sum
+    run inside the fused kernel's affine pass, saving three memory-bound passes forward (the affine's
+    output, the product, the sum) and two backward. Same parameters and state_dict as the Residual."""
+
+    def forward(self, x):
+        *body, norm = self.fn
+        h = x
+        for layer in body:
+            h = layer(h)
+        return norm(h, residual=x, gain=self.gain)
 
 
 def _fits_gelu_bn(act: nn.Module, bn: nn.Module) -> bool:
@@ -385,7 +430,8 @@ def use_fast_kernels(model: nn.Module) -> int:
     """Swap fitting layers of `model` for the fast ones, in place; returns how many were swapped.
 
     Depthwise convs become FastDepthwiseConv2d; each GELU -> BatchNorm2d pair inside an nn.Sequential
-    becomes nn.Identity -> GELUBatchNorm2d. Parameters and buffers are shared, not copied, so the
+    becomes nn.Identity -> GELUBatchNorm2d; a gained Residual (seed_convmixer's) whose branch then ends
+    in one becomes FusedGainResidual. Parameters and buffers are shared, not copied, so the
     state_dict is unchanged. Models without such layers (ViT, ResNet) are left exactly as they were,
     and so is everything where no C compiler is available. Call it before building the optimizer or
     wrapping the model (DDP, torch.compile).
@@ -413,5 +459,15 @@ def use_fast_kernels(model: nn.Module) -> int:
                 fused.train(next_child.training)
                 setattr(parent, name, nn.Identity())
                 setattr(parent, next_name, fused)
+                swapped += 1
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if (type(child) is Residual and child.gain is not None and type(child.drop_path) is nn.Identity
+                    and isinstance(child.fn, nn.Sequential) and len(child.fn)
+                    and isinstance(child.fn[-1], GELUBatchNorm2d)):
+                fused = FusedGainResidual(child.fn)
+                fused.gain = child.gain  # the same Parameter
+                fused.train(child.training)
+                setattr(parent, name, fused)
                 swapped += 1
     return swapped

@@ -97,6 +97,19 @@ void affine_##SUFFIX(const TYPE *y, TYPE *out, long N, long C, const float *scal
                       LOAD(y + n * C + cb * 16) * load_f32(scale + cb * 16) + load_f32(shift + cb * 16)); \
     }                                                                                                \
 }                                                                                                    \
+/* out = y * scale[c] + shift[c] + res: the affine pass with a residual sum folded in (ConvMixer's         \
+   x + gain * BN(GELU(z)), the gain folded into scale and shift) */                                  \
+void affine_res_##SUFFIX(const TYPE *y, const TYPE *res, TYPE *out, long N, long C, const float *scale, \
+                         const float *shift) {                                                       \
+    _Pragma("omp parallel") {                                                                        \
+        THREAD_BLOCKS;                                                                               \
+        for (long n = 0; n < N; n++)                                                                 \
+            for (long cb = cb0; cb < cb1; cb++) {                                                    \
+                long o = n * C + cb * 16;                                                            \
+                STORE(out + o, LOAD(y + o) * load_f32(scale + cb * 16) + load_f32(shift + cb * 16) + LOAD(res + o)); \
+            }                                                                                        \
+    }                                                                                                \
+}                                                                                                    \
 /* sd[c] = sum dout, sdy[c] = sum dout * y (fp32 partials per 64 rows, summed in double) */          \
 void grad_stats_##SUFFIX(const TYPE *y, const TYPE *dout, long N, long C, double *sd, double *sdy) { \
     _Pragma("omp parallel") {                                                                        \
