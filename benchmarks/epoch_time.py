@@ -9,12 +9,16 @@
     the fast settings below: bf16 autocast, channels_last, patchbench.kernels' C kernels.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
 (c) with --against-previous: (b) as it ran before the residual gain was cast to the branch's dtype
-    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block) and
-    before the gain and the sum were folded into the GELU -> BatchNorm kernel; the line
+    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block),
+    before the gain and the sum were folded into the GELU -> BatchNorm kernel and before that kernel
+    used AVX-512 instructions (the portable build, as (f)); the line
     `ratio_vs_previous=<(c) / (b)>` follows.
 (e) with --against-unfused: (b) with the gained residual as its own ops again (the gain cast to the
     branch's dtype, then a multiply and an add), not folded into the kernel (FusedGainResidual); the
     line `ratio_fused=<(e) / (b)>` follows.
+(f) with --against-generic: (b) with the GELU -> BatchNorm kernel built as portable vector code only
+    (-DPB_GENERIC: none of its AVX-512 steps; the same values); the line `ratio_isa=<(f) / (b)>`
+    follows.
 (d) with --fp32: (b) in fp32 (channels_last and the C kernels: the same function as the notebook's,
     what the `seed` preset trains seed_convmixer with).
 
@@ -62,6 +66,7 @@ from torchvision import datasets, transforms as T
 from patchbench.config import get_preset
 from patchbench.data import Loader, prepare, resolve_source
 from patchbench.device import autocast, keep_freed_memory
+from patchbench import kernels
 from patchbench.kernels import FusedGainResidual, use_fast_kernels
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
@@ -144,13 +149,14 @@ def unfuse_residuals(model, previous: bool) -> None:
                 setattr(parent, name, plain)
 
 
-def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = False):
+def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = False, generic: bool = False):
     """(b): prepared cache + Loader + the trainer's pieces, fast settings; (c) `previous` residuals,
-    (e) `unfused` ones."""
+    (e) `unfused` ones, (f) the `generic` build of the GELU -> BatchNorm kernel."""
     t = cfg.train
     device = torch.device(args.device)
     loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
     model = build_model(cfg, len(data.classes))
+    generic = generic or previous
     if args.fast_kernels:
         use_fast_kernels(model)
     if previous or unfused:
@@ -167,6 +173,16 @@ def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = Fal
     counter = iter(range(10**9))
 
     def step(x, y):
+        if generic:  # this side's steps call the portable build; the other sides' the native one
+            native = kernels._LIBS["gelu_bn"]
+            kernels._LIBS["gelu_bn"] = kernels._library("gelu_bn_generic")
+            try:
+                return train_step(x, y)
+            finally:
+                kernels._LIBS["gelu_bn"] = native
+        return train_step(x, y)
+
+    def train_step(x, y):
         lr, beta1 = lr_at(next(counter), total, t)
         set_lr(optimizer, lr, beta1)
         if t.channels_last:
@@ -198,6 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
     p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
     p.add_argument("--against-previous", action="store_true", help="also (c): (b) with the previous residual gain")
+    p.add_argument("--against-generic", action="store_true",
+                   help="also (f): (b) with the GELU -> BatchNorm kernel's portable build (no AVX-512 steps)")
     p.add_argument("--against-unfused", action="store_true",
                    help="also (e): (b) with the gained residual not folded into the GELU -> BatchNorm kernel")
     p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
@@ -239,6 +257,8 @@ def main(argv=None) -> None:
             sides["c"] = patchbench_side(data, cfg, args, previous=True)
         if args.against_unfused:
             sides["e"] = patchbench_side(data, cfg, args, unfused=True)
+        if args.against_generic:
+            sides["f"] = patchbench_side(data, cfg, args, generic=True)
         if args.fp32:
             sides["d"] = patchbench_side(data, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none")),
                                          args)
@@ -260,7 +280,8 @@ def main(argv=None) -> None:
              "c": ("(c) (b) with the previous residual gain (fp32 promotion)", settings_b),
              "d": ("(d) (b) in fp32: the notebook's function, the seed preset's settings",
                    settings_b.replace(t.amp, "fp32")),
-             "e": ("(e) (b) with the gained residual not folded into the kernel", settings_b)}
+             "e": ("(e) (b) with the gained residual not folded into the kernel", settings_b),
+             "f": ("(f) (b) with the GELU -> BatchNorm kernel's portable build", settings_b)}
     for key, r in rows.items():
         print(f"| {names[key][0]} | {names[key][1]} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['images_per_s']:.1f} | {r['epoch_s']:.0f} |")
@@ -270,6 +291,8 @@ def main(argv=None) -> None:
         print(f"ratio_vs_previous={rows['c']['epoch_s'] / rows['b']['epoch_s']:.2f}")
     if "e" in rows:
         print(f"ratio_fused={rows['e']['epoch_s'] / rows['b']['epoch_s']:.2f}")
+    if "f" in rows:
+        print(f"ratio_isa={rows['f']['epoch_s'] / rows['b']['epoch_s']:.2f}")
     if "d" in rows and "a" in rows:
         print(f"ratio_fp32={rows['a']['epoch_s'] / rows['d']['epoch_s']:.2f}")
     if "a" in rows and "b" in rows:
@@ -286,7 +309,7 @@ def against_default_malloc(args, argv: list[str]) -> None:
         elif arg in ("--against-default-malloc", "--malloc", "--only"):
             skip = True
         elif not arg.startswith(("--against-default-malloc=", "--malloc=", "--only=")) and arg not in (
-                "--against-previous", "--fp32", "--against-unfused"):
+                "--against-previous", "--fp32", "--against-unfused", "--against-generic"):
             rest.append(arg)
     epochs: dict[tuple[str, str], list[float]] = {}
     for r in range(args.against_default_malloc):

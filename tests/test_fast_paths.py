@@ -178,6 +178,29 @@ def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
     torch.testing.assert_close(bn(z2, residual=x.float().contiguous(), gain=gain), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_bn_kernel_gives_the_portable_codes_values(dtype, monkeypatch):
+    """Where the CPU has AVX-512 a few of the kernel's steps use its instructions: the same values as the
+    portable vector code (-DPB_GENERIC), bit for bit, but bf16 values below 2^-126, which the bf16
+    conversion instruction flushes to zero."""
+    z = (torch.randn(4, 32, 9, 7) * torch.tensor([0.1, 1.0, 5.0, 30.0]).repeat(8).view(1, 32, 1, 1))
+    z = z.to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn_like(z)
+    w, b, g = torch.rand(32) + 0.5, torch.randn(32), torch.tensor([0.3])
+    dout = torch.randn_like(z)
+    results = []
+    for name in ("gelu_bn", "gelu_bn_generic"):
+        monkeypatch.setitem(kernels._LIBS, "gelu_bn", kernels._library(name))
+        out, y, mean, rstd = kernels.gelu_batch_norm(z, w, b, 1e-5, x, g)
+        grads = kernels.gelu_batch_norm_backward(z, y, dout, w, b, mean, rstd, g)
+        results.append([out, y, mean, rstd, *grads])
+    tiny = torch.finfo(torch.float32).tiny
+    for native, generic in zip(*results):
+        if native.dtype == torch.bfloat16:
+            native, generic = (torch.where(t.float().abs() < tiny, 0.0, t.float()) for t in (native, generic))
+        assert torch.equal(native, generic)
+
+
 def test_fused_ops_pass_torch_library_checks():
     z = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)

@@ -194,6 +194,8 @@ def _library(name: str, kernel_size: int = 0) -> ctypes.CDLL | None:
         if name == "dwconv":
             _LIBS[key] = (build_library(f"dwconv_k{kernel_size}", "dwconv.c", [f"-DKS={kernel_size}"], _SIGNATURES[name])
                           if kernel_size % 2 else None)
+        elif name == "gelu_bn_generic":  # the portable vector code only (no AVX-512 steps): for comparisons
+            _LIBS[key] = build_library(name, "gelu_bn.c", ["-DPB_GENERIC"], _SIGNATURES["gelu_bn"])
         else:
             _LIBS[key] = build_library(name, "gelu_bn.c", [], _SIGNATURES[name])
     return _LIBS[key]

@@ -1,7 +1,13 @@
-/* patchbench: GELU -> BatchNorm fused, forward and backward (see patchbench/kernels.py). */
+/* patchbench: GELU -> BatchNorm fused, forward and backward (see patchbench/kernels.py).
+   Written in GCC's portable vector types; where the CPU has AVX-512 a few steps use its instructions
+   instead (max, scalef, the bf16 conversion), the same values in fewer instructions. -DPB_GENERIC
+   builds the portable code everywhere: the tests and benchmarks/epoch_time.py compare the two. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__) && !defined(PB_GENERIC)
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -10,8 +16,12 @@ static inline v16 splat(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a,
 
 /* exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n via the exponent) */
 static inline v16 vexp_neg(v16 x) {
+#if defined(__AVX512F__) && !defined(PB_GENERIC)  /* the same values in fewer instructions: max for the clamp, scalef for the 2^n below */
+    x = (v16)_mm512_max_ps((__m512)x, (__m512)splat(-87.0f));
+#else
     v16i low = x < splat(-87.0f);                    /* lanes of -1 where true */
     x = (v16)(((v16i)splat(-87.0f) & low) | ((v16i)x & ~low));
+#endif
     v16 n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f);  /* round to nearest */
     v16 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
     v16 p = splat(1.9875691500e-4f);
@@ -21,8 +31,12 @@ static inline v16 vexp_neg(v16 x) {
     p = p * r + splat(1.6666665459e-1f);
     p = p * r + splat(5.0000001201e-1f);
     p = p * r * r + r + splat(1.0f);
+#if defined(__AVX512F__) && !defined(PB_GENERIC)
+    return (v16)_mm512_scalef_ps((__m512)p, (__m512)n);  /* p * 2^n, n in [-126, 0]: exact, as below */
+#else
     v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
     return p * (v16)e;
+#endif
 }
 
 /* cdf = Phi(z) = (1 + erf(z / sqrt 2)) / 2 and pdf = phi(z), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
@@ -50,10 +64,15 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 static inline v16 load_bf16(const uint16_t *p) { v16h h; memcpy(&h, p, 32); return (v16)(__builtin_convertvector(h, v16u) << 16); }
 static inline void store_bf16(uint16_t *p, v16 v) {  /* round to nearest even */
+#if defined(__AVX512BF16__) && !defined(PB_GENERIC)  /* the instruction (Cooper Lake, Sapphire Rapids, Zen 4): the same rounding */
+    __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    memcpy(p, &h, 32);
+#else
     v16u u = (v16u)v;
     u += 0x7FFF + ((u >> 16) & 1);
     v16h h = __builtin_convertvector(u >> 16, v16h);
     memcpy(p, &h, 32);
+#endif
 }
 
 /* Each thread takes a contiguous range of 16-channel blocks and walks every pixel (N = B*H*W rows of C)
