@@ -10,7 +10,9 @@ from timm.models.convmixer import ConvMixer as TimmConvMixer
 
 from patchbench import kernels
 from patchbench.kernels import FastDepthwiseConv2d, GELUBatchNorm2d, depthwise_param_grads, use_fast_kernels
+from patchbench.device import cpu_features
 from patchbench.models import create_model
+from patchbench.models.layers import Residual
 
 pytestmark = pytest.mark.skipif(not (kernels.fast_depthwise_available(7) and kernels.fast_gelu_bn_available()),
                                 reason="no C compiler here")
@@ -178,10 +180,11 @@ def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
     torch.testing.assert_close(bn(z2, residual=x.float().contiguous(), gain=gain), expected)
 
 
+@pytest.mark.skipif("avx512f" not in cpu_features().split(), reason="no AVX-512 here: both builds are the same code")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gelu_bn_kernel_gives_the_portable_codes_values(dtype, monkeypatch):
-    """Where the CPU has AVX-512 a few of the kernel's steps use its instructions: the same values as the
-    portable vector code (-DPB_GENERIC), bit for bit, but bf16 values below 2^-126, which the bf16
+    """Where the CPU has AVX-512 three of the kernel's steps use its intrinsics: the same values as the
+    build without them (-DPB_GENERIC), bit for bit, but bf16 values below 2^-126, which the bf16
     conversion instruction flushes to zero."""
     z = (torch.randn(4, 32, 9, 7) * torch.tensor([0.1, 1.0, 5.0, 30.0]).repeat(8).view(1, 32, 1, 1))
     z = z.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -237,6 +240,52 @@ def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
     plain.eval(), fast.eval()  # eval: the plain ops with the running statistics, the same outputs
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_seed_convmixer_fused_residuals_under_bf16_autocast():
+    """As close to the fp32 function as PyTorch's own bf16 run of the plain model is."""
+    models = [create_model("seed_convmixer", dim=32, depth=2) for _ in range(3)]
+    with torch.no_grad():
+        for i, block in enumerate(models[0].blocks):
+            block[0].gain.fill_(0.5 + i)
+    for m in models:
+        m.load_state_dict(models[0].state_dict())
+        m.head[2].p = 0.0
+        m.to(memory_format=torch.channels_last)
+    truth, plain, fast = models
+    use_fast_kernels(fast)
+    assert sum(isinstance(m, kernels.FusedGainResidual) for m in fast.modules()) == 2
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    out_t, grads_t = grads(truth, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_p, grads_p = grads(plain, x)
+        out_f, grads_f = grads(fast, x)
+
+    def error(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+    assert out_f.dtype == out_p.dtype
+    assert error(out_f, out_t) < 2 * error(out_p, out_t) + 1e-3
+    for gt, gp, gf in zip(grads_t, grads_p, grads_f):
+        assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
+
+
+def test_only_gained_residuals_without_drop_path_are_fused():
+    dropped = create_model("seed_convmixer", dim=32, depth=2, drop_path=0.1)  # rates 0 and 0.1 (timm's rule)
+    assert use_fast_kernels(dropped) == 8  # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 1 residual
+    assert [type(block[0]) for block in dropped.blocks] == [kernels.FusedGainResidual, Residual]
+    plain = create_model("convmixer_256_8", dim=32, depth=2)  # residuals without a gain
+    use_fast_kernels(plain)
+    assert not any(isinstance(m, kernels.FusedGainResidual) for m in plain.modules())
+
+
+def test_fused_residual_falls_back_when_the_residual_does_not_fit():
+    bn = GELUBatchNorm2d(16).train()
+    gain = torch.tensor([0.5])
+    z = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    for residual in (torch.randn(2, 16, 4, 4).double().contiguous(memory_format=torch.channels_last),  # dtype
+                     torch.randn(2, 16, 4, 4)):  # NCHW
+        expected = residual + 0.5 * F.batch_norm(F.gelu(z), None, None, bn.weight, bn.bias, training=True)
+        torch.testing.assert_close(bn(z, residual=residual, gain=gain), expected)
 
 
 def test_only_fitting_layers_are_swapped():

@@ -246,7 +246,7 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     swapped = use_fast_kernels(model) if fast_kernels and mode == "train" and dev.type == "cpu" else 0
     ours = Measurement("ours", model_name, settings, count_params(model))
     if swapped:
-        ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm)")
+        ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm, gained residual)")
     step_args = dict(mode=mode, batch_size=batch_size, img_size=img_size, device=dev, num_classes=num_classes)
     steps = {"ours": make_step(model, settings, **step_args)}
     log(f"ours: {model_name} [{settings}] warm-up {warm_up(steps['ours'], warmup, dev):.1f}s")

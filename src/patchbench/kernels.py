@@ -194,7 +194,7 @@ def _library(name: str, kernel_size: int = 0) -> ctypes.CDLL | None:
         if name == "dwconv":
             _LIBS[key] = (build_library(f"dwconv_k{kernel_size}", "dwconv.c", [f"-DKS={kernel_size}"], _SIGNATURES[name])
                           if kernel_size % 2 else None)
-        elif name == "gelu_bn_generic":  # the portable vector code only (no AVX-512 steps): for comparisons
+        elif name == "gelu_bn_generic":  # without the kernel's three AVX-512 intrinsics: for comparisons
             _LIBS[key] = build_library(name, "gelu_bn.c", ["-DPB_GENERIC"], _SIGNATURES["gelu_bn"])
         else:
             _LIBS[key] = build_library(name, "gelu_bn.c", [], _SIGNATURES[name])
@@ -465,7 +465,7 @@ def use_fast_kernels(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if (type(child) is Residual and child.gain is not None and type(child.drop_path) is nn.Identity
-                    and isinstance(child.fn, nn.Sequential) and len(child.fn)
+                    and type(child.fn) is nn.Sequential and len(child.fn) and child.gain.numel() == 1
                     and isinstance(child.fn[-1], GELUBatchNorm2d)):
                 fused = FusedGainResidual(child.fn)
                 fused.gain = child.gain  # the same Parameter

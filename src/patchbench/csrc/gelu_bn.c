@@ -1,7 +1,8 @@
 /* patchbench: GELU -> BatchNorm fused, forward and backward (see patchbench/kernels.py).
-   Written in GCC's portable vector types; where the CPU has AVX-512 a few steps use its instructions
-   instead (max, scalef, the bf16 conversion), the same values in fewer instructions. -DPB_GENERIC
-   builds the portable code everywhere: the tests and benchmarks/epoch_time.py compare the two. */
+   Written in GCC's portable vector types; where the CPU has AVX-512 three steps use its intrinsics
+   instead (max, scalef, the bf16 conversion): the same values in fewer instructions, but bf16
+   subnormals, which the conversion flushes to zero. -DPB_GENERIC leaves those three out (the vector
+   types still compile to the CPU's widest vectors): the tests and benchmarks/epoch_time.py compare. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -17,7 +18,7 @@ static inline v16 splat(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a,
 /* exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n via the exponent) */
 static inline v16 vexp_neg(v16 x) {
 #if defined(__AVX512F__) && !defined(PB_GENERIC)  /* the same values in fewer instructions: max for the clamp, scalef for the 2^n below */
-    x = (v16)_mm512_max_ps((__m512)x, (__m512)splat(-87.0f));
+    x = (v16)_mm512_max_ps((__m512)splat(-87.0f), (__m512)x);  /* x second: a NaN stays NaN, as below */
 #else
     v16i low = x < splat(-87.0f);                    /* lanes of -1 where true */
     x = (v16)(((v16i)splat(-87.0f) & low) | ((v16i)x & ~low));
@@ -64,7 +65,8 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 static inline v16 load_bf16(const uint16_t *p) { v16h h; memcpy(&h, p, 32); return (v16)(__builtin_convertvector(h, v16u) << 16); }
 static inline void store_bf16(uint16_t *p, v16 v) {  /* round to nearest even */
-#if defined(__AVX512BF16__) && !defined(PB_GENERIC)  /* the instruction (Cooper Lake, Sapphire Rapids, Zen 4): the same rounding */
+#if defined(__AVX512BF16__) && !defined(PB_GENERIC)  /* the instruction (Cooper Lake, Sapphire Rapids, Zen 4): the
+   same rounding, but it flushes subnormal results (below 2^-126) to zero */
     __m256bh h = _mm512_cvtneps_pbh((__m512)v);
     memcpy(p, &h, 32);
 #else
