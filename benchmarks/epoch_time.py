@@ -136,16 +136,14 @@ def previous_residual(self, x):
     return x + self.drop_path(out if self.gain is None else self.gain * out)
 
 
-def unfuse_residuals(model, previous: bool) -> None:
+def unfuse_residuals(model) -> None:
     """Turn each FusedGainResidual back into a plain Residual (same fn and gain): the multiply and the
-    add as their own ops; with `previous`, also the fp32-promoting gain of `previous_residual`."""
+    add as their own ops."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, FusedGainResidual):
                 plain = Residual(child.fn)
                 plain.gain = child.gain
-                if previous:
-                    plain.forward = types.MethodType(previous_residual, plain)
                 setattr(parent, name, plain)
 
 
@@ -164,11 +162,11 @@ def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = Fal
         if generic_lib is None or native_lib is None:
             raise SystemExit("epoch_time.py: the GELU -> BatchNorm kernel could not be built (no C compiler?)")
     if previous or unfused:
-        unfuse_residuals(model, previous)
-        if previous and not args.fast_kernels:
-            for m in model.modules():
-                if type(m) is Residual:
-                    m.forward = types.MethodType(previous_residual, m)
+        unfuse_residuals(model)
+    if previous:
+        for m in model.modules():
+            if type(m) is Residual:
+                m.forward = types.MethodType(previous_residual, m)
     model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
     step_model = torch.compile(model) if t.compile else model

@@ -99,6 +99,17 @@ def grads(model, x):
     return out, [x.grad] + [p.grad for p in model.parameters()]
 
 
+def assert_as_close_as_pytorchs_bf16(truth, plain, fast):
+    """(output, gradients) of an fp32 run, PyTorch's bf16 run and ours: ours within 2x PyTorch's error."""
+    def error(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+    (out_t, grads_t), (out_p, grads_p), (out_f, grads_f) = truth, plain, fast
+    assert error(out_f, out_t) < 2 * error(out_p, out_t) + 1e-3
+    for gt, gp, gf in zip(grads_t, grads_p, grads_f):
+        assert gf.dtype == gp.dtype
+        assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_convmixer_is_the_same_function_fp32(channels_last):
     plain = small_convmixer()
@@ -131,12 +142,7 @@ def test_fast_convmixer_is_the_same_function_bf16_autocast():
         out_p, grads_p = grads(plain, x)
         out_f, grads_f = grads(fast, x)
     # both bf16 runs round differently; ours must be as close to the fp32 function as PyTorch's bf16 is
-    def error(a, b):
-        return ((a.float() - b).abs().max() / b.abs().max()).item()
-    assert error(out_f, out_t) < 2 * error(out_p, out_t) + 1e-3
-    for gt, gp, gf in zip(grads_t, grads_p, grads_f):
-        assert gf.dtype == gp.dtype
-        assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
+    assert_as_close_as_pytorchs_bf16((out_t, grads_t), (out_p, grads_p), (out_f, grads_f))
 
 
 def test_fast_convmixer_matches_timm_convmixer():
@@ -260,13 +266,8 @@ def test_seed_convmixer_fused_residuals_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_p, grads_p = grads(plain, x)
         out_f, grads_f = grads(fast, x)
-
-    def error(a, b):
-        return ((a.float() - b).abs().max() / b.abs().max()).item()
     assert out_f.dtype == out_p.dtype
-    assert error(out_f, out_t) < 2 * error(out_p, out_t) + 1e-3
-    for gt, gp, gf in zip(grads_t, grads_p, grads_f):
-        assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
+    assert_as_close_as_pytorchs_bf16((out_t, grads_t), (out_p, grads_p), (out_f, grads_f))
 
 
 def test_only_gained_residuals_without_drop_path_are_fused():
