@@ -2,6 +2,8 @@
 kernels against float64 references, and ConvMixer with them against the plain model and timm's
 (outputs, gradients and BatchNorm buffers)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -180,10 +182,10 @@ def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
         assert ours.dtype in (dtype, torch.float32)
         torch.testing.assert_close(ours.double(), truth, rtol=tol, atol=tol * truth.abs().max().item())
     assert bn.num_batches_tracked.item() == 1
-    # off the fast path (NCHW) the same call is the plain ops
-    z2 = z.float().contiguous()
-    expected = x.float() + 0.7 * F.batch_norm(F.gelu(z2), None, None, bn.weight, bn.bias, training=True)
-    torch.testing.assert_close(bn(z2, residual=x.float().contiguous(), gain=gain), expected)
+    # off the fast path (NCHW) a residual cannot be folded in: the call is refused, not silently unfused
+    assert not bn.fused(z.contiguous(), residual=x.contiguous())
+    with pytest.raises(ValueError, match="fused path"):
+        bn(z.contiguous(), residual=x.contiguous(), gain=gain)
 
 
 @pytest.mark.skipif("avx512f" not in cpu_features().split(), reason="no AVX-512 here: both builds are the same code")
@@ -279,14 +281,36 @@ def test_only_gained_residuals_without_drop_path_are_fused():
     assert not any(isinstance(m, kernels.FusedGainResidual) for m in plain.modules())
 
 
-def test_fused_residual_falls_back_when_the_residual_does_not_fit():
-    bn = GELUBatchNorm2d(16).train()
-    gain = torch.tensor([0.5])
-    z = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
-    for residual in (torch.randn(2, 16, 4, 4).double().contiguous(memory_format=torch.channels_last),  # dtype
-                     torch.randn(2, 16, 4, 4)):  # NCHW
-        expected = residual + 0.5 * F.batch_norm(F.gelu(z), None, None, bn.weight, bn.bias, training=True)
-        torch.testing.assert_close(bn(z, residual=residual, gain=gain), expected)
+class _ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+@pytest.mark.parametrize("case", ["nchw", "eval", "dtype"])
+def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
+    """Where the kernel cannot run (an NCHW input, eval mode, a branch whose dtype differs from the
+    residual's) FusedGainResidual is the plain Residual: same output, same gradients."""
+    torch.manual_seed(0)
+    body = [_ToDouble()] if case == "dtype" else []
+    plain = Residual(nn.Sequential(*body, nn.GELU(), nn.BatchNorm2d(16).double() if body else nn.BatchNorm2d(16)),
+                     gain_init=0.5)
+    wrapped = nn.Sequential(copy.deepcopy(plain))
+    assert use_fast_kernels(wrapped) == 2  # the GELU -> BatchNorm pair, then the residual
+    fused = wrapped[0]
+    assert type(fused) is kernels.FusedGainResidual
+    if case == "eval":
+        plain.eval(), fused.eval()
+    x = torch.randn(2, 16, 4, 4)
+    if case != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    outs = []
+    for model in (plain, fused):
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        out.backward(torch.ones_like(out))
+        outs.append((out, xx.grad, model.gain.grad))
+    for ours, ref in zip(outs[1], outs[0]):
+        torch.testing.assert_close(ours, ref)
 
 
 def test_only_fitting_layers_are_swapped():

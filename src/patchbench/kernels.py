@@ -387,19 +387,24 @@ class GELUBatchNorm2d(nn.BatchNorm2d):
 
     Same parameters, buffers and state_dict keys as the BatchNorm2d it replaces. Training on CPU with
     a channels_last input runs the fused C kernels; everything else (eval, other devices or layouts)
-    runs F.gelu then BatchNorm2d. `forward(x, residual, gain)` returns residual + gain * BN(GELU(x)),
-    the sum and the scalar gain folded into the kernel's last pass (FusedGainResidual).
+    runs F.gelu then BatchNorm2d (`fused` says which). On the fused path `forward(x, residual, gain)`
+    returns residual + gain * BN(GELU(x)), the sum and the scalar gain folded into the kernel's last
+    pass (FusedGainResidual); off it the caller combines them (Residual.combine), not this layer.
     """
 
-    def forward(self, x, residual=None, gain=None):
-        if not (self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+        """Whether `forward(x, residual)` runs the fused kernels (else it is F.gelu then BatchNorm2d)."""
+        return (self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                          and residual.is_contiguous(memory_format=torch.channels_last)))):
-            out = super().forward(F.gelu(x))
-            if gain is not None:
-                out = out * gain.to(out.dtype)
-            return out if residual is None else residual + out
+                                          and residual.is_contiguous(memory_format=torch.channels_last))))
+
+    def forward(self, x, residual=None, gain=None):
+        if not self.fused(x, residual):
+            if residual is not None or gain is not None:  # FusedGainResidual asks `fused` first
+                raise ValueError("GELUBatchNorm2d takes a residual and gain only on its fused path; "
+                                 "call it without them and combine outside (Residual.combine)")
+            return super().forward(F.gelu(x))
         out, mean, rstd = _GELUBatchNormFn.apply(x, self.weight, self.bias, self.eps, residual, gain)
         with torch.no_grad():  # what BatchNorm2d does with its buffers in training mode
             self.num_batches_tracked.add_(1)
@@ -420,7 +425,9 @@ class FusedGainResidual(Residual):
         h = x
         for layer in body:
             h = layer(h)
-        return norm(h, residual=x, gain=self.gain)
+        if norm.fused(h, residual=x):
+            return norm(h, residual=x, gain=self.gain)
+        return self.combine(x, norm(h))  # eval, or a residual the kernel cannot take
 
 
 def _fits_gelu_bn(act: nn.Module, bn: nn.Module) -> bool:

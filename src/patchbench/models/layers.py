@@ -50,7 +50,10 @@ class Residual(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fn(x)
+        return self.combine(x, self.fn(x))
+
+    def combine(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`x + gain * out` (`x + out` without a gain), the branch's output `out` dropped as configured."""
         if self.gain is not None:
             # in the branch's dtype: under bf16 autocast an fp32 gain would promote the whole trunk to
             # fp32 and every later layer would cast it back (~35% of seed_convmixer's CPU step); in fp32
