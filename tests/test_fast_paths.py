@@ -281,28 +281,31 @@ def test_only_gained_residuals_without_drop_path_are_fused():
     assert not any(isinstance(m, kernels.FusedGainResidual) for m in plain.modules())
 
 
-class _ToDouble(nn.Module):
+class _ToChannelsLastFloat(nn.Module):
     def forward(self, x):
-        return x.double()
+        return x.float().contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("case", ["nchw", "eval", "dtype"])
+@pytest.mark.parametrize("case", ["eval", "dtype", "layout"])
 def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
-    """Where the kernel cannot run (an NCHW input, eval mode, a branch whose dtype differs from the
-    residual's) FusedGainResidual is the plain Residual: same output, same gradients."""
+    """Where the kernel cannot run (eval mode, a residual whose dtype or layout differs from the
+    branch's, which the kernel would misread) FusedGainResidual is the plain Residual: same output,
+    same gradients."""
     torch.manual_seed(0)
-    body = [_ToDouble()] if case == "dtype" else []
-    plain = Residual(nn.Sequential(*body, nn.GELU(), nn.BatchNorm2d(16).double() if body else nn.BatchNorm2d(16)),
-                     gain_init=0.5)
+    plain = Residual(nn.Sequential(_ToChannelsLastFloat(), nn.GELU(), nn.BatchNorm2d(16)), gain_init=0.5)
     wrapped = nn.Sequential(copy.deepcopy(plain))
     assert use_fast_kernels(wrapped) == 2  # the GELU -> BatchNorm pair, then the residual
     fused = wrapped[0]
     assert type(fused) is kernels.FusedGainResidual
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
     if case == "eval":
         plain.eval(), fused.eval()
-    x = torch.randn(2, 16, 4, 4)
-    if case != "nchw":
-        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "dtype":
+        x = x.double()  # the branch runs in fp32, the residual stays float64
+    else:
+        x = x.contiguous()  # NCHW residual, channels_last branch
+    norm = fused.fn[-1]
+    assert not norm.fused(fused.fn[0](x), residual=x)
     outs = []
     for model in (plain, fused):
         xx = x.clone().requires_grad_()
@@ -311,6 +314,9 @@ def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
         outs.append((out, xx.grad, model.gain.grad))
     for ours, ref in zip(outs[1], outs[0]):
         torch.testing.assert_close(ours, ref)
+    if case != "eval":  # the same branch input with a fitting residual does take the kernel
+        h = fused.fn[0](x)
+        assert norm.fused(h, residual=h.clone())
 
 
 def test_only_fitting_layers_are_swapped():

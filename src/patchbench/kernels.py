@@ -386,14 +386,16 @@ class GELUBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d of GELU(x): replaces the pair GELU -> BatchNorm2d (the GELU becomes nn.Identity).
 
     Same parameters, buffers and state_dict keys as the BatchNorm2d it replaces. Training on CPU with
-    a channels_last input runs the fused C kernels; everything else (eval, other devices or layouts)
-    runs F.gelu then BatchNorm2d (`fused` says which). On the fused path `forward(x, residual, gain)`
-    returns residual + gain * BN(GELU(x)), the sum and the scalar gain folded into the kernel's last
-    pass (FusedGainResidual); off it the caller combines them (Residual.combine), not this layer.
+    a channels_last fp32 or bf16 input runs the fused C kernels; everything else (eval, other devices,
+    dtypes or layouts) runs F.gelu then BatchNorm2d (`fused` says which). On the fused path
+    `forward(x, residual, gain)` returns residual + gain * BN(GELU(x)), the sum and the scalar gain
+    folded into the kernel's last pass (FusedGainResidual); off it the caller combines them
+    (Residual.combine), not this layer.
     """
 
     def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
-        """Whether `forward(x, residual)` runs the fused kernels (else it is F.gelu then BatchNorm2d)."""
+        """Whether `forward(x, residual)` runs the fused kernels; if not, `forward(x)` is F.gelu then
+        BatchNorm2d and a residual or gain is refused."""
         return (self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
