@@ -304,8 +304,8 @@ def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
         x = x.double()  # the branch runs in fp32, the residual stays float64
     else:
         x = x.contiguous()  # NCHW residual, channels_last branch
-    norm = fused.fn[-1]
-    assert not norm.fused(fused.fn[0](x), residual=x)
+    norm, h = fused.fn[-1], fused.fn[0](x)  # the layer and the input it gets
+    assert not norm.fused(h, residual=x)
     outs = []
     for model in (plain, fused):
         xx = x.clone().requires_grad_()
@@ -315,7 +315,6 @@ def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
     for ours, ref in zip(outs[1], outs[0]):
         torch.testing.assert_close(ours, ref)
     if case != "eval":  # the same branch input with a fitting residual does take the kernel
-        h = fused.fn[0](x)
         assert norm.fused(h, residual=h.clone())
 
 
