@@ -53,7 +53,7 @@ LAYERS = [
     {"errors", "values"},
     {"device", "rundir", "config"},
     {"threads", "flops", "metrics", "checkpoint", "optim", "kernels", "models", "data", "report"},
-    {"evaluate", "bench"},
+    {"evaluate", "bench", "autotune"},
     {"train"},
     {"compare"},
     {"commands"},

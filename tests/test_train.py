@@ -220,7 +220,7 @@ def test_cli_trains_resumes_and_rejects_bad_input(folder, tmp_path, capsys):
     bad = [
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--lr", "abc"], "--lr 'abc': need a finite number"),
-        (["--amp", "fp8"], "--amp 'fp8': need one of none, bf16, fp16"),
+        (["--amp", "fp8"], "--amp 'fp8': need one of auto, none, bf16, fp16"),
         (["--epochs", "0"], "--epochs 0: need a value in [1, 10000]"),
         (["--img-size", "64"], "--img-size 64: need at most --prepare-size (32)"),
         (["--scale", "1"], "--scale '1': need 2 comma-separated numbers"),

@@ -12,10 +12,15 @@ What is measured, exactly:
   are not counted. Achieved GFLOP/s = FLOPs per image x
   images/s. The ceiling is a square matmul in the step's compute dtype timed in the same run, so
   `fraction_of_ceiling` says how far the step is from being matmul-bound on this device.
+- Ours may run at `auto` settings, resolved as training resolves them: dtype `auto` is bf16 where
+  the hardware computes it natively, else fp32; layout and kernels `auto` come from
+  patchbench.autotune's probe (cached).
 - With a reference (`against`), ours and the reference's steps alternate (A, B, A, B, ...) so that
   load from other processes hits both alike. The reference gets its own best settings: every
   dtype (fp32, bf16, and ours) x layout (NCHW, channels_last) x compile (only if ours compiles) is
-  screened with a few steps and the fastest is measured against ours.
+  screened, and the fastest is measured against ours. A candidate whose first step takes over `cap`
+  times the best first step so far is dropped after that step (and listed), so that a setting the
+  hardware runs 10x slower costs one step, not a screening.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ AGAINST = ("timm", "torchvision")
 
 @dataclass(frozen=True)
 class Settings:
-    """How a model is run: compute dtype (autocast below fp32), memory layout, torch.compile."""
+    """How a model is run: compute dtype (autocast below fp32), memory layout, torch.compile.
+    `run_bench` also takes dtype and channels_last `auto` for ours (resolved before timing)."""
 
     dtype: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | str = False
     compile: bool = False
 
     def __str__(self) -> str:
@@ -207,10 +213,34 @@ def reference_for(model: nn.Module, against: str) -> tuple[str, Callable[[], nn.
 
 
 def reference_candidates(ours: Settings, device: torch.device) -> list[Settings]:
-    """The settings a reference is screened over: its best is at least as well equipped as ours."""
+    """The settings a reference is screened over, ours first: its best is at least as well equipped as ours."""
     dtypes = ["fp32", "bf16"] + ([ours.dtype] if ours.dtype not in ("fp32", "bf16") else [])
     compiles = [False, True] if ours.compile else [False]
-    return [Settings(d, cl, c) for c in compiles for d in dtypes for cl in (False, True)]
+    found = [Settings(d, cl, c) for c in compiles for d in dtypes for cl in (False, True)]
+    return sorted(found, key=lambda s: s != ours)
+
+
+def screen(build: Callable[[], nn.Module], candidates: list[Settings], *, warmup: int, cap: float,
+           step_args: dict, log: Callable[[str], None]) -> tuple[dict[Settings, Callable[[], None]], list[str]]:
+    """Warm-up steps for each candidate; one whose first step is over `cap` x the best first step is
+    dropped after that step. Returns the surviving steps and a line for each dropped candidate."""
+    steps, first, dropped = {}, {}, []
+    device = step_args["device"]
+    for s in candidates:
+        step = make_step(build(), s, **step_args)
+        first[s] = warm_up(step, 1, device)
+        if first[s] > cap * min(first.values()):
+            dropped.append(f"[{s}] first step {first[s]:.1f}s > {cap:g}x the best {min(first.values()):.1f}s")
+            continue
+        warm_up(step, warmup - 1, device)
+        steps[s] = step
+    for s in list(steps):  # a candidate screened before a much faster one was found
+        if first[s] > cap * min(first.values()):
+            dropped.append(f"[{s}] first step {first[s]:.1f}s > {cap:g}x the best {min(first.values()):.1f}s")
+            del steps[s]
+    for line in dropped:
+        log(f"  dropped {line}")
+    return steps, dropped
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -218,15 +248,18 @@ def reference_candidates(ours: Settings, device: torch.device) -> list[Settings]
 
 def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Settings, mode: str = "train",
               against: str | None = None, repeats: int = 5, warmup: int = 2, device: str = "auto",
-              fast_kernels: bool = True, num_classes: int = 10, log: Callable[[str], None] = print) -> dict:
+              fast_kernels: bool | str = True, num_classes: int = 10, cap: float = 3.0, cache_dir=None,
+              log: Callable[[str], None] = print) -> dict:
     """Measure `model_name` (and a reference) and return the dict that goes into bench.json."""
+    from patchbench.autotune import resolve
+    from patchbench.device import resolve_amp
     from patchbench.flops import count_params
     from patchbench.models import create_model
 
     if mode not in MODES:
         raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    if settings.dtype not in DTYPES:
-        raise UserError(f"--dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if settings.dtype not in (*DTYPES, "auto"):
+        raise UserError(f"--dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}, auto")
     if against is not None and against not in AGAINST:
         raise UserError(f"--against {against!r} is not one of {', '.join(AGAINST)}")
     for flag, value in [("--img-size", img_size), ("--batch-size", batch_size), ("--repeats", repeats)]:
@@ -243,8 +276,24 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     model = build()
     reference = reference_for(model, against) if against is not None else None  # fail before any timing
     flops = flops_per_image(build, img_size, mode)
+    resolved = []
+    if settings.dtype == "auto":
+        amp, why = resolve_amp("auto", dev)
+        settings = dataclasses.replace(settings, dtype={"none": "fp32"}.get(amp, amp))
+        resolved.append(f"dtype {why}")
+    if "auto" in (settings.channels_last, fast_kernels):
+        from patchbench.config import default_cache_dir
+
+        speed = resolve(build, channels_last=settings.channels_last, fast_kernels=fast_kernels, device=dev,
+                        batch_size=batch_size, img_size=img_size, amp={"fp32": "none"}.get(settings.dtype, settings.dtype),
+                        num_classes=num_classes, setting={"model": model_name, "overrides": {}},
+                        cache_dir=cache_dir or default_cache_dir(), log=log)
+        settings, fast_kernels = dataclasses.replace(settings, channels_last=speed.choice.channels_last), \
+            speed.choice.fast_kernels
+        resolved.append(f"layout and kernels auto: {speed.choice} ({speed.how})")
     swapped = use_fast_kernels(model) if fast_kernels and mode == "train" and dev.type == "cpu" else 0
     ours = Measurement("ours", model_name, settings, count_params(model))
+    ours.notes += resolved
     if swapped:
         ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm, gained residual)")
     step_args = dict(mode=mode, batch_size=batch_size, img_size=img_size, device=dev, num_classes=num_classes)
@@ -254,17 +303,15 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     ref = None
     if reference is not None:
         ref_name, ref_build = reference
-        screened = {}
-        for s in reference_candidates(settings, dev):
-            step = make_step(ref_build(), s, **step_args)
-            warm_up(step, warmup, dev)
-            screened[s] = step
+        screened, dropped = screen(ref_build, reference_candidates(settings, dev), warmup=warmup, cap=cap,
+                                   step_args=step_args, log=log)
         times = time_steps(screened, 2, dev)
         for s in screened:
             log(f"  {ref_name} [{s}]: {statistics.median(times[s]) * 1e3:.0f} ms/step (screening)")
         best = min(screened, key=lambda s: statistics.median(times[s]))
         ref = Measurement(ref_name, ref_name, best, count_params(ref_build()))
         ref.notes.append("best of " + ", ".join(f"[{s}] {statistics.median(times[s]) * 1e3:.0f} ms" for s in screened))
+        ref.notes += [f"dropped {line}" for line in dropped]
         if ref.params != ours.params:
             ref.notes.append(f"parameter count differs from ours: {ref.params:,} vs {ours.params:,}")
         steps[ref_name] = screened[best]

@@ -17,6 +17,7 @@ Matched budgets (`match_budget`) size each family by its width argument so that 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -152,13 +153,37 @@ def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) 
     return min((lo, hi), key=lambda w: abs(params(w) - budget))
 
 
+def _aligned(count: Callable[[int], int], budget: int, w: int, tolerance: float,
+             channels: Callable[[int], int], reach: int = 256) -> int:
+    """Among the widths near `w` whose size is within `tolerance` of `budget`, the one whose channel count
+    is a multiple of 16, else of 8 (the widths oneDNN's vector kernels and patchbench.kernels run
+    fastest), else `w`; the closest to the budget among equals."""
+    def within(v: int) -> bool:
+        return v >= 1 and abs(count(v) - budget) <= tolerance * budget
+
+    if not within(w):
+        return w
+    near = [w]
+    for step in (-1, 1):
+        v = w + step
+        while abs(v - w) <= reach and within(v):
+            near.append(v)
+            v += step
+
+    def rank(v: int) -> tuple:
+        c = channels(v)
+        return (0 if c % 16 == 0 else 1 if c % 8 == 0 else 2, abs(count(v) - budget))
+    return min(near, key=rank)
+
+
 def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, base: dict | None = None,
                  tolerance: float = BUDGET_TOLERANCE, measure: str = "params") -> tuple[dict, int]:
     """(overrides, size): `base` (the preset's overrides: depth, patch size, ...) unchanged when it is
     within `tolerance` of `budget` already, else with the width whose size is closest. The size is the
     parameter count, or with measure="macs" the MACs of one forward pass at `img_size`.
 
-    Raises UserError when even the closest width misses by more than `tolerance` (relative).
+    Within the tolerance, a width that is a multiple of 16 (else 8) channels is preferred to the closest
+    one (`_aligned`). Raises UserError when even the closest width misses by more than `tolerance`.
     """
     size_of, flag, unit = MEASURES[measure]
     base = dict(base or {})
@@ -174,10 +199,12 @@ def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, ba
         return base, count(base)  # already within the budget: keep the model as designed (its width may be
         # chosen for speed, e.g. a multiple of 16 channels for patchbench.kernels)
     w = _closest(lambda v: count(overrides_for(v)), budget, default, 1 << 14)
+    w = _aligned(lambda v: count(overrides_for(v)), budget, w, tolerance, lambda v: overrides_for(v)[knob])
     overrides = overrides_for(w)
     if fine and abs(count(overrides) - budget) > tolerance * budget:
         coarse = dict(overrides)
-        overrides[fine] = _closest(lambda v: count({**coarse, fine: v}), budget, coarse[fine], 1 << 16)
+        fit = _closest(lambda v: count({**coarse, fine: v}), budget, coarse[fine], 1 << 16)
+        overrides[fine] = _aligned(lambda v: count({**coarse, fine: v}), budget, fit, tolerance, lambda v: v)
     got = count(overrides)
     if abs(got - budget) > tolerance * budget:
         near = f"{knob}={overrides[knob]} has {got:,}"
@@ -500,8 +527,36 @@ def _study_meta(kind: str, layers: Layers, models: list[str], seeds: list[int], 
     return meta
 
 
+def study_amp(study: Path, plan: list[PlannedRun]) -> dict:
+    """Make every run's `amp=auto` concrete, the same for the whole study and for good: the precision
+    study.json recorded when the study was created (on whatever machine extends or resumes it now), else
+    bf16 where this machine computes it natively and fp32 elsewhere. Returns study.json's amp fields."""
+    from patchbench.device import resolve_amp, resolve_device
+
+    path = study / rundir.STUDY
+    recorded = rundir.read_json(path).get("amp") if path.exists() else None
+    if not isinstance(recorded, str):
+        recorded = None
+    auto = [p for p in plan if p.config.train.amp == "auto"]
+    if recorded is not None:
+        amp, why = recorded, "auto: as recorded when the study was created"
+    elif auto:
+        amp, why = resolve_amp("auto", resolve_device(auto[0].config.train.device))
+    else:
+        amp, why = None, "given"
+    for p in auto:
+        p.config.train = dataclasses.replace(p.config.train, amp=amp)
+    mixed = sorted({p.config.train.amp for p in plan} - {amp})
+    if recorded is not None and mixed:
+        raise UserError(f"{study} was created with --amp {recorded}; a study keeps one precision: drop --amp {mixed[0]} "
+                        f"(or start another study with another --out)")
+    amps = {p.config.train.amp for p in plan}
+    return {"amp": amps.pop() if len(amps) == 1 else None, "amp_rule": why}
+
+
 def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, progress: bool,
              stale_after: float, report_formats) -> StudyResult:
+    meta.update(study_amp(study, plan))
     for p in plan:
         p.config.validate()
     meta["runs"] = [p.name for p in plan]

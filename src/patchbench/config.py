@@ -40,7 +40,8 @@ from patchbench.values import check_value, describe
 
 SCHEDULES = ("onecycle", "piecewise", "constant")
 INITS = ("default", "kaiming")
-AMPS = ("none", "bf16", "fp16")
+AMPS = ("auto", "none", "bf16", "fp16")
+Switch = bool | Literal["auto"]  # a speed setting that may be left to the machine (patchbench.autotune)
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -161,11 +162,14 @@ class TrainConfig:
     ema_decay: float | None = setting(None, "EMA decay of the weights, e.g. 0.999 (none: off); evaluated with "
                                       "the EMA weights", flag="--ema", check=between(0, 1, lo_open=True, hi_open=True))
     init: Literal["default", "kaiming"] = setting("default", "default | kaiming (the notebook's init)")
-    amp: Literal["none", "bf16", "fp16"] = setting("none", "mixed precision: none | bf16 | fp16")
-    channels_last: bool = setting(False, "channels_last memory format")
+    amp: Literal["auto", "none", "bf16", "fp16"] = setting(
+        "none", "mixed precision: none | bf16 | fp16 | auto (bf16 where the hardware computes it natively, else "
+        "none; resolved once when a run or study is created, and kept on resume)")
+    channels_last: Switch = setting("auto", "channels_last memory format: true | false | auto (whichever trains "
+                                    "faster here, by a short cached probe)", resumable=True)
     compile: bool = setting(False, "torch.compile the model", resumable=True)
-    fast_kernels: bool = setting(True, "CPU: patchbench.kernels for ConvMixer's depthwise conv and GELU->BN "
-                                 "(same function, faster step)")
+    fast_kernels: Switch = setting("auto", "CPU: patchbench.kernels for ConvMixer's depthwise conv and GELU->BN "
+                                   "(same function): true | false | auto (by the same probe)", resumable=True)
     sync_bn: bool = setting(False, "SyncBatchNorm across DDP ranks (GPU)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", resumable=True)
     data_on_device: Literal["auto", "yes", "no"] = setting(

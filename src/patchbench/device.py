@@ -16,7 +16,7 @@ import re
 from patchbench.errors import UserError
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
-AMPS = ("none", "bf16", "fp16")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 dot-product instructions
 
 
 def check_device_name(name: str, flag: str = "--device") -> str:
@@ -60,6 +60,30 @@ def autocast(device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype(amp))
+
+
+def native_bf16(device, flags: str | None = None) -> str | None:
+    """Why `device` computes bf16 natively (the CPU flag, or the GPU's name), or None where it does not.
+
+    A CPU without AMX or AVX512-BF16 emulates bf16 matmuls and convolutions (measured 10-100x slower
+    than fp32 there, docs/PERFORMANCE.md). `flags` replaces the CPU's own flags (tests)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    have = set((cpu_features() if flags is None else flags).split())
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in have), None)
+
+
+def resolve_amp(amp: str, device, flags: str | None = None) -> tuple[str, str]:
+    """(the precision to train in, why): `auto` is bf16 where `device` computes it natively, else none
+    (fp32); any other value is kept as given."""
+    if amp != "auto":
+        return amp, "given"
+    why = native_bf16(device, flags)
+    return ("bf16", f"auto: native bf16 ({why})") if why else ("none", "auto: no native bf16, fp32")
 
 
 def synchronize(device) -> None:

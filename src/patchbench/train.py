@@ -7,7 +7,9 @@ Read it in three parts, as torchvision's reference script: `setup` builds everyt
 `run_epochs` is the epoch loop (validate, record, checkpoint). The features are switches of the
 config: mixed precision, channels_last, torch.compile, EMA of the weights, gradient clipping,
 mixup/cutmix with soft targets, progressive resizing, a held-out validation split, data-parallel
-over torchrun's processes, and an adaptive CPU thread count. The run directory is the record (see
+over torchrun's processes, and an adaptive CPU thread count. `amp=auto` is resolved when the run is
+created (and kept on resume); `channels_last` and `fast_kernels` set to `auto` are resolved for the
+machine at hand each time the run starts (patchbench.autotune), and every epoch records what ran. The run directory is the record (see
 patchbench.rundir and docs/ARCHITECTURE.md).
 
 Exact resume: every random choice of the data is a function of (seed, epoch, batch) and the
@@ -26,6 +28,7 @@ of ranks: a run written by N processes resumes on M.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -48,8 +51,9 @@ import patchbench
 from patchbench import rundir
 from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, rng_from_parts,
                                    rng_to_parts, save_checkpoint)
-from patchbench.config import RunConfig, fields_of
-from patchbench.device import autocast, device_name, keep_freed_memory, resolve_device
+from patchbench.autotune import Resolution, resolve
+from patchbench.config import RunConfig, cache_root, fields_of
+from patchbench.device import autocast, cpu_name, device_name, keep_freed_memory, resolve_amp, resolve_device
 from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
@@ -273,6 +277,7 @@ class Session:
     ema: EMA | None
     mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
     tuner: ThreadTuner | None
+    speed: Resolution  # the layout and kernels this process trains with
     total_steps: int
     summary_base: dict
     info: dict  # what every checkpoint carries besides the training state
@@ -288,6 +293,10 @@ class Session:
     writer: object = None
 
     @property
+    def processor(self) -> str:
+        return cpu_name() if self.ctx.device.type == "cpu" else device_name(self.ctx.device)
+
+    @property
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
@@ -295,7 +304,8 @@ class Session:
         return self.wall_before + time.perf_counter() - self.started
 
 
-def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, progress: bool) -> Session:
+def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, progress: bool,
+          amp_why: str = "given") -> Session:
     """Data, model, optimizer and the run directory; the state from checkpoint/last when resuming."""
     from patchbench.data import Loader, holdout_split, prepare
     from patchbench.data.mix import BatchMixer
@@ -318,20 +328,22 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
             raise UserError(f"the {name} split of {cfg.data.source} has no usable images ({len(data.skipped)} "
                             f"unreadable); check the dataset")
     classes, per_rank = data.classes, t.batch_size // ctx.world_size
+    macs = check_sizes(cfg, len(classes))  # a model that cannot take a training size fails before the probe
+    recorded = rundir.read_config(out).get("derived", {}).get("speed") if plan == "resume" else None
+    speed = resolve_speed(cfg, ctx, len(classes), per_rank, recorded, progress)
     loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
-                       channels_last=t.channels_last,  # batches arrive in the model's memory format
+                       channels_last=speed.choice.channels_last,  # batches arrive in the model's memory format
                        hold_on_device={"auto": None, "yes": True, "no": False}[t.data_on_device])
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
     val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
 
     seed_everything(t.seed, t.deterministic)
     model = build_model(cfg, len(classes))
-    if t.fast_kernels and ctx.device.type == "cpu":
+    if speed.choice.fast_kernels:
         use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
-    macs = check_sizes(cfg, len(classes))
     if t.sync_bn and ctx.world_size > 1:
         model = convert_sync_batchnorm(model)
-    model.to(ctx.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
+    model.to(ctx.device, memory_format=torch.channels_last if speed.choice.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
@@ -347,7 +359,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         val_loader=val_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
         mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
         else None,
-        tuner=ThreadTuner() if adaptive else None,
+        tuner=ThreadTuner() if adaptive else None, speed=speed,
         total_steps=total_steps(t, len(train_loader)),
         summary_base={"model": cfg.model.name, "label": describe(cfg.model.name, cfg.model.overrides),
                       "params": count_params(model), "macs": macs, "img_size": cfg.data.img_size,
@@ -364,7 +376,8 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         s.partial_sums = state.get("train_sums")
         torn = []
         s.rows = [r for r in rundir.read_metrics(out / rundir.METRICS, on_torn=torn.append) if r["epoch"] <= s.epoch]
-        log(s, progress, *torn, f"resuming {out} at epoch {s.epoch + 1}, batch {s.start_batch} (step {s.step})")
+        log(s, progress, *torn, f"resuming {out} at epoch {s.epoch + 1}, batch {s.start_batch} (step {s.step}); "
+            f"{speed.choice} ({speed.how})")
     elif ctx.main:
         if overwrite:
             clear_run_dir(out)
@@ -372,7 +385,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         doc = {**cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
                "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": len(train_loader),
                            "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
-                           "num_eval": len(eval_split), "eval_split": split_name}}
+                           "num_eval": len(eval_split), "eval_split": split_name, "amp": amp_why, "speed": speed.record()}}
         rundir.atomic_write_json(out / rundir.CONFIG, doc)
     ctx.barrier()
     if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
@@ -381,6 +394,58 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
 
         s.writer = SummaryWriter(str(out / rundir.TB), purge_step=s.step)
     return s
+
+
+def resolve_speed(cfg: RunConfig, ctx: Dist, num_classes: int, per_rank: int, recorded: dict | None,
+                  progress: bool) -> Resolution:
+    """The layout and kernels to train with here (`auto`: probed or cached, see patchbench.autotune);
+    decided by rank 0 and shared, so that every rank's parameters have the same memory format."""
+    t = cfg.train
+    if ctx.main:
+        say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
+        speed = resolve(lambda: build_model(cfg, num_classes), channels_last=t.channels_last,
+                        fast_kernels=t.fast_kernels, device=ctx.device, batch_size=per_rank,
+                        img_size=max(cfg.data.train_sizes or (cfg.data.img_size,)), amp=t.amp,
+                        num_classes=num_classes, setting={"model": cfg.model.name, "overrides": cfg.model.overrides,
+                                                          "init": t.init},
+                        cache_dir=cache_root(cfg.data.cache_dir), recorded=recorded,
+                        deterministic=t.deterministic, log=say)
+    if ctx.world_size > 1:
+        shared = [speed.record() if ctx.main else None]
+        dist.broadcast_object_list(shared, src=0)
+        speed = Resolution.from_record(shared[0])
+    return speed
+
+
+def resolve_run_amp(cfg: RunConfig, out: Path, device: torch.device, fresh: bool) -> tuple[str, str]:
+    """(precision, why): `amp=auto` made concrete. The run's own precision when it exists already and
+    is not being replaced (kept on resume, on any machine), else bf16 where `device` computes it
+    natively and fp32 elsewhere."""
+    if cfg.train.amp != "auto":
+        return cfg.train.amp, "given"
+    try:
+        saved = None if fresh or not (out / rundir.CONFIG).exists() else rundir.read_config(out)["train"]["amp"]
+    except (KeyError, TypeError, rundir.RunFileError):
+        saved = None
+    if saved not in (None, "auto"):
+        return saved, "auto: kept from the run's config.json"
+    return resolve_amp("auto", device)
+
+
+def resolve_config(cfg: RunConfig, progress: bool = False) -> tuple[RunConfig, list[str]]:
+    """`cfg` with every `auto` replaced by what a new run on this machine resolves it to, and a line on
+    how each was decided (`train --resolve --dump-config`)."""
+    from patchbench.data import prepare
+
+    device = resolve_device(cfg.train.device)
+    amp, amp_why = resolve_amp(cfg.train.amp, device)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=amp))
+    classes = prepare(cfg.data, progress=progress).classes
+    check_sizes(cfg, len(classes))
+    speed = resolve_speed(cfg, Dist(0, 1, 0, device), len(classes), cfg.train.batch_size, None, progress)
+    cfg.train = dataclasses.replace(cfg.train, channels_last=speed.choice.channels_last,
+                                    fast_kernels=speed.choice.fast_kernels)
+    return cfg, [f"amp = {amp!r}: {amp_why}", f"channels_last, fast_kernels: {speed.choice} ({speed.how})"]
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -517,7 +582,7 @@ def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None
 
 def validate(s: Session) -> dict:
     val = evaluate_model(s.eval_model, s.val_loader, len(s.classes), amp=s.cfg.train.amp,
-                         channels_last=s.cfg.train.channels_last)
+                         channels_last=s.speed.choice.channels_last)
     if not math.isfinite(val["loss"]):
         raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {s.epoch}; lower --lr or set --grad-clip")
     return val
@@ -556,7 +621,8 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
                        "train_images_per_s": round(trained / train_time, 1),
                        "infer_images_per_s": round(val["images"] / val["time_s"], 1),
                        "threads": round(s.tuner.mean_threads(threads_before), 2) if s.tuner is not None
-                       else torch.get_num_threads()})
+                       else torch.get_num_threads(), "channels_last": s.speed.choice.channels_last,
+                       "fast_kernels": s.speed.choice.fast_kernels, "processor": s.processor})
         if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
             rundir.append_metrics(s.out / rundir.METRICS, s.rows[-1])
             for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):
@@ -601,6 +667,8 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
                             f"use a multiple of {ctx.world_size}")
         if t.sync_bn and ctx.device.type != "cuda":
             raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
+        amp, amp_why = resolve_run_amp(cfg, out, ctx.device, fresh=overwrite)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=amp))
         plan = plan_run_dir(out, cfg, resume, overwrite)
         ctx.barrier()  # every rank checks before anyone writes (rank 0's probe file below would look like a foreign one)
         if plan == "finished":
@@ -608,7 +676,7 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
         if ctx.main:  # before the data is prepared: a folder that cannot be written fails now
             rundir.check_writable_dir(out, "--resume" if resume else "--out")
         ctx.barrier()
-        s = setup(cfg, out, ctx, plan, overwrite, progress)
+        s = setup(cfg, out, ctx, plan, overwrite, progress, amp_why)
         return _run(s, progress)
     finally:
         torch.set_num_threads(threads)

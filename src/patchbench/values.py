@@ -5,7 +5,8 @@ fields (`config.py`), the model constructors' signatures (`models.check_override
 command line (`commands/options.py`). A bad value raises `UserError` naming where it came from
 (`what`: the flag, the TOML key or the model argument) and what it needs, on one line.
 
-Kinds are type annotations: `int`, `float`, `bool`, `str`, `Literal[...]`, `X | None`,
+Kinds are type annotations: `int`, `float`, `bool`, `str`, `Literal[...]`, `X | None`, `X | Y`
+(the first kind the value fits, e.g. `bool | Literal["auto"]`),
 `tuple[float, float]`, `tuple[int, ...]`, `list[str]`, `dict`, or `Any` (guessed from the text).
 In text, `none` means None for every `X | None`; `true`/`false` (also yes/no, on/off, 1/0) are
 booleans; a tuple is comma-separated (`0.35,1`) or a JSON list (`[2,2,2,2]`).
@@ -38,6 +39,20 @@ def _origin(kind):
     return typing.get_origin(kind)
 
 
+def _is_union(kind) -> bool:
+    return _origin(kind) in (typing.Union, types.UnionType) and type(None) not in _args(kind)
+
+
+def _first_fit(parse, value, kind, what: str):
+    """`parse(value, member)` for the first member of the union `kind` that takes the value."""
+    for member in _args(kind):
+        try:
+            return parse(value, member, what)
+        except UserError:
+            continue
+    raise _fail(what, value, kind)
+
+
 def _strip_none(kind):
     rest = [a for a in _args(kind) if a is not type(None)]
     return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
@@ -49,8 +64,11 @@ def describe(kind) -> str:
         return "a value"
     if _is_optional(kind):
         return f"{describe(_strip_none(kind))} or none"
+    if _is_union(kind):
+        return " or ".join(describe(a) for a in _args(kind))
     if _origin(kind) is Literal:
-        return "one of " + ", ".join(str(a) for a in _args(kind))
+        args = [str(a) for a in _args(kind)]
+        return args[0] if len(args) == 1 else "one of " + ", ".join(args)
     if _origin(kind) is tuple:
         args = _args(kind)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -84,6 +102,8 @@ def parse_text(text: str, kind, what: str):
         return guess(text)
     if _is_optional(kind):
         return None if text.lower() in NONE_WORDS else parse_text(text, _strip_none(kind), what)
+    if _is_union(kind):
+        return _first_fit(parse_text, text, kind, what)
     origin = _origin(kind)
     if origin is Literal:
         if text not in _args(kind):
@@ -145,6 +165,8 @@ def check_value(value, kind, what: str):
         if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
             return None
         return check_value(value, _strip_none(kind), what)
+    if _is_union(kind):
+        return _first_fit(check_value, value, kind, what)
     origin = _origin(kind)
     if origin is Literal:
         if value not in _args(kind):

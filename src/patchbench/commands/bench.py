@@ -7,7 +7,8 @@ import sys
 from patchbench.errors import UserError
 from patchbench.values import parse_text
 
-DTYPES, MODES, AGAINST = ("fp32", "bf16", "fp16"), ("train", "infer"), ("timm", "torchvision")
+DTYPES, MODES, AGAINST = ("fp32", "bf16", "fp16", "auto"), ("train", "infer"), ("timm", "torchvision")
+AMP_DTYPES = {"none": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": "auto"}  # train's --amp spelling
 
 
 def add_parser(sub):
@@ -21,8 +22,18 @@ def add_parser(sub):
     p.add_argument("--model", required=True, help="registered model name (see `patchbench models`)")
     p.add_argument("--img-size", default="160", metavar="N", help="square input side in pixels (default 160)")
     p.add_argument("--batch-size", default="64", metavar="N", help="images per step (default 64)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (autocast below fp32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="compute dtype (autocast below fp32); auto: bf16 where the hardware computes it natively "
+                   "(default fp32)")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default=None, help="the same as --dtype, in train's words "
+                   "(none = fp32)")
+    p.add_argument("--channels-last", nargs="?", const="true", default="false", metavar="true|false|auto",
+                   help="channels_last memory layout; auto: whichever trains faster here (the cached probe of "
+                   "`train`)")
+    p.add_argument("--fast-kernels", default="true", metavar="true|false|auto",
+                   help="patchbench.kernels' layers where they fit (CPU training; default true); auto: by the probe")
+    p.add_argument("--cap", default="3", metavar="X", help="drop a reference setting whose first step takes over X "
+                   "times the best first step (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (references are then tried compiled too)")
     p.add_argument("--mode", choices=list(MODES), default="train")
     p.add_argument("--against", choices=list(AGAINST), default=None, help="reference implementation")
@@ -31,8 +42,8 @@ def add_parser(sub):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", default=None, metavar="N",
                    help="torch CPU threads for both sides (default: torch's; 1 can be faster on a shared CPU)")
-    p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
-                   help="do not use patchbench.kernels' depthwise weight-gradient kernel (CPU training)")
+    p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_const", const="false",
+                   help="the same as --fast-kernels false")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.set_defaults(func=run)
 
@@ -41,10 +52,11 @@ def command_line(args) -> str:
     """The command that reproduces this measurement, every setting spelled out."""
     words = ["patchbench bench", f"--model {args.model}", f"--img-size {args.img_size}",
              f"--batch-size {args.batch_size}", f"--dtype {args.dtype}", f"--mode {args.mode}",
+             f"--channels-last {str(args.channels_last).lower()}", f"--fast-kernels {str(args.fast_kernels).lower()}",
+             f"--cap {args.cap:g}",
              f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--device {args.device}"]
     words += [f"--threads {args.threads}"] * (args.threads is not None)
-    words += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
-    words += [f"--against {args.against}"] * (args.against is not None) + ["--no-fast-kernels"] * (not args.fast_kernels)
+    words += ["--compile"] * args.compile + [f"--against {args.against}"] * (args.against is not None)
     return " ".join(words + [f"--out {args.out}"])
 
 
@@ -65,6 +77,16 @@ def run(args) -> int:
     for name, lo, hi in (("img_size", 1, 4096), ("batch_size", 1, 65536), ("repeats", 1, 10_000), ("warmup", 0, 10_000)):
         _count(args, name, lo, hi)
     check_device_name(args.device)
+    from patchbench.config import Switch
+
+    if args.dtype is not None and args.amp is not None and args.dtype != AMP_DTYPES[args.amp]:
+        raise UserError(f"--dtype {args.dtype} and --amp {args.amp} disagree; give one of them")
+    args.dtype = args.dtype or AMP_DTYPES[args.amp or "none"]
+    args.channels_last = parse_text(args.channels_last, Switch, "--channels-last")
+    args.fast_kernels = parse_text(args.fast_kernels, Switch, "--fast-kernels")
+    args.cap = parse_text(args.cap, float, "--cap")
+    if args.cap < 1:
+        raise UserError(f"--cap {args.cap:g}: need a ratio of at least 1")
     out = rundir.check_output_file(args.out, "--out")  # before minutes of timing, not after
     if args.threads is not None:
         import torch
@@ -74,7 +96,7 @@ def run(args) -> int:
     result = run_bench(
         args.model, img_size=args.img_size, batch_size=args.batch_size, settings=settings, mode=args.mode,
         against=args.against, repeats=args.repeats, warmup=args.warmup, device=args.device,
-        fast_kernels=args.fast_kernels, log=lambda line: print(line, file=sys.stderr, flush=True),
+        fast_kernels=args.fast_kernels, cap=args.cap, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     result["command"] = command_line(args)
     rundir.atomic_write_json(out, result)

@@ -1,7 +1,8 @@
 """The flags `train`, `compare` and `sweep` share, built once from the config fields (config.py).
 
 Every field of DataConfig and TrainConfig is a flag (`--epochs`, `--batch-size`, `--data`, ...),
-with the help text, type and bounds written on the field; a bool is `--x/--no-x`. A flag given to
+with the help text, type and bounds written on the field; a bool is `--x/--no-x`, and a switch that
+may be left to the machine (`config.Switch`) is `--x [true|false|auto]/--no-x`. A flag given to
 `compare` or `sweep` applies to every run of the study. Values are parsed by `patchbench.values`
 (the same parser TOML recipes and `--model-arg` go through) and checked against the field's bounds,
 so a bad value is a one-line error naming the flag.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from patchbench.config import SECTIONS, check_setting, describe_setting, fields_of, load_recipe
+from patchbench.config import SECTIONS, Switch, check_setting, describe_setting, fields_of, load_recipe
 from patchbench.values import parse_text
 
 
@@ -31,6 +32,11 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...
             if f.kind is bool:
                 group.add_argument(f.flag, dest=_dest(section, f.name), default=None,
                                    action=argparse.BooleanOptionalAction, help=describe_setting(f))
+            elif f.kind == Switch:
+                group.add_argument(f.flag, dest=_dest(section, f.name), default=None, nargs="?", const="true",
+                                   metavar="true|false|auto", help=describe_setting(f))
+                group.add_argument("--no-" + f.flag[2:], dest=_dest(section, f.name), action="store_const",
+                                   const="false", help=argparse.SUPPRESS)
             else:
                 group.add_argument(f.flag, dest=_dest(section, f.name), default=None, metavar="V",
                                    help=describe_setting(f))
@@ -69,7 +75,7 @@ def describe_changes(changes: dict[str, dict]) -> list[str]:
     for section, values in changes.items():
         for name, value in values.items():
             f = fields_of(section)[name]
-            if f.kind is bool:
+            if f.kind is bool or (f.kind == Switch and isinstance(value, bool)):
                 words.append(f.flag if value else "--no-" + f.flag[2:])
             else:
                 shown = "none" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else value

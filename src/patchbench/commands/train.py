@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument("--dump-config", action="store_true",
                    help="print the fully resolved config as TOML (what --config reads back) and exit")
+    p.add_argument("--resolve", action="store_true",
+                   help="with --dump-config: replace every `auto` (amp, channels_last, fast_kernels) by what this "
+                   "machine resolves it to (prepares the data and may run the short speed probe)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model constructor (repeatable), e.g. patch_size=4; "
                    "checked against the model's signature")
@@ -118,8 +121,15 @@ def run(args):
         print(describe_presets())
         return 0
     cfg = build_run_config(args)
+    if args.resolve and not args.dump_config:
+        raise UserError("--resolve goes with --dump-config: it prints the config with `auto` resolved for this machine")
     if args.dump_config:
-        print(to_toml(cfg), end="")
+        notes = []
+        if args.resolve:
+            from patchbench.train import resolve_config
+
+            cfg, notes = resolve_config(cfg, progress=args.progress)
+        print("".join(f"# resolved here: {note}\n" for note in notes) + to_toml(cfg), end="")
         return 0
     if not args.resume and not args.out:
         raise UserError("--out RUN_DIR is required: the folder that will hold the run")
