@@ -20,11 +20,18 @@ bf16 (oneDNN), in GFLOP/s: on AMD CPUs MKL's sgemm does not use AVX-512, and one
 
     .venv/bin/python benchmarks/cpu_settings.py                       # the fair preset, 128px, batch 64
     .venv/bin/python benchmarks/cpu_settings.py --models resnet18 --rounds 5
+    .venv/bin/python benchmarks/cpu_settings.py --emulate-avx2   # an AVX-512 CPU posing as AVX2-only
+
+--emulate-avx2 reruns the script with oneDNN and ATen capped at AVX2 (ONEDNN_MAX_CPU_ISA,
+ATEN_CPU_CAPABILITY), the C kernels built for x86-64-v3 (CFLAGS) and the CPU's AVX-512 and AMX
+flags hidden from patchbench (so amp=auto sees no native bf16). An emulation, not an AVX2 CPU: MKL
+(fp32 torch.mm) and the memory system stay this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from patchbench.autotune import Choice, resolve
+import patchbench.device
+from patchbench.autotune import resolve
 from patchbench.bench import Settings, make_step, screen, time_steps
 from patchbench.compare import match_budget
 from patchbench.config import get_preset
-from patchbench.device import NATIVE_BF16_FLAGS, cpu_features, cpu_name, resolve_amp
+from patchbench.device import NATIVE_BF16_FLAGS, cpu_name, resolve_amp
 from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model, describe
 
@@ -124,10 +132,21 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cap", type=float, default=4.0)
+    p.add_argument("--emulate-avx2", action="store_true", help="pose as an AVX2-only CPU (see the docstring)")
     args = p.parse_args()
+    if args.emulate_avx2:
+        emulated = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "CFLAGS": "-march=x86-64-v3"}
+        if any(os.environ.get(k) != v for k, v in emulated.items()):  # torch reads these when it loads
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **emulated})
+        real = patchbench.device.cpu_features()
+        hidden = " ".join(f for f in real.split() if not f.startswith(("avx512", "amx")))
+        patchbench.device.cpu_features = lambda: hidden
+        print("emulating an AVX2-only CPU: " + ", ".join(f"{k}={v}" for k, v in emulated.items())
+              + "; AVX-512/AMX flags hidden")
     preset = get_preset(args.preset)
     models = args.models.split(",") if args.models else preset.models
-    flags = [f for f in cpu_features().split() if f in ("avx2", "avx512f", *NATIVE_BF16_FLAGS) or f.startswith("amx")]
+    flags = [f for f in patchbench.device.cpu_features().split()
+             if f in ("avx2", "avx512f", *NATIVE_BF16_FLAGS) or f.startswith("amx")]
     print(f"CPU: {cpu_name()}; flags: {' '.join(flags)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("matmul 2048^3 (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings().items()))
     print(f"train step, batch {args.batch_size} at {args.img_size}px, images/s (median of {args.rounds} interleaved "

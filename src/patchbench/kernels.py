@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -135,12 +136,14 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
     library that fails the check (changed, not ours, or writable by others) is built again.
     `signatures` maps a function name to (restype, argtypes); the library defines it once per
     dtype, as `<name>_<suffix>` for each of `suffixes`."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    # $CC and $CFLAGS as a shell splits them (CC="ccache gcc"); CFLAGS come last, so "-march=x86-64-v3"
+    # there builds for AVX2 CPUs instead of this one
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")]
+    if cc[0] is None:
         return None
     source = _source(source_file)
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *defines]
-    key = hashlib.sha256("\0".join([source, cc, *flags, cpu_features()]).encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *defines, *shlex.split(os.environ.get("CFLAGS", ""))]
+    key = hashlib.sha256("\0".join([source, *cc, *flags, cpu_features()]).encode()).hexdigest()[:16]
     folder = kernel_dir()
     path = folder / f"{name}_{key}.so"
     lib = _load_verified(path)
@@ -149,11 +152,11 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
             src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
             src.write_text(source)
             try:
-                done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+                done = subprocess.run([*cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             except OSError as e:
                 done = subprocess.CompletedProcess([cc], 1, "", str(e))
             if done.returncode != 0:
-                warnings.warn(f"patchbench.kernels: {cc} could not build the {name} kernel, using PyTorch's "
+                warnings.warn(f"patchbench.kernels: {shlex.join(cc)} could not build the {name} kernel, using PyTorch's "
                               f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
                 return None
             os.chmod(out, 0o600)
