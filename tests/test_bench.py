@@ -1,6 +1,7 @@
 """`patchbench bench`: FLOP counting, reference mapping, the interleaved measurement and its JSON/CLI output."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -138,3 +139,29 @@ def test_torchvision_reference_runs_at_the_same_shapes():
     ours = create_model("resnet18")
     _, build = reference_for(ours, "torchvision")
     assert isinstance(build(), torchvision.models.ResNet)
+
+
+def test_reference_screen_drops_a_setting_whose_first_step_is_over_the_cap(monkeypatch):
+    """Injected step times: the bf16 settings take 10x and 20x the fp32 ones' first step and are dropped
+    after that one step; the fp32 ones go on."""
+    cost = {Settings("fp32"): 0.01, Settings("fp32", True): 0.012, Settings("bf16"): 0.1, Settings("bf16", True): 0.2}
+    calls = []
+
+    def fake_step(model, settings, **kw):
+        def step():
+            calls.append(settings)
+            time.sleep(cost[settings])
+        return step
+
+    monkeypatch.setattr(bench, "make_step", fake_step)
+    lines = []
+    steps, dropped = bench.screen(lambda: None, list(cost), warmup=3, cap=3.0,
+                                  step_args={"device": torch.device("cpu")}, log=lines.append)
+    assert set(steps) == {Settings("fp32"), Settings("fp32", True)}
+    assert [line.split("]")[0] for line in dropped] == ["[bf16", "[bf16 channels_last"]
+    assert calls.count(Settings("bf16")) == 1 and calls.count(Settings("fp32")) == 3  # dropped after one step
+    assert all(line.startswith("  dropped [bf16") for line in lines)
+
+
+def test_reference_candidates_start_with_ours():
+    assert bench.reference_candidates(Settings("bf16", True), torch.device("cpu"))[0] == Settings("bf16", True)

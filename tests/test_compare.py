@@ -52,6 +52,17 @@ def test_match_budget_within_five_percent(model):
     assert knob in overrides
 
 
+@pytest.mark.parametrize("budget, tolerance, expected", [
+    (100_000, 0.045, 96),  # 96..104 fit: a multiple of 16 beats the closest (100) and a multiple of 8 (104)
+    (105_000, 0.02, 104),  # 103..107 fit: no multiple of 16, a multiple of 8 beats the closest (105)
+    (100_000, 0.015, 100),  # 99..101 fit: none aligned, the closest
+])
+def test_budget_matching_prefers_widths_the_hardware_likes(budget, tolerance, expected):
+    count = lambda w: 1000 * w  # noqa: E731
+    closest = cp._closest(count, budget, 64, 1 << 14)
+    assert cp._aligned(count, budget, closest, tolerance, channels=lambda w: w) == expected
+
+
 def test_a_model_already_within_the_budget_is_kept_as_designed():
     """ConvMixer-256/12 has 996,362 parameters: at a 1.0M budget its width (256: whole vectors of 16
     channels for the C kernels) stays, rather than moving to the marginally closer dim=255."""

@@ -347,3 +347,31 @@ def test_run_directories_of_the_previous_version_still_resume_and_report(folder,
     assert_same_run(tmp_path / "full", out)
     assert main(["report", str(out), "--format", "md"]) == 0
     assert "| resnet9(width=8) |" in (out / "report.md").read_text()
+
+
+def test_auto_settings_resolve_record_and_dump(folder, tmp_path, capsys, monkeypatch):
+    """amp=auto follows the CPU's native bf16 (flags injected); layout and kernels come from the probe,
+    recorded in config.json and on every epoch; --resolve --dump-config prints what this machine runs."""
+    import patchbench.device as dv
+
+    monkeypatch.setattr(dv, "cpu_features", lambda: "fpu sse avx2 fma")  # no native bf16
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=1, deterministic=False, amp="auto",
+                      channels_last="auto", fast_kernels="auto")
+    out = tmp_path / "run"
+    train_run(cfg, out, progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["amp"] == "none" and saved["derived"]["amp"] == "auto: no native bf16, fp32"
+    speed = saved["derived"]["speed"]
+    assert saved["train"]["channels_last"] == "auto" and speed["how"].startswith("probed")
+    assert set(speed["step_s"]) == {"NCHW, kernels off", "channels_last, kernels off"}  # no kernel fits a ResNet
+    row = metrics(out)[0]
+    assert row["channels_last"] == speed["channels_last"] and row["fast_kernels"] is False and row["processor"]
+    code, stdout, err = cli(capsys, "--model", "resnet9", "--model-arg", "width=8", "--data", str(folder),
+                            "--cache-dir", str(tmp_path), "--preset", "smoke", "--device", "cpu", "--amp", "auto",
+                            "--batch-size", "8", "--resolve", "--dump-config", "--no-progress")
+    assert code == 0, err
+    assert "# resolved here: amp = 'none': auto: no native bf16, fp32" in stdout
+    assert 'amp = "none"' in stdout and ("channels_last = true" in stdout or "channels_last = false" in stdout)
+    assert 'channels_last = "auto"' not in stdout and 'fast_kernels = "auto"' not in stdout
+    code, _, err = cli(capsys, "--model", "resnet9", "--resolve", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--resolve goes with --dump-config" in err
