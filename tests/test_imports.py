@@ -50,7 +50,7 @@ def test_version_imports_no_torch_by_importtime():
 
 # The layers, lowest first; a module may import patchbench modules of its own layer or below only.
 LAYERS = [
-    {"errors", "values"},
+    {"errors", "values", "compute"},
     {"device", "rundir", "config"},
     {"threads", "flops", "metrics", "checkpoint", "optim", "kernels", "models", "data", "report"},
     {"evaluate", "bench", "autotune"},

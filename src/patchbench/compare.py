@@ -510,6 +510,7 @@ class StudyResult:
     meta: dict
     outcome: dict[str, list[str]]
     reports: list[Path]
+    estimates: dict[str, dict] | None = None  # compare --plan: run name -> `estimate`
 
 
 def _prepare(cfg: RunConfig, progress: bool):
@@ -554,9 +555,42 @@ def study_amp(study: Path, plan: list[PlannedRun]) -> dict:
     return {"amp": amps.pop() if len(amps) == 1 else None, "amp_rule": why}
 
 
+def estimate(cfg: RunConfig, data, *, progress: bool = False) -> dict:
+    """What one planned run will do: its steps, epochs and training compute, and its training time on
+    this machine, estimated from the speed probe's step time (patchbench.autotune, cached) scaled by
+    each size's MACs; evaluation is not included."""
+    from patchbench.data import holdout_split
+    from patchbench.device import resolve_device
+    from patchbench.autotune import time_options
+    from patchbench.train import Dist, build_model, check_sizes, plan_run, resolve_speed
+
+    t, num_classes = cfg.train, len(data.classes)
+    num_train = len(holdout_split(data.train, cfg.data.holdout, cfg.data.holdout_seed)[0]) if cfg.data.holdout \
+        else len(data.train)
+    macs_at = check_sizes(cfg, num_classes)
+    steps = plan_run(cfg, num_train // t.batch_size, macs_at)
+    device = resolve_device(t.device)
+    speed = resolve_speed(cfg, Dist(0, 1, 0, device), num_classes, t.batch_size, None, progress)
+    biggest = max(cfg.data.train_sizes or (cfg.data.img_size,))
+    step_s = speed.step_s.get(str(speed.choice))
+    if step_s is None:  # given settings, not probed: time them
+        with torch.random.fork_rng():
+            step_s = time_options(lambda: build_model(cfg, num_classes), [speed.choice], batch_size=t.batch_size,
+                                  img_size=biggest, amp=t.amp, device=device, num_classes=num_classes)[0][speed.choice]
+    seconds, begin = 0.0, 0
+    for stop, size in steps.phases:
+        seconds += (stop - begin) * step_s * macs_at[size] / macs_at[biggest]
+        begin = stop
+    return {"steps": steps.steps, "epochs": steps.epochs, "train_macs": steps.train_macs,
+            "budget_macs": t.compute_budget, "train_seconds": seconds, "amp": t.amp, "speed": str(speed.choice)}
+
+
 def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, progress: bool,
-             stale_after: float, report_formats) -> StudyResult:
+             stale_after: float, report_formats, plan_only: bool = False) -> StudyResult:
     meta.update(study_amp(study, plan))
+    if plan_only:  # print what would run, write nothing
+        return StudyResult(study, meta, {"planned": [p.name for p in plan]}, [],
+                           {p.name: estimate(p.config, data, progress=progress) for p in plan})
     for p in plan:
         p.config.validate()
     meta["runs"] = [p.name for p in plan]
@@ -575,13 +609,14 @@ def _execute(study: Path, meta: dict, plan: list[PlannedRun], data, *, work, pro
 def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, preset: Recipe | None = None,
             config: Recipe | None = None, changes: dict | None = None, param_budget: int | None = None,
             mac_budget: int | None = None, progress: bool = True, stale_after: float = 600.0,
-            report_formats=("md", "html"), work=None, kind: str = "compare", extra_meta: dict | None = None
-            ) -> StudyResult:
+            report_formats=("md", "html"), work=None, kind: str = "compare", extra_meta: dict | None = None,
+            plan_only: bool = False) -> StudyResult:
     """Train models x seeds into `out` (skipping finished runs), then write the report.
 
     With a budget (`param_budget`, else `mac_budget`, else the recipe's param_budget) every model is
-    sized by its width to within ±5% of it; study.json records the chosen sizes, parameters and MACs."""
-    study = rundir.check_writable_dir(out, "--out")
+    sized by its width to within ±5% of it; study.json records the chosen sizes, parameters and MACs.
+    `plan_only`: train and write nothing; the result's `estimates` say what each run would do."""
+    study = Path(out) if plan_only else rundir.check_writable_dir(out, "--out")
     layers = Layers(preset, config, changes)
     if param_budget and mac_budget:
         raise UserError("--param-budget and --mac-budget: give one of them")
@@ -606,7 +641,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
                             for m in models}, **(extra_meta or {})}
     plan = plan_compare(models, seeds, layers, chosen)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
-                    report_formats=report_formats)
+                    report_formats=report_formats, plan_only=plan_only)
 
 
 def ablate(mixers: list[str], stems: list[str], seeds: list[int], out: str | os.PathLike, **kw) -> StudyResult:

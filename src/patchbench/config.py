@@ -34,9 +34,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from patchbench.compute import split_sizes
 from patchbench.device import check_device_name
 from patchbench.errors import UserError
-from patchbench.values import check_value, describe
+from patchbench.values import SI, check_value, describe
 
 SCHEDULES = ("onecycle", "piecewise", "constant")
 INITS = ("default", "kaiming")
@@ -142,7 +143,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(30, "epochs to train", check=between(1, 10_000))
+    epochs: int = setting(30, "epochs to train (ignored with --compute-budget)", check=between(1, 10_000))
+    compute_budget: SI | None = setting(
+        None, "training compute in MACs, e.g. 40T (= 4.0e13): 3 x forward MACs (convolutions and matmuls) x "
+        "images seen, progressive resizing included; the run trains the steps that spend it, whatever the model "
+        "costs per image (instead of --epochs; --param-budget and --mac-budget size the model instead)",
+        check=between(1, 1e21))
     batch_size: int = setting(64, "global batch size (split over DDP ranks)", check=between(1, 65_536))
     lr: float = setting(1e-3, "peak learning rate", check=between(0, 10, lo_open=True))
     weight_decay: float = setting(0.05, "AdamW weight decay (never on norms, biases, gains, cls token, "
@@ -236,12 +242,14 @@ def check_setting(f: Field, value, what: str | None = None):
 def apply_changes(obj, changes: dict[str, Any], section: str, where: str | None = None):
     """A copy of the DataConfig/TrainConfig `obj` with `changes`, each checked (unknown keys are errors)."""
     known = fields_of(section)
+    place = f"{where}: " if where else ""
     unknown = sorted(set(changes) - set(known))
     if unknown:
-        place = f"{where}: " if where else ""
         raise UserError(f"{place}unknown [{section}] setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
     checked = {k: check_setting(known[k], v, f"{where}: [{section}] {k}" if where else None)
                for k, v in changes.items()}
+    if section == "train" and "epochs" in checked:  # a layer's epochs replace an earlier layer's budget
+        checked.setdefault("compute_budget", None)
     return dataclasses.replace(obj, **checked)
 
 
@@ -286,6 +294,9 @@ class RunConfig:
             for f in fields_of(section).values():
                 check_setting(f, getattr(obj, f.name))
         t, d = self.train, self.data
+        if t.compute_budget and t.schedule_epochs is not None:
+            raise UserError("--schedule-epochs and --compute-budget: the schedule spans the steps the budget buys; "
+                            "drop --schedule-epochs")
         if t.schedule_epochs is not None and t.schedule_epochs < t.epochs:
             raise UserError(f"--schedule-epochs {t.schedule_epochs}: need at least --epochs ({t.epochs}): "
                             f"the schedule must cover the run")
@@ -294,16 +305,15 @@ class RunConfig:
                 flag = "--img-size" if size == d.img_size else "--train-sizes"
                 raise UserError(f"{flag} {size}: need at most --prepare-size ({d.prepare_size}); raise "
                                 f"--prepare-size to train larger")
-        if len(d.train_sizes) > t.epochs:
+        if len(d.train_sizes) > t.epochs and not t.compute_budget:
             raise UserError(f"--train-sizes has {len(d.train_sizes)} sizes for {t.epochs} epoch(s); give at "
                             f"most one size per epoch")
         check_device_name(t.device)
         return self
 
     def train_size(self, epoch: int) -> int:
-        """The training image size of `epoch` (0-based): --train-sizes split evenly over the epochs."""
-        sizes = self.data.train_sizes or (self.data.img_size,)
-        return sizes[min(len(sizes) - 1, epoch * len(sizes) // self.train.epochs)]
+        """The training image size of `epoch` (0-based) of an --epochs run: --train-sizes split evenly."""
+        return split_sizes(self.data.train_sizes, self.data.img_size, self.train.epochs)[epoch]
 
 
 # --------------------------------------------------------------------------------------------------

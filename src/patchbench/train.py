@@ -52,6 +52,7 @@ from patchbench import rundir
 from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, rng_from_parts,
                                    rng_to_parts, save_checkpoint)
 from patchbench.autotune import Resolution, resolve
+from patchbench.compute import StepPlan, plan_steps, step_macs
 from patchbench.config import RunConfig, cache_root, fields_of
 from patchbench.device import autocast, cpu_name, device_name, keep_freed_memory, resolve_amp, resolve_device
 from patchbench.errors import UserError
@@ -187,17 +188,30 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     return kaiming_init_(model) if cfg.train.init == "kaiming" else model
 
 
-def check_sizes(cfg: RunConfig, num_classes: int) -> int:
-    """MACs per image at the evaluation size; UserError when the model cannot take a training size."""
+def check_sizes(cfg: RunConfig, num_classes: int) -> dict[int, int]:
+    """Forward MACs of one image at the evaluation size and at every training size; UserError when
+    the model cannot take a training size."""
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
-        for size in sorted(set(cfg.data.train_sizes) - {cfg.data.img_size}):
+        macs = {}
+        for size in sorted({cfg.data.img_size, *cfg.data.train_sizes}):
             try:
-                model(torch.empty(1, 3, size, size))
+                macs[size] = count_macs(model, size)
             except (ValueError, RuntimeError) as e:
                 raise UserError(f"--train-sizes {size}: {cfg.model.name} cannot train at {size}px "
                                 f"({str(e).splitlines()[0]})") from None
-        return count_macs(model, cfg.data.img_size)
+        return macs
+
+
+def plan_run(cfg: RunConfig, steps_per_epoch: int, macs_at: dict[int, int]) -> StepPlan:
+    """The run's steps: --epochs whole epochs, or the steps that spend --compute-budget (patchbench.compute)."""
+    t, d = cfg.train, cfg.data
+    plan = plan_steps(budget=t.compute_budget, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
+                      batch_size=t.batch_size, train_sizes=d.train_sizes, img_size=d.img_size, macs_at=macs_at)
+    if len(d.train_sizes) > plan.steps:
+        raise UserError(f"--compute-budget {t.compute_budget:.3g} buys {plan.steps} step(s) of {cfg.model.name}, "
+                        f"fewer than the {len(d.train_sizes)} --train-sizes; raise the budget or give fewer sizes")
+    return plan
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -278,6 +292,8 @@ class Session:
     mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
     tuner: ThreadTuner | None
     speed: Resolution  # the layout and kernels this process trains with
+    plan: StepPlan  # the steps of every epoch, and their sizes
+    macs_at: dict[int, int]  # forward MACs of one image at each training size
     total_steps: int
     summary_base: dict
     info: dict  # what every checkpoint carries besides the training state
@@ -328,13 +344,14 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
             raise UserError(f"the {name} split of {cfg.data.source} has no usable images ({len(data.skipped)} "
                             f"unreadable); check the dataset")
     classes, per_rank = data.classes, t.batch_size // ctx.world_size
-    macs = check_sizes(cfg, len(classes))  # a model that cannot take a training size fails before the probe
+    macs_at = check_sizes(cfg, len(classes))  # a model that cannot take a training size fails before the probe
     recorded = rundir.read_config(out).get("derived", {}).get("speed") if plan == "resume" else None
     speed = resolve_speed(cfg, ctx, len(classes), per_rank, recorded, progress)
     loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
                        channels_last=speed.choice.channels_last,  # batches arrive in the model's memory format
                        hold_on_device={"auto": None, "yes": True, "no": False}[t.data_on_device])
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
+    steps = plan_run(cfg, len(train_loader), macs_at)
     val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
 
     seed_everything(t.seed, t.deterministic)
@@ -359,11 +376,12 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         val_loader=val_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
         mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
         else None,
-        tuner=ThreadTuner() if adaptive else None, speed=speed,
-        total_steps=total_steps(t, len(train_loader)),
+        tuner=ThreadTuner() if adaptive else None, speed=speed, plan=steps, macs_at=macs_at,
+        total_steps=steps.steps if t.compute_budget else total_steps(t, len(train_loader)),
         summary_base={"model": cfg.model.name, "label": describe(cfg.model.name, cfg.model.overrides),
-                      "params": count_params(model), "macs": macs, "img_size": cfg.data.img_size,
-                      "patch_size": getattr(model, "patch_size", None), "epochs": t.epochs,
+                      "params": count_params(model), "macs": macs_at[cfg.data.img_size], "img_size": cfg.data.img_size,
+                      "patch_size": getattr(model, "patch_size", None), "epochs": steps.epochs,
+                      "steps": steps.steps, "budget_macs": t.compute_budget,
                       "eval_split": split_name, "device": str(ctx.device), "world_size": ctx.world_size},
         info={"model": {"name": cfg.model.name, "overrides": cfg.model.overrides, "img_size": cfg.data.img_size},
               "classes": classes, "config": cfg.to_dict(),
@@ -385,7 +403,9 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         doc = {**cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
                "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": len(train_loader),
                            "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
-                           "num_eval": len(eval_split), "eval_split": split_name, "amp": amp_why, "speed": speed.record()}}
+                           "num_eval": len(eval_split), "eval_split": split_name, "steps": steps.steps,
+                           "epochs": steps.epochs, "size_phases": [list(p) for p in steps.phases],
+                           "planned_train_macs": steps.train_macs, "amp": amp_why, "speed": speed.record()}}
         rundir.atomic_write_json(out / rundir.CONFIG, doc)
     ctx.barrier()
     if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
@@ -499,7 +519,7 @@ def save(s: Session, name: str, batch: int, sums: list[float] | None) -> None:
 
 
 def write_summary(s: Session, status: str, error: str | None = None) -> dict:
-    summary = {"status": status, **s.summary_base, **summarise(s.rows, s.wall())}
+    summary = {"status": status, **s.summary_base, **summarise(s.rows, s.wall(), s.cfg.train.batch_size)}
     if error:
         summary["error"] = error
     if s.ctx.main:
@@ -507,7 +527,7 @@ def write_summary(s: Session, status: str, error: str | None = None) -> dict:
     return summary
 
 
-def summarise(rows: list[dict], wall: float) -> dict:
+def summarise(rows: list[dict], wall: float, batch_size: int) -> dict:
     """summary.json's figures from the metrics rows (accuracies as fractions).
 
     The best epoch is the one with the lowest validation loss, the same rule that picks
@@ -520,11 +540,32 @@ def summarise(rows: list[dict], wall: float) -> dict:
                    final_val_loss=rows[-1]["val_loss"], best_top1=best["val_top1"], best_epoch=best["epoch"],
                    train_images_per_s=rows[-1]["train_images_per_s"],
                    infer_images_per_s=rows[-1]["infer_images_per_s"],
-                   epochs_time_s=round(sum(r["epoch_time_s"] for r in rows), 2))
+                   epochs_time_s=round(sum(r["epoch_time_s"] for r in rows), 2),
+                   train_macs=rows[-1].get("train_macs"), images_seen=rows[-1]["step"] * batch_size)
     return out
 
 
 # ----------------------------------------------------------------------------- the loops
+
+
+def epoch_batches(s: Session):
+    """(batch index, x, y) of the current epoch from batch `s.start_batch`, each part of it at the size the
+    plan gives it (progressive resizing may change the size inside an epoch of a budgeted run)."""
+    for first, end, size in s.plan.segments(s.epoch):
+        if end <= s.start_batch:
+            continue
+        begin = max(first, s.start_batch)
+        s.train_loader.set_epoch(s.epoch, img_size=size, start_batch=begin)
+        for b, (x, y) in enumerate(s.train_loader, start=begin):
+            yield b, x, y
+            if b == end - 1:
+                break
+
+
+def epoch_macs(s: Session, epoch: int) -> float:
+    """Training compute of `epoch`'s planned steps."""
+    return sum((end - first) * step_macs(size, s.cfg.train.batch_size, s.macs_at)
+               for first, end, size in s.plan.segments(epoch))
 
 
 def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None:
@@ -532,9 +573,9 @@ def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None
     when a stop signal cut it short. Raises TrainingDiverged on a NaN/inf loss."""
     t, ctx = s.cfg.train, s.ctx
     s.model.train()
-    last = len(s.train_loader) - 1
+    last = s.plan.steps_in(s.epoch) - 1  # a compute budget may end the last epoch early
     since, images, tick = 0, 0, time.perf_counter()
-    for b, (x, y) in enumerate(s.train_loader, start=s.start_batch):
+    for b, x, y in epoch_batches(s):
         if s.tuner is not None:
             s.tuner.step_begins()
         lr, beta1 = lr_at(s.step, s.total_steps, t)
@@ -577,6 +618,8 @@ def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None
         since, images, tick = 0, 0, time.perf_counter()
         if flags[0] > 0 and b != last:
             return b + 1
+        if b == last:
+            break
     return None
 
 
@@ -593,17 +636,16 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
     None when a stop signal ended it early (the run is then checkpointed)."""
     t, ctx = s.cfg.train, s.ctx
     val = None
-    while s.epoch < t.epochs:
-        size = s.cfg.train_size(s.epoch)
-        s.train_loader.set_epoch(s.epoch, img_size=size, start_batch=s.start_batch)
+    while s.epoch < s.plan.epochs:
+        size, steps = s.plan.size_at_end(s.epoch), s.plan.steps_in(s.epoch)
         meter = Meter(len(s.classes), ctx.device)
         if s.partial_sums is not None and ctx.main:  # the part of this epoch trained before a stop
             meter.sums += torch.tensor(s.partial_sums, dtype=torch.float64, device=ctx.device)
         s.partial_sums = None
-        trained = (len(s.train_loader) - s.start_batch) * t.batch_size  # images trained in this session
+        trained = (steps - s.start_batch) * t.batch_size  # images trained in this session
         threads_before = dict(s.tuner.steps_at) if s.tuner is not None else None
         tick = time.perf_counter()
-        with tqdm(total=len(s.train_loader), initial=s.start_batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
+        with tqdm(total=steps, initial=s.start_batch, desc=f"epoch {s.epoch + 1}/{s.plan.epochs}",
                   disable=not (progress and ctx.main), leave=False, file=sys.stderr, unit="step") as bar:
             cut = train_one_epoch(s, meter, stop, bar)
         train_time = time.perf_counter() - tick
@@ -617,6 +659,7 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
         s.rows.append({"epoch": s.epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
                        "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
                        "val_top1": val["top1"], "val_top5": val["top5"], "img_size": size,
+                       "train_macs": sum(epoch_macs(s, e) for e in range(s.epoch)),
                        "epoch_time_s": round(train_time + val["time_s"], 3),
                        "train_images_per_s": round(trained / train_time, 1),
                        "infer_images_per_s": round(val["images"] / val["time_s"], 1),
@@ -633,13 +676,13 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
             save(s, "best", 0, None)
         save(s, "last", 0, None)
         r = s.rows[-1]
-        log(s, progress, f"epoch {s.epoch}/{t.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
+        log(s, progress, f"epoch {s.epoch}/{s.plan.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
             f"top1 {r['val_top1']:.4f}  top5 {r['val_top5']:.4f}  {r['epoch_time_s']:.1f}s  "
             f"{r['train_images_per_s']:.0f} img/s" + (f"  {size}px" if size != s.cfg.data.img_size else ""))
         write_summary(s, rundir.RUNNING)
         if stop.signum is not None:
             break
-    if s.epoch < t.epochs:
+    if s.epoch < s.plan.epochs:
         return None
     return val if val is not None else validate(s)  # validate: a resumed run whose epochs were all done
 
@@ -703,7 +746,7 @@ def _run(s: Session, progress: bool) -> dict:
         finally:
             if s.writer is not None:
                 s.writer.close()
-    if s.epoch < s.cfg.train.epochs:
+    if s.epoch < s.plan.epochs:
         write_summary(s, rundir.INTERRUPTED, f"stopped by signal {stop.signum}")
         s.ctx.barrier()
         raise KeyboardInterrupt(f"stopped by signal {stop.signum}; checkpoint saved, continue with "

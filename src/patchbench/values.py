@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -23,6 +24,11 @@ from typing import Any, Literal
 from patchbench.errors import UserError
 
 NONE_WORDS = ("none", "null")
+SI_SUFFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+
+
+class SI(float):
+    """The kind of a count written with an optional SI suffix: `40T` = 4.0e13, `2.5G`, `800k`, `1e12`."""
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
@@ -77,6 +83,8 @@ def describe(kind) -> str:
             f"{len(args)} comma-separated values"
     if _origin(kind) is list:
         return "a list"
+    if kind is SI:
+        return "a positive number with an optional SI suffix (k, M, G, T, P), e.g. 40T"
     return {int: "a whole number", float: "a finite number", bool: "true or false", str: "text",
             dict: "a table of keys and values"}.get(kind, f"a {getattr(kind, '__name__', kind)}")
 
@@ -126,6 +134,11 @@ def parse_text(text: str, kind, what: str):
         except UserError:
             raise _fail(what, text, kind) from None
         return tuple(values) if origin is tuple else values
+    if kind is SI:
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]?)", text)
+        if not m or float(m.group(1)) * SI_SUFFIXES[m.group(2)] <= 0:
+            raise _fail(what, text, kind)
+        return float(m.group(1)) * SI_SUFFIXES[m.group(2)]
     if kind is bool:
         low = text.lower()
         if low in TRUE_WORDS or low in FALSE_WORDS:
@@ -189,6 +202,12 @@ def check_value(value, kind, what: str):
         except UserError:
             raise _fail(what, value, kind) from None
         return tuple(items) if origin is tuple else items
+    if kind is SI:
+        if isinstance(value, str):
+            return parse_text(value, kind, what)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return float(value)
+        raise _fail(what, value, kind)
     if kind is bool:
         if isinstance(value, bool):
             return value

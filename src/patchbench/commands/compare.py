@@ -23,7 +23,10 @@ def add_parser(sub):
     p.add_argument("--param-budget", metavar="N", help="size each model's width to N parameters (±5%%), "
                    "e.g. 1.0M; the chosen widths are stored in study.json and stated in the report")
     p.add_argument("--mac-budget", metavar="N", help="size each model's width to N MACs per image instead "
-                   "(±5%%), e.g. 100M")
+                   "(±5%%), e.g. 100M (--param-budget and --mac-budget size the model; --compute-budget sets how "
+                   "long each run trains)")
+    p.add_argument("--plan", action="store_true", help="print each run's steps, training compute and estimated "
+                   "training time on this machine, then exit without training or writing anything")
     p.set_defaults(func=run)
 
 
@@ -74,6 +77,22 @@ def print_result(result) -> None:
         print(f"wrote {path}")
 
 
+def print_plan(result) -> None:
+    """compare --plan: one line per run, then the total."""
+    print(f"{result.study}: {len(result.estimates)} run(s), precision {result.meta.get('amp')} "
+          f"({result.meta.get('amp_rule')}); training time estimated from a few timed steps on this machine")
+    print("| run | steps | epochs | train compute (MACs) | of the budget | layout, kernels | est. training time |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    total = 0.0
+    for name, e in result.estimates.items():
+        share = f"{e['train_macs'] / e['budget_macs']:.1%}" if e["budget_macs"] else "–"
+        time_s = e["train_seconds"]
+        total += time_s
+        shown = f"{time_s / 60:.1f} min"
+        print(f"| {name} | {e['steps']:,} | {e['epochs']} | {e['train_macs']:.3g} | {share} | {e['speed']} | {shown} |")
+    print(f"total estimated training time: {total / 3600:.2f} h (evaluation after each epoch not included)")
+
+
 def run(args) -> int:
     from patchbench.compare import compare, parse_budget, parse_names
 
@@ -86,6 +105,10 @@ def run(args) -> int:
         raise UserError("no models: pass --models a,b,c (the recipe lists none)")
     result = compare(models=models, out=args.out,
                      param_budget=parse_budget(args.param_budget) if args.param_budget else None,
-                     mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None, **inputs)
+                     mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,
+                     plan_only=args.plan, **inputs)
+    if args.plan:
+        print_plan(result)
+        return 0
     print_result(result)
     return 1 if result.outcome["failed"] else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from patchbench.config import SECTIONS, Switch, check_setting, describe_setting, fields_of, load_recipe
+from patchbench.errors import UserError
 from patchbench.values import parse_text
 
 
@@ -62,6 +63,8 @@ def recipe_changes(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -
             if isinstance(value, str):
                 value = parse_text(value, f.kind, f.flag)
             changes[section][f.name] = check_setting(f, value)
+    if {"epochs", "compute_budget"} <= set(changes["train"]) and changes["train"]["compute_budget"]:
+        raise UserError("--epochs and --compute-budget both given; a run is as long as one of them says: drop one")
     return changes
 
 
