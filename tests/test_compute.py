@@ -3,8 +3,6 @@
 record, and an exact resume inside that last epoch."""
 
 import json
-import os
-import signal
 
 import pytest
 
@@ -17,7 +15,7 @@ from patchbench.errors import UserError
 from patchbench.optim import lr_at
 from patchbench.train import check_sizes, train_run
 
-from test_train import assert_same_run, folder, metrics, tiny_config  # noqa: F401 (a fixture)
+from test_train import assert_same_run, folder, interrupt_at_step, metrics, tiny_config  # noqa: F401 (a fixture)
 
 
 def test_epochs_run_whole_epochs_at_the_split_sizes():
@@ -100,18 +98,7 @@ def test_a_budgeted_run_spends_its_budget_and_records_it(folder, tmp_path):  # n
 def test_a_budgeted_run_resumes_exactly_inside_its_cut_last_epoch(folder, tmp_path, monkeypatch):  # noqa: F811
     cfg, _ = budget_config(folder, tmp_path, steps=8)  # epochs of 3, 3 and 2 steps
     train_run(cfg, tmp_path / "full", progress=False)
-    real = train_mod.lr_at
-
-    def signal_at_step_6(step, total, t):
-        if step == 6:  # the last epoch's first batch
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, total, t)
-
-    monkeypatch.setattr(train_mod, "lr_at", signal_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(train_mod, "lr_at", real)
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "last.json").read_text())
+    state = interrupt_at_step(cfg, tmp_path / "cut", 6, monkeypatch)  # the last epoch's first batch
     assert (state["epoch"], state["batch"], state["step"]) == (2, 1, 7)
     train_run(cfg, tmp_path / "cut", resume=True, progress=False)
     assert_same_run(tmp_path / "full", tmp_path / "cut")

@@ -149,23 +149,27 @@ def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["status"] == "finished"
 
 
+def interrupt_at_step(cfg, out, step: int, monkeypatch) -> dict:
+    """Train `cfg` into `out` until SIGINT arrives as step `step` starts; returns the checkpoint's state."""
+    real = train_mod.lr_at
+
+    def signal_at(s, total, t):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(s, total, t)
+
+    monkeypatch.setattr(train_mod, "lr_at", signal_at)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, out, progress=False)
+    monkeypatch.setattr(train_mod, "lr_at", real)
+    return json.loads((out / "checkpoint" / "last.json").read_text())
+
+
 @pytest.mark.parametrize("switches", [{}, dict(auto_augment="trivialaugment", random_erasing=0.5, cutmix=1.0)])
 def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch, switches):
     cfg = tiny_config(folder, tmp_path, **switches)
     train_run(cfg, tmp_path / "full", progress=False)
-
-    real = train_mod.lr_at
-
-    def signal_at_step_4(step, total, t):
-        if step == 4:  # epoch 2 (3 steps per epoch), batch 1
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, total, t)
-
-    monkeypatch.setattr(train_mod, "lr_at", signal_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(train_mod, "lr_at", real)
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "last.json").read_text())
+    state = interrupt_at_step(cfg, tmp_path / "cut", 4, monkeypatch)  # epoch 2 (3 steps per epoch), batch 1
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 5)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "interrupted"
     made = []  # batches the loader makes while resuming: the two already trained on are not made again
