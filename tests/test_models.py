@@ -342,3 +342,27 @@ def test_residual_gain_keeps_the_branch_dtype_and_the_fp32_function():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert res(x.bfloat16()).dtype == torch.bfloat16
     assert torch.equal(create_model("seed_convmixer")(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=bool))
+
+
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    """Under bf16 autocast on the CPU, q/k/v go to scaled_dot_product_attention in fp32 (torch's bf16 CPU
+    attention is several times slower); the output returns in bf16 and stays close to the fp32 model's."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_6l8h", num_classes=10, img_size=32, dim=64, depth=2, num_heads=4, mlp_dim=128,
+                         patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert seen == [torch.float32] * 4  # fp32 model: 2 blocks; under autocast: 2 blocks, still fp32
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), full, atol=0.1, rtol=0.05)
