@@ -55,7 +55,7 @@ LAYERS = [
     {"threads", "flops", "metrics", "checkpoint", "optim", "kernels", "models", "data", "report"},
     {"evaluate", "bench", "autotune"},
     {"train"},
-    {"compare"},
+    {"compare", "tune"},
     {"commands"},
     {"cli", "__main__"},
 ]

@@ -321,7 +321,7 @@ class RunConfig:
 
 
 TOP_KEYS = ("name", "description", "models", "quirks", "preset", "model", "data", "train", "per_model",
-            "param_budget", "reference")
+            "param_budget", "reference", "tune")
 PER_MODEL_KEYS = ("data", "train", "overrides")
 
 
@@ -345,6 +345,7 @@ class Recipe:
     preset: str | None = None
     param_budget: int | None = None  # compare/ablate: size every model to this many parameters (±5%)
     reference: dict[str, Any] | None = None  # published figures to set the study's against (report)
+    tune: dict[str, Any] | None = None  # the search `patchbench tune` runs (patchbench.tune.check_space)
     where: str = "recipe"  # the file it came from, for messages
 
     def apply(self, cfg: RunConfig) -> RunConfig:
@@ -432,7 +433,8 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
     return Recipe(name=typed("name", str), description=typed("description", str) or "",
                   models=typed("models", list[str]) or [], quirks=typed("quirks", list[str]),
                   data=dict(doc.get("data", {})), train=dict(doc.get("train", {})), per_model=per_model,
-                  model=model, preset=typed("preset", str), param_budget=budget, reference=reference, where=where)
+                  model=model, preset=typed("preset", str), param_budget=budget, reference=reference,
+                  tune=typed("tune", dict), where=where)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -30,11 +30,12 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def add_study_args(p, default_seeds: str) -> None:
-    """Arguments shared by compare, sweep and ablate."""
+def add_study_args(p, default_seeds: str | None) -> None:
+    """Arguments shared by compare, sweep, ablate and tune (which has no --seeds: its search fixes them)."""
     p.add_argument("--preset", metavar="P", help="training recipe (`patchbench train --list-presets`); "
                    "optional with a --config that names one")
-    p.add_argument("--seeds", default=default_seeds, metavar="0,1,2", help=f"seeds (default: {default_seeds})")
+    if default_seeds is not None:
+        p.add_argument("--seeds", default=default_seeds, metavar="0,1,2", help=f"seeds (default: {default_seeds})")
     p.add_argument("--out", required=True, metavar="STUDY", help="study folder (created; re-use it to resume)")
     p.add_argument("--lock-timeout", default="600", metavar="S",
                    help="a run lock whose heartbeat is older than S seconds is stale and taken over (default 600)")
@@ -56,9 +57,11 @@ def study_inputs(args) -> dict:
     preset = get_preset(args.preset) if args.preset else None
     if preset is None and config is None:
         raise UserError("--preset is required (see `patchbench train --list-presets`), or a --config recipe")
-    return {"preset": preset, "config": config, "changes": recipe_changes(args, exclude=("seed",)),
-            "seeds": parse_seeds(args.seeds), "progress": args.progress, "stale_after": lock_timeout,
-            "report_formats": report_formats(args)}
+    inputs = {"preset": preset, "config": config, "changes": recipe_changes(args, exclude=("seed",)),
+              "progress": args.progress, "stale_after": lock_timeout, "report_formats": report_formats(args)}
+    if hasattr(args, "seeds"):
+        inputs["seeds"] = parse_seeds(args.seeds)
+    return inputs
 
 
 def report_formats(args):

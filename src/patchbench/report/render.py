@@ -160,6 +160,46 @@ def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[
     return [("Token mixer x stem", lines)]
 
 
+def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
+    """A tuning study (patchbench tune): each family's trials, best first, its ranges round by round, the
+    re-runs with a second seed and the choice."""
+    t = study.meta.get("tune")
+    if not t:
+        return []
+    space = t["space"]
+    scores = {r.name: r.summary.get("final_top1") for r in study.runs if r.finished}
+    failed = {r.name for r in study.runs if r.status == "failed"}
+    lines = [f"The same search for every family: {space['trials']} trials over log-ranges of learning rate and "
+             f"weight decay" + (f" and patch sizes {', '.join(map(str, space['patch_size']))} (models that take one)"
+                                if space.get("patch_size") else "")
+             + f", each trained for {space['compute_budget'] / 1e12:g}T MACs and scored by its final top-1 on a "
+             f"{space['holdout']:.0%} class-stratified holdout of train (seed {space['holdout_seed']}); a range "
+             "whose best value lay in its outer eighth was widened by half its width for one more round of "
+             f"{space['trials'] // 2} trials for every family; the best two re-ran with seed 1.", ""]
+    for model in study.meta.get("models", []):
+        mine = {name: e for name, e in t["trials"].items() if e["model"] == model}
+        if not mine:
+            continue
+        rounds = t["ranges"].get(model, [])
+        lines += [f"### {model}", "", "Ranges (lr; weight decay) by round: " + "; ".join(
+            f"round {i + 1}: {r['lr'][0]:.3g}-{r['lr'][1]:.3g}; {r['weight_decay'][0]:.3g}-{r['weight_decay'][1]:.3g}"
+            for i, r in enumerate(rounds)) + ".", "",
+            "| run | round | seed | lr | weight decay | patch | holdout top-1 % |", "|---|---|---|---|---|---|---|"]
+        def key(name):
+            return -(scores.get(name) if scores.get(name) is not None else -1)
+        for name in sorted(mine, key=key):
+            e = mine[name]
+            score = "diverged" if name in failed else pct(scores[name]) if name in scores else "not finished"
+            lines.append(f"| {name} | {e['round']} | {e['seed']} | {e['lr']:.3g} | {e['weight_decay']:.3g} "
+                         f"| {e.get('patch_size', '–')} | {score} |")
+        c = (t.get("choice") or {}).get(model)
+        lines += ["", f"Choice: trial {c['trial']} (lr {c['lr']:.3g}, weight decay {c['weight_decay']:.3g}"
+                  + (f", patch {c['patch_size']}" if "patch_size" in c else "")
+                  + f"), mean holdout top-1 over seeds 0 and 1 {pct(c['mean_holdout_top1'])}%." if c
+                  else "Choice: not made yet (the search has not finished).", ""]
+    return [("Tuning", lines)]
+
+
 def notes_section(meta: dict) -> list[tuple[str, list[str]]]:
     """Notes written into study.json by hand or by a recipe (e.g. why a result differs from a reference)."""
     notes = meta.get("notes") or []
@@ -220,8 +260,8 @@ def build_report(study: Study) -> Report:
                   table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
                   problems=problem_lines(study), figures=figures, configs=configs,
-                  sections=ablation_section(study, groups) + reference_section(study.meta, groups)
-                  + notes_section(study.meta))
+                  sections=ablation_section(study, groups) + tuning_section(study)
+                  + reference_section(study.meta, groups) + notes_section(study.meta))
 
 
 def markdown_table(table: list[list[str]]) -> list[str]:

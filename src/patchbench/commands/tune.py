@@ -1,0 +1,49 @@
+"""`patchbench tune [--preset budget] [--models a,b,c] [flags] --out STUDY`: the same search for every family.
+
+Runs the recipe's [tune] search (patchbench.tune): for every model the same Sobol trials of learning
+rate and weight decay (and patch size, for the models that take one) at the search's compute
+budget, scored on a holdout of train; ranges widened where an optimum lies on their edge, with the
+same number of trials for every family; the best two re-run with a second seed. Prints the choice as
+recipe tables. Every trial is a run of the study: running it again resumes what is missing.
+"""
+
+from __future__ import annotations
+
+from patchbench.commands.compare import add_study_args, print_result, study_inputs
+from patchbench.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("tune", help="the same hyper-parameter search for every family, on a holdout of train",
+                       description="Run the recipe's [tune] search for every model into STUDY/runs/ (holdout "
+                       "of train, never val), then print each family's choice and write the report.")
+    p.add_argument("--models", metavar="A,B,C", help="comma-separated model names (default: the preset's)")
+    p.add_argument("--param-budget", metavar="N", help="size each model to N parameters (±5%%) at each patch "
+                   "size (default: the preset's)")
+    add_study_args(p, default_seeds=None)
+    p.set_defaults(func=run, preset_default="budget")
+
+
+def run(args) -> int:
+    from patchbench.compare import parse_budget, parse_names
+    from patchbench.config import get_preset
+    from patchbench.tune import choice_toml, tune
+
+    if not args.preset and not args.config:
+        args.preset = args.preset_default
+    inputs = study_inputs(args)
+    recipe = inputs["preset"] or get_preset(inputs["config"].preset)
+    models = parse_names(args.models, "--models") if args.models else list(recipe.models)
+    if not models:
+        raise UserError("no models: pass --models a,b,c (the recipe lists none)")
+    result = tune(models, args.out, param_budget=parse_budget(args.param_budget) if args.param_budget else None,
+                  **inputs)
+    print_result(result)
+    choice = result.meta["tune"]["choice"]
+    if choice:
+        print("the choice, as recipe tables (holdout top-1: the mean of two seeds):")
+        print(choice_toml(choice))
+    else:
+        print("the search is not finished (a round has runs held by other workers, or unfinished); run the same "
+              "command again")
+    return 1 if result.outcome["failed"] and not choice else 0
