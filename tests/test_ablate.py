@@ -52,6 +52,20 @@ def test_effects_are_the_contrasts_with_the_pooled_seed_variance(tmp_path):
     assert ("mixer", "attention") not in effects  # the baseline
 
 
+def test_a_significant_interaction_gives_the_effects_per_stem(tmp_path):
+    """Pooling loses to attention with the patch stem and wins with the conv stem: the effects come per stem."""
+    cells = {("attention", "patch"): [0.60, 0.61], ("attention", "conv"): [0.70, 0.71],
+             ("pool", "patch"): [0.50, 0.51], ("pool", "conv"): [0.75, 0.76]}
+    lines = render.factorial_analysis(cells, ["attention", "pool"], ["patch", "conv"])
+    text = "\n".join(lines)
+    assert "The mixer x stem interaction is significant" in text
+    # 4 comparisons (pool vs attention per stem, the conv stem per mixer), Holm-corrected
+    assert "- the patch stem (a strided conv), average pooling vs attention: -10.0 points" in text
+    assert "- the convolutional stem, average pooling vs attention: +5.0 points" in text
+    assert "- average pooling, the convolutional stem vs the patch stem (a strided conv): +25.0 points" in text
+    assert text.count("Holm p=") == 4
+
+
 def test_report_has_the_table_heatmap_and_sentences(tmp_path):
     s = load.load_study(write_ablation(tmp_path / "abl"))
     report = render.build_report(s)
@@ -59,9 +73,13 @@ def test_report_has_the_table_heatmap_and_sentences(tmp_path):
     text = "\n".join(lines)
     assert title == "Token mixer x stem"
     assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in text
-    assert "At 0.5M parameters on imagenette (64px, 2 epochs, measured on the val split), replacing attention " \
-           "with depthwise convolution changes top-1 by +7.5 ± 1.2 points" in text  # ((71-62) + (75-69)) / 2
-    assert "replacing the patch stem (a strided conv) with the convolutional stem changes top-1 by +5.0" in text
+    assert "Setting: 0.5M parameters, imagenette, 64px, 2 epochs, measured on the val split, n=2 seed(s) a cell" in text
+    # cell means 71, 75 / 62, 69 / 66, 70: row means 73, 65.5, 68, grand 68.83, so SS mixer = 2 * 2 * (4.17^2 +
+    # 3.33^2 + 0.83^2) = 116.7 points^2; within cells: (1 + 1) + (4 + 4) + 0 + 1 + 1 + ... = 16 on 6 df
+    assert "| mixer | 116.7 | 2 |" in text and "| within cells | 16.0 | 6 | | |" in text
+    assert "The mixer x stem interaction is not significant" in text  # so: main effects
+    assert "- depthwise convolution vs attention: +7.5 points (95% CI" in text  # ((71-62) + (75-69)) / 2
+    assert "- the convolutional stem vs the patch stem (a strided conv): +5.0 points" in text
     assert "ablation" in [stem for stem, _, _ in report.figures]
     md = render.to_markdown(report)
     assert "## Token mixer x stem" in md and "<table>" in render.to_html(report)
@@ -71,8 +89,7 @@ def test_the_readme_summary_of_an_ablation_is_its_table_and_effects(tmp_path):
     summary = render.study_summary(write_ablation(tmp_path / "abl"))
     assert summary[0].startswith("| model |") and len([x for x in summary if x.startswith("| iso_")]) == 6
     assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in summary
-    assert any(x.startswith("- At 0.5M parameters") and "depthwise convolution changes top-1 by +7.5" in x
-               for x in summary)
+    assert "- depthwise convolution vs attention: +7.5 points (95% CI +4.7 to +10.3), Holm p=0.0019" in summary
     assert not any("It beats" in x for x in summary)  # the pairwise conclusion is replaced by the effects
 
 

@@ -270,3 +270,49 @@ def test_a_bad_reference_entry_is_refused_with_its_name(entry):
     assert parse_recipe({"reference": {"m": {"final": 0.8, "best": 0.81}}}, "r.toml").reference["m"]["best"] == 0.81
     with pytest.raises(UserError, match=r"r.toml: \[reference.m\] holds final and best top-1 fractions"):
         parse_recipe({"reference": {"m": entry}}, "r.toml")
+
+
+# ----------------------------------------------------------------------------- two-way ANOVA, by hand
+
+# A 2 x 2 design with 2 values a cell: cell means 2, 6 / 3, 11; row means 4, 7; column means 2.5, 8.5;
+# grand mean 5.5. By hand: SS rows = 2*2*(1.5^2 + 1.5^2) = 18, SS cols = 2*2*(3^2 + 3^2) = 72, the
+# interaction residuals are +-1 in every cell so SS = 2*4 = 8, within cells (1 - 2)^2 + (3 - 2)^2 = 2 a
+# cell so SS error = 8 on 4 df (MSE 2). F = 9, 36 and 4 on (1, 4) df.
+HAND_CELLS = {("r1", "c1"): [1, 3], ("r1", "c2"): [5, 7], ("r2", "c1"): [2, 4], ("r2", "c2"): [10, 12]}
+
+
+def t4_two_sided(t: float) -> float:
+    """P(|T| > t) for Student's t with 4 df, in closed form (x = t / sqrt(t^2 + 4)): 1 - 3x/2 + x^3/2."""
+    x = t / math.sqrt(t * t + 4)
+    return 1 - 1.5 * x + 0.5 * x ** 3
+
+
+def test_two_way_anova_matches_the_hand_computed_sums_of_squares():
+    from patchbench.report.stats import two_way_anova
+
+    a = two_way_anova(HAND_CELLS, ["r1", "r2"], ["c1", "c2"])
+    assert (a["rows"]["ss"], a["cols"]["ss"], a["interaction"]["ss"], a["error"]["ss"]) == (18, 72, 8, 8)
+    assert (a["rows"]["df"], a["interaction"]["df"], a["error"]["df"], a["error"]["ms"]) == (1, 1, 4, 2)
+    assert (a["rows"]["f"], a["cols"]["f"], a["interaction"]["f"]) == (9, 36, 4)
+    # F(1, 4) = t(4)^2: the p of F = 9 is the two-sided p of t = 3
+    assert a["rows"]["p"] == pytest.approx(t4_two_sided(3.0), rel=1e-9)
+    assert a["interaction"]["p"] == pytest.approx(t4_two_sided(2.0), rel=1e-9)
+    assert two_way_anova({**HAND_CELLS, ("r1", "c1"): [1, 3, 2]}, ["r1", "r2"], ["c1", "c2"]) is None  # unbalanced
+
+
+def test_holm_adjusts_step_down():
+    from patchbench.report.stats import holm
+
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def test_cell_contrast_interval_and_p_by_hand():
+    from patchbench.report.stats import cell_contrasts
+
+    (c,) = cell_contrasts(HAND_CELLS, [(("r2", "c2"), ("r1", "c2"))], mse=2.0, df=4)
+    # 11 - 6 = 5, SE = sqrt(2 * (1/2 + 1/2)) = sqrt(2); t(0.975, 4) = 2.776445 (tables)
+    assert c["diff"] == 5 and c["se"] == pytest.approx(math.sqrt(2))
+    assert (c["low"], c["high"]) == pytest.approx((5 - 2.776445 * math.sqrt(2), 5 + 2.776445 * math.sqrt(2)), abs=1e-5)
+    assert c["p"] == pytest.approx(t4_two_sided(5 / math.sqrt(2)), rel=1e-9) and c["p_holm"] == c["p"]

@@ -26,8 +26,9 @@ from patchbench.report.figures import (figure_accuracy_curves, figure_accuracy_v
                                        figure_loss_curves, figure_patch_grid, figure_png, figure_sweep_heatmap,
                                        figure_tradeoffs, patch_views)
 from patchbench.report.load import Group, Study, load_study, group_runs
-from patchbench.report.stats import (conclusion, effect_sentence, factor_effects, factorial_cells, mean_std, pct, pm,
-                                     reference_rows, results_rows)
+from patchbench.report.stats import (MIXER_WORDS, STEM_WORDS, cell_contrasts, conclusion, effect_line, factor_effects,
+                                     factorial_cells, holm, interval, mean_std, pct, pm, reference_rows, results_rows,
+                                     two_way_anova)
 
 FORMATS = ("md", "html")
 
@@ -151,12 +152,14 @@ def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[
     budget = (f"{study.meta['param_budget'] / 1e6:.2g}M parameters" if study.meta.get("param_budget") else
               f"{study.meta['mac_budget'] / 1e6:.3g}M MACs" if study.meta.get("mac_budget") else "their sizes")
     data = Path(study.meta["data"]).name if study.meta.get("data") else "the data"  # the archive's name, not its path
-    setting = (f"At {budget} on {data} ({study.meta.get('img_size')}px, "
-               f"{'/'.join(map(str, epochs)) or '?'} epochs, measured on the {runs[0].eval_split if runs else 'val'} split)")
-    effects = factor_effects(cells, mixers, stems)
-    lines += ["", "Effects (each factor's levels against attention and the patch stem, averaged over the other "
-              "factor; the seed-to-seed variance pooled over all cells gives the standard error):", ""]
-    lines += [f"- {effect_sentence(e, setting)}" for e in effects] or ["- not enough finished runs for an effect"]
+    compute = sorted({r.summary.get("budget_macs") for r in runs} - {None})
+    length = (f"{'/'.join(f'{c / 1e12:g}' for c in compute)}T MACs of training a run ({'/'.join(map(str, epochs))} "
+              f"epochs)" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
+    setting = (f"Setting: {budget}, {data}, {study.meta.get('img_size')}px, {length}, measured on the "
+               f"{runs[0].eval_split if runs else 'val'} split")
+    lines += ["", f"{setting}, n={'/'.join(sorted({str(len(v)) for v in cells.values()}))} seed(s) a cell; "
+              "differences in points of top-1, with 95% confidence intervals.", ""]
+    lines += factorial_analysis(cells, mixers, stems)
     return [("Token mixer x stem", lines)]
 
 
@@ -198,6 +201,51 @@ def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
                   + f"), mean holdout top-1 over seeds 0 and 1 {pct(c['mean_holdout_top1'])}%." if c
                   else "Choice: not made yet (the search has not finished).", ""]
     return [("Tuning", lines)]
+
+
+def factorial_analysis(cells: dict[tuple, list[float]], mixers: list[str], stems: list[str],
+                       baseline_mixer: str = "attention", baseline_stem: str = "patch") -> list[str]:
+    """The two-way ANOVA (mixer, stem, their interaction) and the effects it supports: per stem and per
+    mixer when the interaction is significant, else averaged over the other factor; Holm-corrected."""
+    anova = two_way_anova(cells, mixers, stems)
+    if anova is None:  # unbalanced or one seed a cell: main effects alone
+        out = ["No analysis of variance (it needs the same number of seeds, at least two, in every cell); "
+               "main effects, averaged over the other factor:", ""]
+        effects = factor_effects(cells, mixers, stems, baseline_mixer, baseline_stem)
+        return out + [f"- {effect_line(main_effect_what(e), e['effect'], *(interval(e) or (None, None)), e['p'])}"
+                      for e in effects]
+    pts = 1e4  # fractions^2 -> points^2
+    out = ["| source | SS (points²) | df | F | p |", "|---|---|---|---|---|"]
+    for key, name in (("rows", "mixer"), ("cols", "stem"), ("interaction", "mixer x stem")):
+        a = anova[key]
+        out.append(f"| {name} | {a['ss'] * pts:.1f} | {a['df']} | {a['f']:.2f} | {a['p']:.2g} |")
+    out += [f"| within cells | {anova['error']['ss'] * pts:.1f} | {anova['error']['df']} | | |", ""]
+    mse, df = anova["error"]["ms"], anova["error"]["df"]
+    inter = anova["interaction"]
+    others = [m for m in mixers if m != baseline_mixer]
+    if inter["p"] < 0.05:
+        out += [f"The mixer x stem interaction is significant (F={inter['f']:.2f}, p={inter['p']:.2g}): how much a "
+                "mixer gains or loses depends on the stem, so the effects are per stem and per mixer "
+                "(p Holm-corrected over these comparisons):", ""]
+        pairs = [((m, s), (baseline_mixer, s)) for s in stems for m in others if baseline_mixer in mixers]
+        pairs += [((m, s), (m, baseline_stem)) for m in mixers for s in stems if s != baseline_stem]
+        for c in cell_contrasts(cells, pairs, mse, df):
+            (m, s), (bm, bs) = c["a"], c["b"]
+            what = (f"{STEM_WORDS[s]}, {MIXER_WORDS[m]} vs {MIXER_WORDS[bm]}" if s == bs
+                    else f"{MIXER_WORDS[m]}, {STEM_WORDS[s]} vs {STEM_WORDS[bs]}")
+            out.append(f"- {effect_line(what, c['diff'], c['low'], c['high'], c['p_holm'], 'Holm p')}")
+        return out
+    out += [f"The mixer x stem interaction is not significant (F={inter['f']:.2f}, p={inter['p']:.2g}): main effects, "
+            "averaged over the other factor (p Holm-corrected over these comparisons):", ""]
+    effects = factor_effects(cells, mixers, stems, baseline_mixer, baseline_stem)
+    for e, p_holm in zip(effects, holm([e["p"] for e in effects])):
+        out.append(f"- {effect_line(main_effect_what(e), e['effect'], *interval(e), p_holm, 'Holm p')}")
+    return out
+
+
+def main_effect_what(e: dict) -> str:
+    words = MIXER_WORDS if e["factor"] == "mixer" else STEM_WORDS
+    return f"{words[e['level']]} vs {words[e['baseline']]}"
 
 
 def notes_section(meta: dict) -> list[tuple[str, list[str]]]:

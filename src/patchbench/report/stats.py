@@ -199,15 +199,77 @@ def factor_effects(cells: dict[tuple, list[float]], mixers: list[str], stems: li
     return out
 
 
-def effect_sentence(e: dict, setting: str) -> str:
-    """One effect in plain words, e.g. "replacing attention with depthwise convolution changes top-1 by ..."."""
-    words = MIXER_WORDS if e["factor"] == "mixer" else STEM_WORDS
-    over = "averaged over the stems" if e["factor"] == "mixer" else "averaged over the mixers"
-    size = f"{100 * e['effect']:+.1f}"
-    if e["se"] is None:
-        stat = f"{size} points ({over}; one seed per cell, so no test)"
-    else:
-        verdict = "significant" if e["p"] < 0.05 else "not significant"
-        stat = (f"{size} ± {100 * e['se']:.1f} points (± standard error, {over}; t-test on the pooled seed "
-                f"variance: t={e['t']:.2f}, df={e['df']}, p={e['p']:.2g}, {verdict} at the 5% level)")
-    return f"{setting}, replacing {words[e['baseline']]} with {words[e['level']]} changes top-1 by {stat}."
+def interval(e: dict, level: float = 0.95) -> tuple[float, float] | None:
+    """The `level` confidence interval of a contrast (t with its df), or None without a standard error."""
+    if e.get("se") is None or not e.get("df"):
+        return None
+    half = float(_scipy.t.ppf(0.5 + level / 2, e["df"])) * e["se"]
+    return e["effect"] - half, e["effect"] + half
+
+
+def effect_line(what: str, diff: float, low: float | None, high: float | None, p: float | None,
+                p_name: str = "p") -> str:
+    """One effect, short: "what: +5.7 points (95% CI +4.4 to +7.0), Holm p=0.0002"."""
+    ci = f" (95% CI {100 * low:+.1f} to {100 * high:+.1f})" if low is not None else " (one seed a cell: no interval)"
+    test = f", {p_name}={p:.2g}" if p is not None else ""
+    return f"{what}: {100 * diff:+.1f} points{ci}{test}"
+
+
+# ----------------------------------------------------------------------------- two-way analysis of variance
+
+
+def two_way_anova(cells: dict[tuple, list[float]], rows_: list[str], cols: list[str]) -> dict | None:
+    """The two-way ANOVA with interaction of a balanced design (every cell the same n >= 2): for the row
+    factor, the column factor and their interaction, the sum of squares, df, mean square, F and p, and the
+    error (within-cell) line. None when the design is not balanced or has one value a cell (no error term)."""
+    ns = {len(cells[r, c]) for r in rows_ for c in cols}
+    if len(ns) != 1 or ns.pop() < 2:
+        return None
+    n, a, b = len(cells[rows_[0], cols[0]]), len(rows_), len(cols)
+    cell = {(r, c): sum(cells[r, c]) / n for r in rows_ for c in cols}
+    row = {r: sum(cell[r, c] for c in cols) / b for r in rows_}
+    col = {c: sum(cell[r, c] for r in rows_) / a for c in cols}
+    grand = sum(row.values()) / a
+    ss = {"rows": b * n * sum((row[r] - grand) ** 2 for r in rows_),
+          "cols": a * n * sum((col[c] - grand) ** 2 for c in cols),
+          "interaction": n * sum((cell[r, c] - row[r] - col[c] + grand) ** 2 for r in rows_ for c in cols),
+          "error": sum((v - cell[r, c]) ** 2 for r in rows_ for c in cols for v in cells[r, c])}
+    df = {"rows": a - 1, "cols": b - 1, "interaction": (a - 1) * (b - 1), "error": a * b * (n - 1)}
+    mse = ss["error"] / df["error"]
+    out = {"n": n, "error": {"ss": ss["error"], "df": df["error"], "ms": mse}}
+    for key in ("rows", "cols", "interaction"):
+        ms = ss[key] / df[key]
+        f = ms / mse if mse > 0 else math.inf
+        out[key] = {"ss": ss[key], "df": df[key], "ms": ms, "f": f,
+                    "p": float(_scipy.f.sf(f, df[key], df["error"])) if mse > 0 else 0.0}
+    return out
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest p times (m - i), made
+    non-decreasing, capped at 1."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def cell_contrasts(cells: dict[tuple, list[float]], pairs: list[tuple[tuple, tuple]], mse: float, df: int,
+                   level: float = 0.95) -> list[dict]:
+    """Cell a minus cell b for each pair, with the ANOVA's error mean square as the variance: the difference,
+    its standard error, a `level` confidence interval (t with the error df), the two-sided p and Holm's
+    adjusted p over the pairs."""
+    out = []
+    t_crit = float(_scipy.t.ppf(0.5 + level / 2, df))
+    for a, b in pairs:
+        diff = sum(cells[a]) / len(cells[a]) - sum(cells[b]) / len(cells[b])
+        se = math.sqrt(mse * (1 / len(cells[a]) + 1 / len(cells[b])))
+        t = diff / se if se > 0 else math.inf
+        out.append({"a": a, "b": b, "diff": diff, "se": se, "low": diff - t_crit * se, "high": diff + t_crit * se,
+                    "t": t, "df": df, "p": float(2 * _scipy.t.sf(abs(t), df)) if se > 0 else 0.0})
+    for c, adj in zip(out, holm([c["p"] for c in out])):
+        c["p_holm"] = adj
+    return out
