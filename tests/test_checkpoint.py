@@ -2,6 +2,8 @@
 
 import errno
 import json
+import os
+import re
 import random
 
 import numpy as np
@@ -90,10 +92,11 @@ def test_mismatched_or_missing_files_are_reported(tmp_path):
     model, opt = trained_model_and_optimizer()
     save(tmp_path, model, opt)
     other, other_opt = trained_model_and_optimizer(seed=4)
-    safetensors.torch.save_file(other.state_dict(), str(tmp_path / "last.safetensors"))
-    with pytest.raises(UserError, match="does not match"):
+    (content,) = [p for p in tmp_path.glob("last.*.safetensors") if not p.name.endswith(".state.safetensors")]
+    safetensors.torch.save_file(other.state_dict(), str(content))  # other weights under the checkpoint's name
+    with pytest.raises(UserError, match=r"last\.[0-9a-f]{16}\.safetensors is damaged \(its digest does not match\)"):
         ck.load_checkpoint(tmp_path / "last.safetensors")
-    (tmp_path / "last.safetensors").unlink()
+    content.unlink()
     with pytest.raises(UserError, match="is missing"):
         ck.load_checkpoint(tmp_path / "last.json")
     with pytest.raises(UserError, match="no checkpoint"):
@@ -106,8 +109,36 @@ def test_mismatched_or_missing_files_are_reported(tmp_path):
 def test_files_are_safetensors_and_json_only(tmp_path):
     model, opt = trained_model_and_optimizer()
     save(tmp_path, model, opt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors", "last.state.safetensors"]
-    json.loads((tmp_path / "last.json").read_text())
-    keys = safetensors.torch.load_file(str(tmp_path / "last.state.safetensors")).keys()
+    doc = json.loads((tmp_path / "last.json").read_text())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["last.json", "last.safetensors", doc["files"]["weights"], doc["files"]["state"]])
+    assert re.fullmatch(r"last\.[0-9a-f]{16}\.state\.safetensors", doc["files"]["state"])
+    assert os.path.samefile(tmp_path / "last.safetensors", tmp_path / doc["files"]["weights"])  # the fixed-name link
+    keys = safetensors.torch.load_file(str(tmp_path / doc["files"]["state"])).keys()
     assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in keys) and "rng.torch" in keys
     assert set(safetensors.torch.load_file(str(tmp_path / "last.safetensors"))) == set(model.state_dict())
+
+
+def test_a_second_save_replaces_the_first_and_an_edited_manifest_is_refused(tmp_path):
+    model, opt = trained_model_and_optimizer()
+    save(tmp_path, model, opt)
+    model2, opt2 = trained_model_and_optimizer(seed=5)
+    save(tmp_path, model2, opt2)
+    assert len(list(tmp_path.iterdir())) == 4  # the manifest, two content-named files, the fixed-name link
+    _, weights, _ = ck.load_checkpoint(tmp_path)
+    assert torch.equal(weights["0.weight"], model2.state_dict()["0.weight"])
+    doc = json.loads((tmp_path / "last.json").read_text())
+    doc["classes"] = ["other", "classes"]
+    (tmp_path / "last.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"last\.json was changed after it was written"):
+        ck.load_checkpoint(tmp_path)
+
+
+def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
+    model, opt = trained_model_and_optimizer()
+    save(tmp_path, model, opt)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    (tmp_path / ".last.json.tmp-4242").write_text("{")
+    (tmp_path / "last.0123456789abcdef.safetensors").write_bytes(b"x")  # renamed, never committed
+    assert sorted(ck.remove_leftovers(tmp_path)) == [".last.json.tmp-4242", "last.0123456789abcdef.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept

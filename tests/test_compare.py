@@ -130,7 +130,7 @@ def test_run_study_skips_finished_and_failed_and_resumes_the_rest(tmp_path):
                  status="interrupted")
     out = cp.run_study(study, small_plan(), work=fake_work(log), progress=False)
     assert out == {"trained": ["convmixer_256_8-s1", "resnet9-s1"], "done": ["convmixer_256_8-s0"], "held": [],
-                   "failed": ["resnet9-s0"]}
+                   "failed": ["resnet9-s0"], "stopped": []}
     assert ran(log) == ["convmixer_256_8-s1", "resnet9-s1"]
     again = cp.run_study(study, small_plan(), work=fake_work(log), progress=False)
     assert again["trained"] == [] and len(again["done"]) == 3 and ran(log) == ["convmixer_256_8-s1", "resnet9-s1"]
@@ -158,11 +158,22 @@ def test_diverged_run_is_recorded_and_the_study_goes_on(tmp_path):
     assert out["failed"] == ["convmixer_256_8-s0"] and out["trained"] == ["resnet9-s0"]
 
 
-def test_other_errors_stop_the_study_and_release_the_lock(tmp_path):
+def test_a_run_that_cannot_go_on_is_reported_and_the_study_goes_on(tmp_path):
     def work(cfg, out):
-        raise UserError("bad config")
+        if cfg.model.name == "convmixer_256_8":
+            raise UserError("checkpoint x is damaged")
+        fx.write_run(out, model=cfg.model.name, seed=0, val_top1=[0.5])
 
-    with pytest.raises(UserError):
+    out = cp.run_study(tmp_path, small_plan(1), work=work, progress=False)
+    assert out["stopped"] == ["convmixer_256_8-s0: checkpoint x is damaged"] and out["trained"] == ["resnet9-s0"]
+    assert list((tmp_path / "locks").iterdir()) == []
+
+
+def test_a_bug_stops_the_study_and_releases_the_lock(tmp_path):
+    def work(cfg, out):
+        raise RuntimeError("a bug of ours")
+
+    with pytest.raises(RuntimeError):
         cp.run_study(tmp_path, small_plan(1), work=work, progress=False)
     assert list((tmp_path / "locks").iterdir()) == []
 

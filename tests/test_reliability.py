@@ -164,11 +164,12 @@ def test_report_names_each_damaged_file_and_goes_on(tmp_path, capsys, damage, pr
 def test_resume_with_a_damaged_checkpoint_names_the_file(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train_run(tiny_config(folder, tmp_path, "resnet9", epochs=1), out, progress=False)
-    (out / "checkpoint" / "last.json").write_text("{cut")
+    for name in ("last.json", "best.json"):  # both damaged: no checkpoint to fall back on
+        (out / "checkpoint" / name).write_text("{cut")
     (out / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "checkpoint/last.json is not valid JSON" in err and len(err.strip().splitlines()) == 1
+    assert "checkpoint/best.json is not valid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- splits with nothing in them
@@ -228,3 +229,20 @@ def test_sync_batchnorm_refuses_the_fused_gelu_batchnorm():
         convert_sync_batchnorm(model)
     plain = convert_sync_batchnorm(create_model("resnet9", width=4))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+
+
+def test_a_damaged_last_checkpoint_resumes_from_best_and_says_so(folder, tmp_path, capsys):
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=3)
+    out = tmp_path / "run"
+    train_run(cfg, out, progress=False)
+    doc = json.loads((out / "checkpoint" / "last.json").read_text())
+    (out / "checkpoint" / doc["files"]["weights"]).write_bytes(b"damaged")
+    (out / "summary.json").write_text(json.dumps({"status": "running"}))
+    best_epoch = json.loads((out / "checkpoint" / "best.json").read_text())["epoch"]
+    capsys.readouterr()
+    train_run(cfg, out, resume=True, progress=True)
+    err = capsys.readouterr().err
+    assert "is damaged (its digest does not match)" in err and "; resuming from" in err and "best.json" in err
+    assert f"resuming {out} at epoch {best_epoch + 1}" in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]

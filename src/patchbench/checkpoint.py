@@ -1,16 +1,21 @@
-"""Checkpoints as safetensors + JSON, written atomically, loaded without unpickling anything.
+"""Checkpoints as safetensors + JSON, committed by one rename, loaded without unpickling anything.
 
-A checkpoint `NAME` in a folder is three files:
-    NAME.safetensors        the model's weights (a plain state dict: loadable by any safetensors reader)
-    NAME.state.safetensors  the training state's tensors: optimizer moments, EMA weights, RNG states
-    NAME.json               everything else (epoch, step, optimizer hyper-parameters, GradScaler,
-                            Python/NumPy RNG, model name and overrides, class names, eval transform,
-                            the run's config) and the SHA-256 of both tensor files
+A checkpoint `NAME` in a folder is a manifest and two tensor files named by their content:
+    NAME.json                   the manifest: everything but tensors (epoch, step, optimizer
+                                hyper-parameters, GradScaler, Python/NumPy RNG, model name and
+                                overrides, class names, eval transform, the run's config), the names
+                                of the two tensor files, their SHA-256 and the manifest's own
+    NAME.<sha>.safetensors      the model's weights (a plain state dict: any safetensors reader loads it)
+    NAME.<sha>.state.safetensors the training state's tensors: optimizer moments, EMA weights, RNG states
+    NAME.safetensors            a hard link to the current weights, for readers that want a fixed name
 
-Every file is written under a temporary name in the same folder, flushed to disk, and only when
-all three are complete are they renamed into place, the JSON last. A crash while writing leaves the
-previous checkpoint untouched; a crash in the microseconds between the renames is detected on load
-(the digests in the JSON no longer match) instead of silently mixing two checkpoints.
+Saving writes and fsyncs the tensor files under new names (the previous checkpoint's files are left
+alone), then the manifest under a temporary name, and renames it over NAME.json: that one rename
+commits the checkpoint; the folder is fsynced, the fixed-name link moved, and only then are the
+previous checkpoint's files deleted. A process killed at any instant leaves NAME.json naming a
+complete, consistent checkpoint (the previous one or the new one); leftovers go at the next save.
+Loading checks the digests of the manifest and of both tensor files. `on_event`, when set, is
+called with each file operation's name just before it happens (tests stop a process there).
 """
 
 from __future__ import annotations
@@ -30,7 +35,22 @@ from safetensors.torch import load_file, save_file
 from patchbench import rundir
 from patchbench.errors import UserError
 
-FORMAT = "patchbench-checkpoint-1"
+FORMAT = "patchbench-checkpoint-2"
+FORMATS = ("patchbench-checkpoint-1", FORMAT)  # version 1: fixed file names, no manifest digest
+EVENTS = ("write weights", "rename weights", "write state", "rename state", "write manifest", "commit",
+          "sync folder", "link", "clean")
+on_event = None  # tests: a callable taking each event's name before it happens
+
+
+def _event(name: str) -> None:
+    if on_event is not None:
+        on_event(name)
+
+
+def manifest_digest(doc: dict) -> str:
+    """SHA-256 of the manifest's content, its own digest left out."""
+    body = {**doc, "sha256": {k: v for k, v in doc.get("sha256", {}).items() if k != "manifest"}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -53,25 +73,93 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, final: Path) -> 
                                  f"again") from None
 
 
+SUFFIXES = {"weights": ".safetensors", "state": ".state.safetensors"}
+
+
 def save_checkpoint(folder: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
                     state: dict[str, Any], state_tensors: dict[str, torch.Tensor]) -> Path:
-    """Write checkpoint `name` (weights, JSON `state`, `state_tensors`) atomically; returns the JSON path."""
+    """Write checkpoint `name` (weights, JSON `state`, `state_tensors`), committed by one rename (module
+    docstring); returns the manifest's path."""
     folder = rundir.make_dir(folder)
-    final = {"weights": folder / f"{name}.safetensors", "state": folder / f"{name}.state.safetensors",
-             "json": folder / f"{name}.json"}
-    tmp = {k: rundir.temp_path(p) for k, p in final.items()}
+    manifest, alias = folder / f"{name}.json", folder / f"{name}.safetensors"
+    for leftover in folder.glob(f".{name}.*.tmp-*"):  # a save killed mid-write left it
+        leftover.unlink(missing_ok=True)
     try:
-        _save_tensors(weights, tmp["weights"], final["weights"])
-        _save_tensors(state_tensors, tmp["state"], final["state"])
-        doc = {"format": FORMAT, **state,
-               "sha256": {"weights": _sha256(tmp["weights"]), "state": _sha256(tmp["state"])}}
-        rundir.write_bytes_to(tmp["json"], json.dumps(doc, indent=1).encode(), final["json"])
-        for key in ("weights", "state", "json"):  # the JSON last: it commits the checkpoint
-            rundir.commit(tmp[key], final[key])
-    finally:
-        for p in tmp.values():
+        kept = set(json.loads(manifest.read_text()).get("files", {}).values())  # the current checkpoint's
+    except (OSError, ValueError, AttributeError):
+        kept = set()
+    files, digests, temps = {}, {}, []
+    try:
+        for key, tensors in (("weights", weights), ("state", state_tensors)):
+            tmp = rundir.temp_path(folder / f"{name}{SUFFIXES[key]}")
+            temps.append(tmp)
+            _event(f"write {key}")
+            _save_tensors(tensors, tmp, alias if key == "weights" else folder / f"{name}{SUFFIXES[key]}")
+            digests[key] = _sha256(tmp)
+            files[key] = f"{name}.{digests[key][:16]}{SUFFIXES[key]}"
+            _event(f"rename {key}")
+            rundir.commit(tmp, folder / files[key])
+        doc = {"format": FORMAT, **state, "files": files, "sha256": digests}
+        doc["sha256"] = {**digests, "manifest": manifest_digest(doc)}
+        tmp = rundir.temp_path(manifest)
+        temps.append(tmp)
+        _event("write manifest")
+        rundir.write_bytes_to(tmp, json.dumps(doc, indent=1).encode(), manifest)
+        _event("commit")
+        rundir.commit(tmp, manifest)  # the one rename that commits the checkpoint
+    except Exception:  # a failed write (a full disk): leave the folder as it was
+        for p in temps + [folder / f for f in files.values() if f not in kept]:
             p.unlink(missing_ok=True)
-    return final["json"]
+        raise
+    _event("sync folder")
+    _fsync_folder(folder)
+    _event("link")
+    link = rundir.temp_path(alias)
+    try:
+        link.unlink(missing_ok=True)
+        os.link(folder / files["weights"], link)
+        os.replace(link, alias)
+    except OSError:  # no hard links here: the fixed name is a convenience, the manifest is the record
+        link.unlink(missing_ok=True)
+    _event("clean")
+    for old in folder.glob(f"{name}.*safetensors"):
+        if old.name not in files.values() and old != alias:
+            old.unlink(missing_ok=True)
+    return manifest
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Delete what saves killed mid-way left in a checkpoint folder: temporary files, and content-named
+    tensor files that no manifest names. Returns their names."""
+    folder, gone = Path(folder), []
+    if not folder.is_dir():
+        return gone
+    named = set()
+    for manifest in folder.glob("*.json"):
+        try:
+            named |= set(json.loads(manifest.read_text()).get("files", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return gone  # a manifest we cannot read: delete nothing
+    for p in folder.iterdir():
+        stem = p.name.split(".")
+        content_named = len(stem) >= 3 and len(stem[1]) == 16 and p.name.endswith(".safetensors")
+        if (p.name.startswith(".") and ".tmp-" in p.name) or (content_named and p.name not in named):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the renames are still atomic
+    finally:
+        os.close(fd)
 
 
 def checkpoint_json(path: str | os.PathLike) -> Path:
@@ -88,6 +176,9 @@ def checkpoint_json(path: str | os.PathLike) -> Path:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
+    stem, _, digest = name.rpartition(".")
+    if stem and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest):
+        name = stem  # NAME.<sha>.safetensors: one of a checkpoint's content-named files
     json_path = path.with_name(name + ".json")
     if not json_path.exists():
         raise UserError(f"no checkpoint at {path}: {json_path} is missing (pass a run dir or a "
@@ -103,18 +194,21 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True
     """
     json_path = checkpoint_json(path)
     state = rundir.read_json(json_path)
-    if state.get("format") != FORMAT:
+    if state.get("format") not in FORMATS:
         raise UserError(f"{json_path} is not a patchbench checkpoint (format {state.get('format')!r})")
+    if state["format"] == FORMAT and state.get("sha256", {}).get("manifest") != manifest_digest(state):
+        raise UserError(f"checkpoint {json_path} was changed after it was written (its digest does not match); "
+                        f"restore the file, or resume from another checkpoint")
     stem = json_path.name[: -len(".json")]
-    files = {"weights": json_path.with_name(stem + ".safetensors"),
-             "state": json_path.with_name(stem + ".state.safetensors")}
+    names = state.get("files") or {key: stem + suffix for key, suffix in SUFFIXES.items()}
+    files = {key: json_path.with_name(n) for key, n in names.items()}
     wanted = ["weights", "state"] if with_state else ["weights"]
     for key in wanted:
         if not files[key].exists():
             raise UserError(f"checkpoint {json_path} is incomplete: {files[key]} is missing")
         if _sha256(files[key]) != state["sha256"][key]:
-            raise UserError(f"checkpoint {json_path} does not match {files[key]} (interrupted while "
-                            f"being replaced?); use checkpoint/best or start the run again")
+            raise UserError(f"checkpoint {json_path}: {files[key]} is damaged (its digest does not match); "
+                            f"resume from another checkpoint or start the run again")
     try:
         weights = load_file(str(files["weights"]))
         tensors = load_file(str(files["state"])) if with_state else {}

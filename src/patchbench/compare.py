@@ -412,10 +412,11 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
     """Do every planned run that is not finished and not held by another worker.
 
     Returns run names by outcome: "trained", "done" (already finished), "held" (another worker has
-    it), "failed" (diverged now or before; delete its folder to try again).
+    it), "failed" (diverged now or before; delete its folder to try again), "stopped" ("name: why" of a run
+    that could not go on, e.g. a damaged checkpoint or a full disk: the study goes on with the others).
     """
     study = Path(study)
-    outcome: dict[str, list[str]] = {"trained": [], "done": [], "held": [], "failed": []}
+    outcome: dict[str, list[str]] = {"trained": [], "done": [], "held": [], "failed": [], "stopped": []}
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     with tqdm(total=len(plan), desc="study", unit="run", disable=not progress, file=sys.stderr) as bar:
         for p in plan:
@@ -444,6 +445,9 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
             except TrainingDiverged as e:
                 say(f"{p.name}: failed ({e})")
                 outcome["failed"].append(p.name)
+            except UserError as e:  # this run cannot go on; the others may
+                say(f"{p.name}: stopped: {e}")
+                outcome["stopped"].append(f"{p.name}: {e}")
             finally:
                 lock.release()
             bar.update()

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import patchbench
 from patchbench import rundir
-from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, rng_from_parts,
-                                   rng_to_parts, save_checkpoint)
+from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, remove_leftovers,
+                                   rng_from_parts, rng_to_parts, save_checkpoint)
 from patchbench.autotune import Resolution, resolve
 from patchbench.compute import StepPlan, plan_steps, step_macs
 from patchbench.config import RunConfig, cache_root, fields_of
@@ -388,7 +388,10 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
               "eval_transform": {k: getattr(cfg.data, k) for k in ("prepare_size", "img_size", "eval_crop", "mean",
                                                                    "std")}})
     if plan == "resume":
-        state = restore(out / rundir.CHECKPOINT / "last.json", classes, model, optimizer, scaler, ema)
+        if ctx.main:
+            remove_leftovers(out / rundir.CHECKPOINT)
+        state = restore(out / rundir.CHECKPOINT, classes, model, optimizer, scaler, ema,
+                        lambda msg: log(s, progress, msg))
         s.epoch, s.start_batch, s.step = state["epoch"], state["batch"], state["step"]
         s.wall_before, s.best_loss = state["wall_time_s"], state["best_val_loss"]
         s.partial_sums = state.get("train_sums")
@@ -479,15 +482,28 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def restore(path: Path, classes: list[str], model: nn.Module, optimizer, scaler, ema: EMA | None) -> dict:
-    """Load a checkpoint into the model, optimizer, GradScaler, EMA and RNGs; return its JSON state."""
-    state, weights, tensors = load_checkpoint(path)
+def restore(folder: Path, classes: list[str], model: nn.Module, optimizer, scaler, ema: EMA | None,
+            say=lambda msg: None) -> dict:
+    """Load the run's newest consistent checkpoint (`last`, else `best`, saying so) into the model,
+    optimizer, GradScaler, EMA and RNGs; return its JSON state."""
+    try:
+        state, weights, tensors = load_checkpoint(folder / "last.json")
+    except UserError as e:
+        if not (folder / "best.json").exists():
+            raise
+        state, weights, tensors = load_checkpoint(folder / "best.json")
+        say(f"{e}; resuming from {folder / 'best.json'} (the end of epoch {state['epoch']}) instead")
     if state["classes"] != classes:
         raise UserError(f"the data's classes {classes[:3]}... differ from the run's {state['classes'][:3]}...; "
                         f"resume with the dataset the run was trained on")
     # NAME.safetensors holds the evaluated weights: the EMA's when it is on, the raw ones then in the state file
     raw = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} if ema else weights
-    model.load_state_dict(raw)
+    try:
+        model.load_state_dict(raw)
+    except RuntimeError as e:  # weights of another shape: the checkpoint belongs to another model
+        raise UserError(f"the checkpoint in {folder} does not fit {type(model).__name__} as configured "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); resume it "
+                        f"with the config it was written with") from None
     if ema is not None:
         ema.module.load_state_dict(weights)
     optimizer_from_parts(optimizer, state["optimizer"], tensors)

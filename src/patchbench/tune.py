@@ -158,7 +158,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
     ranges = {m: [{k: list(space[k]) for k in ("lr", "weight_decay")}] for m in models}
     entries: dict[str, dict] = {}
     plan: list[PlannedRun] = []
-    outcome: dict[str, list[str]] = {"trained": [], "done": [], "held": [], "failed": []}
+    outcome: dict[str, list[str]] = {"trained": [], "done": [], "held": [], "failed": [], "stopped": []}
 
     def run_round(new: list[tuple[dict, PlannedRun]]) -> bool:
         """Train a round's runs; True when every one of them has finished (or diverged)."""

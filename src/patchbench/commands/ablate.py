@@ -8,7 +8,7 @@ and each factor's effect averaged over the other with a significance test, in pl
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, print_result, study_inputs
+from patchbench.commands.compare import add_study_args, exit_code, print_result, study_inputs
 from patchbench.errors import UserError
 
 
@@ -39,4 +39,4 @@ def run(args) -> int:
                     mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,
                     **study_inputs(args))
     print_result(result)
-    return 1 if result.outcome["failed"] else 0
+    return exit_code(result)

@@ -70,12 +70,19 @@ def report_formats(args):
     return () if args.no_report else parse_formats(args.format)
 
 
+def exit_code(result) -> int:
+    """2 when a run could not go on (bad input, a damaged checkpoint, a full disk), 1 when one diverged, else 0."""
+    return 2 if result.outcome.get("stopped") else 1 if result.outcome["failed"] else 0
+
+
 def print_result(result) -> None:
     o = result.outcome
     print(f"{result.study}: {len(o['trained'])} run(s) trained, {len(o['done'])} already finished, "
-          f"{len(o['held'])} held by other workers, {len(o['failed'])} failed")
+          f"{len(o['held'])} held by other workers, {len(o['failed'])} failed, {len(o.get('stopped', []))} stopped")
     for name in o["failed"]:
         print(f"  failed: {name} (see runs/{name}/summary.json; delete the folder to try again)")
+    for line in o.get("stopped", []):
+        print(f"  stopped: {line}")
     for path in result.reports:
         print(f"wrote {path}")
 
@@ -114,4 +121,4 @@ def run(args) -> int:
         print_plan(result)
         return 0
     print_result(result)
-    return 1 if result.outcome["failed"] else 0
+    return exit_code(result)

@@ -7,7 +7,7 @@ The report gains a heatmap of final top-1 over the grid. Training and data flags
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, print_result, study_inputs
+from patchbench.commands.compare import add_study_args, exit_code, print_result, study_inputs
 
 
 def add_parser(sub):
@@ -27,4 +27,4 @@ def run(args) -> int:
 
     result = sweep(model=args.model, grid=parse_grid(args.grid), out=args.out, **study_inputs(args))
     print_result(result)
-    return 1 if result.outcome["failed"] else 0
+    return exit_code(result)

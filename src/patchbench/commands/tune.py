@@ -46,4 +46,4 @@ def run(args) -> int:
     else:
         print("the search is not finished (a round has runs held by other workers, or unfinished); run the same "
               "command again")
-    return 1 if result.outcome["failed"] and not choice else 0
+    return 2 if result.outcome.get("stopped") else 0
