@@ -86,8 +86,15 @@ def test_reference_is_screened_at_least_as_equipped_as_ours():
     assert {s.dtype for s in compiled} == {"fp32", "bf16", "fp16"} and any(s.compile for s in compiled)
 
 
-def test_matmul_ceiling_is_positive():
-    assert bench.matmul_ceiling(torch.device("cpu"), torch.float32, n=128, repeats=2) > 0
+def test_matmul_ceiling_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
+    """A 128^3 matmul is 2 * 128^3 FLOPs; with the clock stubbed, torch.mm's path taking 4 ms and oneDNN's
+    2 ms, the ceiling is oneDNN's 2.1 GFLOP/s, not torch.mm's 1.05."""
+    assert torch.allclose(torch._C._nn.mkldnn_linear(torch.eye(3).to_mkldnn(), (2 * torch.eye(3)).to_mkldnn(),
+                                                     None).to_dense(), 2 * torch.eye(3))  # the call computes x @ w.T
+    clock = iter([0.0, 0.004] * 3 + [0.0, 0.002] * 3)  # warm-up + 2 timed calls each, torch.mm first
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    flops = 2 * 128**3
+    assert bench.matmul_ceiling(torch.device("cpu"), torch.float32, n=128, repeats=2) == pytest.approx(flops / 0.002 / 1e9)
 
 
 def test_run_bench_against_timm_interleaves_and_reports():
