@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def ctx(tmp_path_factory) -> Ctx:
     (root / "badsection.toml").write_text("train = 3\n")
     (root / "unknowntop.toml").write_text("[training]\nlr = 0.1\n")
     (root / "pic.jpg").write_bytes(b"this is text, not a jpeg")
+    (root / "target.json").write_text("{}")
+    (root / "link.json").symlink_to(root / "target.json")
+    os.mkfifo(root / "fifo")
     Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "good.jpg")
     return Ctx(root=root, folder=folder, run=run, study=study, cache=cache)
 
@@ -196,6 +200,33 @@ CASES = [
     ("bench-size", ["bench", "--model", "resnet9", "--img-size", "x"], ["--img-size 'x'"]),
     ("bench-device", ["bench", "--model", "resnet9", "--device", "tpu"], ["--device 'tpu'"]),
     ("bench-threads", ["bench", "--model", "resnet9", "--threads", "0"], ["--threads 0"]),
+    # outputs that would clobber a run's, a study's or a special file
+    ("eval-output-run-config", ["eval", "{run}", "--output", "{run}/config.json"], ["--output", "inside the run folder"]),
+    ("eval-output-checkpoint", ["eval", "{run}", "--output", "{run}/checkpoint/last.json"],
+     ["inside the run folder", "choose a path outside it"]),
+    ("bench-out-run-summary", ["bench", "--model", "resnet9", "--out", "{run}/summary.json"], ["inside the run folder"]),
+    ("bench-out-study-report", ["bench", "--model", "resnet9", "--out", "{study}/report.md"], ["inside the study folder"]),
+    ("bench-out-study-run", ["bench", "--model", "resnet9", "--out", "{study}/runs/x/bench.json"],
+     ["inside the study folder"]),
+    ("bench-out-symlink", ["bench", "--model", "resnet9", "--out", "{root}/link.json"], ["is a symbolic link", "regular file"]),
+    ("bench-out-fifo", ["bench", "--model", "resnet9", "--out", "{root}/fifo"], ["is a FIFO"]),
+    ("bench-out-device", ["bench", "--model", "resnet9", "--out", "/dev/full"], ["/dev/full: is a device"]),
+    ("eval-output-device", ["eval", "{run}", "--output", "/dev/full"], ["--output /dev/full: is a device"]),
+    ("compare-out-is-a-run", [*COMPARE, "--out", "{run}"], ["holds a run", "a folder of its own"]),
+    ("compare-out-in-a-run", [*COMPARE, "--out", "{run}/study"], ["inside the run folder"]),
+    ("compare-out-in-a-study", [*COMPARE, "--out", "{study}/runs/sub"], ["inside the study folder"]),
+    ("sweep-out-in-a-run", ["sweep", "--preset", "smoke", "--model", "resnet9", "--grid", "width=4,8", "--out",
+                            "{run}/s"], ["inside the run folder"]),
+    ("tune-out-in-a-run", ["tune", "--preset", "budget", "--out", "{run}/t"], ["inside the run folder"]),
+    ("tune-no-search", ["tune", "--preset", "smoke", "--out", "{root}/t"], ["declares no [tune] search"]),
+    ("compare-budget-and-epochs", [*COMPARE, "--compute-budget", "1G", "--epochs", "2", *NEW],
+     ["--epochs and --compute-budget both given"]),
+    ("train-budget-text", [*TRAIN, "--compute-budget", "lots", *NEW], ["--compute-budget 'lots'", "SI suffix"]),
+    ("train-resolve-alone", [*TRAIN, "--resolve", *NEW], ["--resolve goes with --dump-config"]),
+    ("bench-cap", ["bench", "--model", "resnet9", "--cap", "0.5"], ["--cap 0.5", "at least 1"]),
+    ("bench-dtype-amp", ["bench", "--model", "resnet9", "--dtype", "fp32", "--amp", "bf16"], ["disagree"]),
+    ("bench-channels-last", ["bench", "--model", "resnet9", "--channels-last", "maybe"],
+     ["--channels-last 'maybe'", "true or false or auto"]),
 ]
 
 
@@ -218,7 +249,7 @@ def test_bad_input_gets_one_line_naming_it_and_changes_nothing(ctx, capsys, name
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 60
     assert {c[1][0] for c in CASES} >= {"models", "data", "train", "eval", "predict", "compare", "sweep", "ablate",
-                                         "report", "bench"}
+                                         "tune", "report", "bench"}
 
 
 def test_an_internal_bug_shows_its_traceback_not_a_user_error(monkeypatch):

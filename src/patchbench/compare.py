@@ -620,7 +620,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
     With a budget (`param_budget`, else `mac_budget`, else the recipe's param_budget) every model is
     sized by its width to within ±5% of it; study.json records the chosen sizes, parameters and MACs.
     `plan_only`: train and write nothing; the result's `estimates` say what each run would do."""
-    study = Path(out) if plan_only else rundir.check_writable_dir(out, "--out")
+    study = Path(out) if plan_only else rundir.check_study_dir(out, "--out")
     layers = Layers(preset, config, changes)
     if param_budget and mac_budget:
         raise UserError("--param-budget and --mac-budget: give one of them")
@@ -666,7 +666,7 @@ def sweep(model: str, grid: dict[str, list], seeds: list[int], out: str | os.Pat
           preset: Recipe | None = None, config: Recipe | None = None, changes: dict | None = None,
           progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Train every grid cell (model overrides) x seed into `out`, then write the report with its heatmap."""
-    study = rundir.check_writable_dir(out, "--out")
+    study = rundir.check_study_dir(out, "--out")
     layers = Layers(preset, config, changes)
     grid = typed_grid(model, grid)
     base = layers.config_for(model).validate()

@@ -24,6 +24,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -126,13 +127,57 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def owner_folder(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the run or study folder that `path` lies in, "run" or "study"), looking at `path`'s parents."""
+    for folder in list(Path(path).absolute().parents)[:6]:
+        if (folder / STUDY).is_file():
+            return folder, "study"
+        if holds_a_run(folder):
+            return folder, "run"
+    return None
+
+
+def holds_a_run(folder: Path) -> bool:
+    """A run directory for sure: a config.json beside the metrics, the summary or the checkpoints."""
+    return (folder / CONFIG).is_file() and any((folder / f).exists() for f in (METRICS, SUMMARY, CHECKPOINT))
+
+
+SPECIAL_FILES = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                 (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
-    """A file that will be written later: not a folder, in a folder that can be written."""
+    """A file that will be written later: not a folder, not a special file (outputs are written by rename,
+    which would replace a symlink, FIFO or device instead of writing through it: they are refused), not
+    inside a run or study folder (whose files patchbench writes itself), in a folder that can be written."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = None
+    for test, kind in SPECIAL_FILES:
+        if mode is not None and test(mode):
+            raise OutputError(f"{flag} {path}: is {kind}; patchbench writes its outputs by renaming a new file into "
+                              f"place, which would replace it: give the path of a regular file")
+    owner = owner_folder(path)
+    if owner is not None:
+        raise OutputError(f"{flag} {path}: lies inside the {owner[1]} folder {owner[0]}, whose files patchbench "
+                          f"writes itself; choose a path outside it")
     check_writable_dir(path.parent, flag)
     return path
+
+
+def check_study_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A study folder to create or extend: not a run directory, not inside a run or study folder."""
+    path = Path(path)
+    if holds_a_run(path):
+        raise OutputError(f"{flag} {path}: holds a run (config.json, metrics); a study needs a folder of its own")
+    owner = owner_folder(path)
+    if owner is not None:
+        raise OutputError(f"{flag} {path}: lies inside the {owner[1]} folder {owner[0]}; choose a folder outside it")
+    return check_writable_dir(path, flag)
 
 
 def temp_path(path: str | os.PathLike) -> Path:

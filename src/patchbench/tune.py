@@ -109,7 +109,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
          stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Run the search (module docstring) for every model into the study `out`, round by round; returns
     when it is decided (study.json's tune.choice) or when a round could not finish (run it again)."""
-    study = rundir.check_writable_dir(out, "--out")
+    study = rundir.check_study_dir(out, "--out")
     layers = Layers(preset, config, changes)
     recipe = config if config is not None and config.inherited("tune") else preset
     space_doc = recipe.inherited("tune") if recipe is not None else None
