@@ -56,6 +56,7 @@ def ctx(tmp_path_factory) -> Ctx:
     (root / "unknowntop.toml").write_text("[training]\nlr = 0.1\n")
     (root / "pic.jpg").write_bytes(b"this is text, not a jpeg")
     (root / "target.json").write_text("{}")
+    (root / "typo.toml").write_text("[per_model.resnet_9.train]\nlr = 0.1\n")
     (root / "link.json").symlink_to(root / "target.json")
     os.mkfifo(root / "fifo")
     Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "good.jpg")
@@ -225,6 +226,10 @@ CASES = [
     ("train-resolve-alone", [*TRAIN, "--resolve", *NEW], ["--resolve goes with --dump-config"]),
     ("bench-cap", ["bench", "--model", "resnet9", "--cap", "0.5"], ["--cap 0.5", "at least 1"]),
     ("bench-dtype-amp", ["bench", "--model", "resnet9", "--dtype", "fp32", "--amp", "bf16"], ["disagree"]),
+    ("train-per-model-typo", [*TRAIN, "--config", "{root}/typo.toml", *NEW],
+     ["typo.toml", "[per_model.resnet_9] names no registered model"]),
+    ("compare-per-model-typo", [*COMPARE, "--config", "{root}/typo.toml", *NEW], ["[per_model.resnet_9]"]),
+    ("train-md5-folder", [*TRAIN, "--md5", "0" * 32, *NEW], ["--md5 checks an archive", "is a folder"]),
     ("bench-channels-last", ["bench", "--model", "resnet9", "--channels-last", "maybe"],
      ["--channels-last 'maybe'", "true or false or auto"]),
 ]

@@ -142,3 +142,11 @@ def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
     (tmp_path / "last.0123456789abcdef.safetensors").write_bytes(b"x")  # renamed, never committed
     assert sorted(ck.remove_leftovers(tmp_path)) == [".last.json.tmp-4242", "last.0123456789abcdef.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_weights_of_another_shape_are_one_line_naming_the_checkpoint():
+    model, _ = trained_model_and_optimizer()
+    other = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"^the checkpoint in runs/x does not fit Sequential as configured \(size "
+                                        r"mismatch for 0\.weight.*\); use it with the model configuration"):
+        ck.load_weights(model, other, "runs/x")

@@ -34,6 +34,17 @@ def unnormalise(x, cfg):
     return (x * std + mean) * 255
 
 
+def test_an_extreme_ratio_falls_back_to_a_crop_at_least_one_pixel_wide():
+    """ratio 0.01,0.01 never fits a 32px square in 10 attempts; the central fallback would be round(0.32) = 0
+    pixels wide (torchvision's arithmetic), which cannot be resized: it is one pixel wide instead."""
+    g = torch.Generator().manual_seed(0)
+    boxes = random_resized_crop_boxes(8, 32, (0.35, 1.0), (0.01, 0.01), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert torch.equal(w, torch.ones(8)) and torch.equal(h, torch.full((8,), 32.0))
+    tall = random_resized_crop_boxes(8, 32, (0.35, 1.0), (100.0, 100.0), g)
+    assert torch.equal(tall[:, 3] - tall[:, 1], torch.ones(8))
+
+
 def test_crop_boxes_follow_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     size, scale, ratio = 160, (0.35, 1.0), (3 / 4, 4 / 3)

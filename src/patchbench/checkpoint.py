@@ -217,6 +217,18 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True
     return state, weights, tensors
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """`model.load_state_dict(weights)`; weights of other names or shapes (a checkpoint of another model or
+    configuration) are one UserError naming `where`, not a page of load_state_dict's report."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+        raise UserError(f"the checkpoint in {where} does not fit {type(model).__name__} as configured ({detail}); "
+                        f"use it with the model configuration it was written with") from None
+
+
 # ----------------------------------------------------------------------------- pieces of the state
 
 

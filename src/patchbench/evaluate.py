@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from patchbench.checkpoint import checkpoint_json, load_checkpoint
+from patchbench.checkpoint import checkpoint_json, load_checkpoint, load_weights
 from patchbench.config import RunConfig
 from patchbench.device import autocast, resolve_device
 from patchbench.errors import UserError
@@ -51,7 +51,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     info, weights, _ = load_checkpoint(path, with_state=False)
     m = info["model"]
     model = create_model(m["name"], num_classes=len(info["classes"]), **{**m["overrides"], "img_size": m["img_size"]})
-    model.load_state_dict(weights)
+    load_weights(model, weights, checkpoint_json(path))
     return model.to(device).eval(), info
 
 

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import patchbench
 from patchbench import rundir
-from patchbench.checkpoint import (load_checkpoint, optimizer_from_parts, optimizer_to_parts, remove_leftovers,
-                                   rng_from_parts, rng_to_parts, save_checkpoint)
+from patchbench.checkpoint import (load_checkpoint, load_weights, optimizer_from_parts, optimizer_to_parts,
+                                   remove_leftovers, rng_from_parts, rng_to_parts, save_checkpoint)
 from patchbench.autotune import Resolution, resolve
 from patchbench.compute import StepPlan, plan_steps, step_macs
 from patchbench.config import RunConfig, cache_root, fields_of
@@ -498,14 +498,9 @@ def restore(folder: Path, classes: list[str], model: nn.Module, optimizer, scale
                         f"resume with the dataset the run was trained on")
     # NAME.safetensors holds the evaluated weights: the EMA's when it is on, the raw ones then in the state file
     raw = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} if ema else weights
-    try:
-        model.load_state_dict(raw)
-    except RuntimeError as e:  # weights of another shape: the checkpoint belongs to another model
-        raise UserError(f"the checkpoint in {folder} does not fit {type(model).__name__} as configured "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); resume it "
-                        f"with the config it was written with") from None
+    load_weights(model, raw, folder)
     if ema is not None:
-        ema.module.load_state_dict(weights)
+        load_weights(ema.module, weights, folder)
     optimizer_from_parts(optimizer, state["optimizer"], tensors)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

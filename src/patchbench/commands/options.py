@@ -69,7 +69,18 @@ def recipe_changes(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -
 
 
 def config_file(args: argparse.Namespace):
-    return load_recipe(args.config) if getattr(args, "config", None) else None
+    """The --config recipe, its [per_model.NAME] tables checked against the registered models."""
+    if not getattr(args, "config", None):
+        return None
+    recipe = load_recipe(args.config)
+    if recipe.per_model:
+        from patchbench.models import list_models
+
+        unknown = sorted(set(recipe.per_model) - set(list_models()))
+        if unknown:
+            raise UserError(f"--config {args.config}: [per_model.{unknown[0]}] names no registered model; check "
+                            f"the spelling (`patchbench models` lists them)")
+    return recipe
 
 
 def describe_changes(changes: dict[str, dict]) -> list[str]:

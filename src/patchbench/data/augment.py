@@ -60,11 +60,12 @@ def random_resized_crop_boxes(n: int, size: int, scale: tuple[float, float], rat
     first = fits.to(torch.uint8).argmax(dim=1)  # index of the first fitting attempt
     rows = torch.arange(n)
     w, h = w[rows, first], h[rows, first]
-    # fallback: torchvision's central crop when no attempt fits (a square image: ratio bounds)
+    # fallback: torchvision's central crop when no attempt fits (a square image: ratio bounds), at least one
+    # pixel wide (torchvision's would be 0 pixels, and crash, for a ratio under 1 / (2 x size))
     if ratio[0] > 1:
-        fw, fh = size, round(size / ratio[0])
+        fw, fh = size, max(1, round(size / ratio[0]))
     elif ratio[1] < 1:
-        fw, fh = round(size * ratio[1]), size
+        fw, fh = max(1, round(size * ratio[1])), size
     else:
         fw, fh = size, size
     ok = fits.any(dim=1)

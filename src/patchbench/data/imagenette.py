@@ -344,6 +344,9 @@ def resolve_source(source: str, *, cache_dir=None, md5: str | None = None, downl
         return _extract_once(archive, cache, expected, verified=fetched, progress=progress)
     path = Path(source).expanduser()
     if path.is_dir():
+        if md5:
+            raise UserError(f"--md5 checks an archive, but --data {source} is a folder; drop --md5 (or give the "
+                            f"archive)")
         root = find_root(path)
         list_images(root)  # fail now, with the folder named, rather than inside prepare
         return root
