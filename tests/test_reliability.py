@@ -246,3 +246,42 @@ def test_a_damaged_last_checkpoint_resumes_from_best_and_says_so(folder, tmp_pat
     assert f"resuming {out} at epoch {best_epoch + 1}" in err
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
     assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_without_a_compiler_the_fallbacks_are_recorded_and_reported(folder, tmp_path, monkeypatch):
+    """No C compiler: the crops take torch's uint8 path and no kernel layer is swapped in; config.json's
+    derived section and the report say so, with the reason."""
+    import patchbench.kernels as kernels
+    from patchbench.data import crop_kernel
+    from patchbench.report import load, render
+
+    monkeypatch.setattr(crop_kernel, "_LIB", crop_kernel._UNSET)
+    monkeypatch.setattr(kernels, "_LIBS", {})
+    monkeypatch.setattr(kernels, "FAILURES", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    cfg = tiny_config(folder, tmp_path, "convmixer_256_8", epochs=1, fast_kernels=True,
+                      model_args={"dim": 32})
+    study = tmp_path / "study"
+    with pytest.warns(UserWarning, match="could not build"):
+        train_run(cfg, study / "runs" / "convmixer_256_8-s0", progress=False)
+    derived = json.loads((study / "runs" / "convmixer_256_8-s0" / "config.json").read_text())["derived"]
+    assert derived["crop"].startswith("torch's uint8 antialiased resize") and "could not build it" in derived["crop"]
+    assert derived["kernels"].startswith("none: ") and "no-such-compiler could not build it" in derived["kernels"]
+    assert metrics(study / "runs" / "convmixer_256_8-s0")[0]["fast_kernels"] is False
+    (study / "study.json").write_text(json.dumps({"kind": "compare", "models": ["convmixer_256_8"], "seeds": [0]}))
+    lines = render.model_lines({}, load.group_runs(load.load_study(study).runs))
+    assert any("computed with: precision fp32; crops: torch's uint8" in line and "patchbench.kernels: none: "
+               in line for line in lines)
+
+
+def test_resuming_on_other_data_is_refused(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_run(tiny_config(folder, tmp_path, "resnet9", epochs=2), out, progress=False)
+    (out / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    other = make_image_folder(tmp_path / "other", seed=5)  # the same classes, other pixels
+    before = (out / "config.json").read_bytes()
+    assert main(["train", "--resume", str(out), "--data", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its images or labels differ from those the run" in err and len(err.strip().splitlines()) == 1
+    assert (out / "config.json").read_bytes() == before

@@ -56,6 +56,7 @@ from patchbench.models.layers import Residual
 LANES = 16  # channels per vector in the C kernel (one 512-bit register of fp32)
 
 _LIBS: dict[str, ctypes.CDLL | None] = {}
+FAILURES: dict[str, str] = {}  # library name -> why it could not be built or loaded (recorded in config.json)
 
 
 def kernel_dir() -> Path:
@@ -140,6 +141,7 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
     # there builds for AVX2 CPUs instead of this one
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")]
     if cc[0] is None:
+        FAILURES[name] = "no C compiler found ($CC, cc, gcc or clang)"
         return None
     source = _source(source_file)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *defines, *shlex.split(os.environ.get("CFLAGS", ""))]
@@ -156,6 +158,7 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
             except OSError as e:
                 done = subprocess.CompletedProcess([cc], 1, "", str(e))
             if done.returncode != 0:
+                FAILURES[name] = f"{shlex.join(cc)} could not build it: {done.stderr.strip()[:200]}"
                 warnings.warn(f"patchbench.kernels: {shlex.join(cc)} could not build the {name} kernel, using PyTorch's "
                               f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
                 return None
@@ -172,6 +175,7 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
             os.replace(out, path)  # each writing a library and its own digest (the builds are identical)
         lib = _load_verified(path)
         if lib is None:
+            FAILURES[name] = f"the library built in {folder} did not verify"
             warnings.warn(f"patchbench.kernels: the {name} kernel built in {folder} did not verify after "
                           f"building; using PyTorch's (slower) path", stacklevel=4)
             return None

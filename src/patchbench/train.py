@@ -292,6 +292,7 @@ class Session:
     mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
     tuner: ThreadTuner | None
     speed: Resolution  # the layout and kernels this process trains with
+    kernel_layers: int  # layers patchbench.kernels swapped in (0: none, or none could be built)
     plan: StepPlan  # the steps of every epoch, and their sizes
     macs_at: dict[int, int]  # forward MACs of one image at each training size
     total_steps: int
@@ -356,8 +357,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
 
     seed_everything(t.seed, t.deterministic)
     model = build_model(cfg, len(classes))
-    if speed.choice.fast_kernels:
-        use_fast_kernels(model)  # same function and state_dict, faster CPU step for ConvMixer (docs/PERFORMANCE.md)
+    swapped = use_fast_kernels(model) if speed.choice.fast_kernels else 0  # same function, faster CPU step
     if t.sync_bn and ctx.world_size > 1:
         model = convert_sync_batchnorm(model)
     model.to(ctx.device, memory_format=torch.channels_last if speed.choice.channels_last else torch.preserve_format)
@@ -376,7 +376,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         val_loader=val_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
         mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
         else None,
-        tuner=ThreadTuner() if adaptive else None, speed=speed, plan=steps, macs_at=macs_at,
+        tuner=ThreadTuner() if adaptive else None, speed=speed, kernel_layers=swapped, plan=steps, macs_at=macs_at,
         total_steps=steps.steps if t.compute_budget else total_steps(t, len(train_loader)),
         summary_base={"model": cfg.model.name, "label": describe(cfg.model.name, cfg.model.overrides),
                       "params": count_params(model), "macs": macs_at[cfg.data.img_size], "img_size": cfg.data.img_size,
@@ -387,7 +387,12 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
               "classes": classes, "config": cfg.to_dict(),
               "eval_transform": {k: getattr(cfg.data, k) for k in ("prepare_size", "img_size", "eval_crop", "mean",
                                                                    "std")}})
+    digest = data_digest(train_split, eval_split)
     if plan == "resume":
+        before = rundir.read_config(out).get("derived", {}).get("data_digest")
+        if before is not None and before != digest:
+            raise UserError(f"--data {cfg.data.source}: its images or labels differ from those the run in {out} trained "
+                            f"on; resume with the run's own data, or start a new run with another --out")
         if ctx.main:
             remove_leftovers(out / rundir.CHECKPOINT)
         state = restore(out / rundir.CHECKPOINT, classes, model, optimizer, scaler, ema,
@@ -408,7 +413,9 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
                            "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
                            "num_eval": len(eval_split), "eval_split": split_name, "steps": steps.steps,
                            "epochs": steps.epochs, "size_phases": [list(p) for p in steps.phases],
-                           "planned_train_macs": steps.train_macs, "amp": amp_why, "speed": speed.record()}}
+                           "planned_train_macs": steps.train_macs, "amp": amp_why, "speed": speed.record(),
+                           "data_digest": digest, "crop": train_loader.crop_path(),
+                           "kernels": kernels_used(swapped, t.fast_kernels is not False and ctx.device.type == "cpu")}}
         rundir.atomic_write_json(out / rundir.CONFIG, doc)
     ctx.barrier()
     if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
@@ -417,6 +424,33 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
 
         s.writer = SummaryWriter(str(out / rundir.TB), purge_step=s.step)
     return s
+
+
+def data_digest(*splits) -> str:
+    """A digest of the splits' content: every label, and the pixels of up to 256 images spread over each
+    split (cheap: ~20 MB read), so that a resumed run can tell other data from its own."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in splits:
+        labels = np.asarray(split.labels)
+        h.update(labels.tobytes())
+        rows = [split.row_of(np.array([i]))[0] for i in range(0, len(labels), max(1, len(labels) // 256))]
+        for r in rows:
+            h.update(np.asarray(split.images[r]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def kernels_used(swapped: int, wanted: bool) -> str:
+    """What config.json says of patchbench.kernels: how many layers run them, or why none do."""
+    from patchbench.kernels import FAILURES
+
+    if swapped:
+        return f"{swapped} layers (depthwise conv, GELU -> BatchNorm)"
+    if not wanted:
+        return "off"
+    why = "; ".join(f"{k}: {v}" for k, v in FAILURES.items() if k != "crop_resize")
+    return f"none: {why}" if why else "none: no layer of this model fits them"
 
 
 def resolve_speed(cfg: RunConfig, ctx: Dist, num_classes: int, per_rank: int, recorded: dict | None,
@@ -676,7 +710,7 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
                        "infer_images_per_s": round(val["images"] / val["time_s"], 1),
                        "threads": round(s.tuner.mean_threads(threads_before), 2) if s.tuner is not None
                        else torch.get_num_threads(), "channels_last": s.speed.choice.channels_last,
-                       "fast_kernels": s.speed.choice.fast_kernels, "processor": s.processor})
+                       "fast_kernels": s.kernel_layers > 0, "processor": s.processor})
         if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
             rundir.append_metrics(s.out / rundir.METRICS, s.rows[-1])
             for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):

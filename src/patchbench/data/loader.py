@@ -119,6 +119,18 @@ class Loader:
                 self._images = torch.from_numpy(np.ascontiguousarray(self.split.images)).to(self.device)
         return self._images
 
+    def crop_path(self) -> str:
+        """Which implementation crops this loader's batches (they differ in rounding: recorded per run)."""
+        from patchbench.data import crop_kernel
+        from patchbench.kernels import FAILURES
+
+        if self._held_on_device() is not None or self.device.type != "cpu":
+            return "gather + roi_align on the device (float)"
+        if crop_kernel.library() is not None:
+            return "C kernel crop_resize (float)"
+        why = FAILURES.get("crop_resize", "unavailable")
+        return f"torch's uint8 antialiased resize (rounded to uint8; the C kernel: {why})"
+
     def _source(self, rows: np.ndarray) -> tuple[torch.Tensor, list[int] | None, bool]:
         """(uint8 images (N, S, S, 3) to crop from, the rows of this batch in them, accelerator path?).
 

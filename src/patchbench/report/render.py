@@ -104,6 +104,23 @@ def model_lines(meta: dict, groups: list[Group]) -> list[str]:
             size += f", {_human(macs)} MACs" + (f" ({100 * (macs - macs_budget) / macs_budget:+.1f}%)" if macs_budget else "")
         args = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
         lines.append(f"{labels.get(model, model)}: {args}{size}")
+    lines += provenance_lines(groups)
+    return lines
+
+
+def provenance_lines(groups: list[Group]) -> list[str]:
+    """How each model's runs computed: the precision, the crop implementation and patchbench.kernels'
+    layers, as their config.json records them (runs of earlier versions recorded none)."""
+    lines = []
+    for g in groups:
+        seen = set()
+        for run in g.runs:
+            derived = (run.config or {}).get("derived") or {}
+            if "crop" in derived:
+                amp = ((run.config or {}).get("train") or {}).get("amp")
+                seen.add(f"precision {'fp32' if amp == 'none' else amp}; crops: {derived['crop']}; "
+                         f"patchbench.kernels: {derived.get('kernels', '?')}")
+        lines += [f"{g.label} computed with: {what}" for what in sorted(seen)]
     return lines
 
 
