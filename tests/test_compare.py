@@ -328,3 +328,19 @@ def test_cli_compare_bad_input_exits_2(tmp_path, capsys):
     assert main(["compare", "--preset", "smoke", "--seeds", "x", "--out", str(tmp_path)]) == 2
     assert main(["compare", "--preset", "smoke", "--param-budget", "lots", "--out", str(tmp_path)]) == 2
     assert main(["compare", "--preset", "smoke", "--lock-timeout", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_a_study_goes_on_with_other_threads_cache_or_device(tmp_path):
+    """Settings that do not change results (threads, cache folder, device) may differ between the workers of
+    one study; a setting that does (batch size) may not."""
+    study, log = tmp_path / "study", tmp_path / "log"
+    cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), progress=False, work=fake_work(log),
+               report_formats=())
+    other = tiny_study(tmp_path)
+    other["changes"]["train"].update(threads=1)
+    other["changes"]["data"]["cache_dir"] = str(tmp_path / "cache2")
+    cp.compare(["resnet9"], [0, 1], study, **other, progress=False, work=fake_work(log), report_formats=())
+    assert ran(log) == ["resnet9-s0", "resnet9-s1"]
+    other["changes"]["train"]["batch_size"] = 2
+    with pytest.raises(UserError, match="overrides"):
+        cp.compare(["resnet9"], [0, 2], study, **other, progress=False, work=fake_work(log), report_formats=())

@@ -97,6 +97,30 @@ def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_p
     assert_same_run(tmp_path / "full", out)
 
 
+def test_the_full_disk_message_gives_a_command_that_works(folder, tmp_path, monkeypatch, capsys):
+    """The CLI's advice after a full disk is run as given (the words between the backquotes), and finishes."""
+    real, calls = ck.save_file, []
+
+    def full_once(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:
+            raise ENOSPC
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ck, "save_file", full_once)
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "smoke", "--model", "resnet9", "--model-arg", "width=8", "--data", str(folder),
+            "--cache-dir", str(tmp_path), "--device", "cpu", "--epochs", "2", "--no-progress", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no space left on the device; free some space and try again" in err and len(err.splitlines()) == 1
+    advice = err.split("`")[1]
+    assert advice == f"patchbench train --resume {out}"
+    assert main(advice.split()[1:] + ["--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
 def test_a_full_disk_while_writing_the_report_keeps_the_old_report(tmp_path, capsys, monkeypatch):
     from patchbench import rundir
 

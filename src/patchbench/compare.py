@@ -461,6 +461,19 @@ STUDY_IDENTITY = ("preset", "data", "grid", "param_budget", "mac_budget", "overr
                   "ablation")
 
 
+def same_results(a: dict | None, b: dict | None) -> bool:
+    """Whether two sets of flags given to a study differ only in settings that do not change results (those
+    a resumed run may change: threads, cache folder, device, ...)."""
+    from patchbench.config import fields_of
+
+    def kept(flags):
+        return {section: {k: v for k, v in (values or {}).items()
+                          if not (k in fields_of(section) and fields_of(section)[k].resumable)}
+                for section, values in (flags or {}).items() if section in ("data", "train")}
+
+    return {k: v for k, v in kept(a).items() if v} == {k: v for k, v in kept(b).items() if v}
+
+
 def write_study_json(study: Path, meta: dict) -> dict:
     """Create or extend study.json. Runs, models, seeds and chosen configurations accumulate; a study of
     another preset, data, grid, budget, config file or flags in the same folder is refused."""
@@ -468,6 +481,8 @@ def write_study_json(study: Path, meta: dict) -> dict:
     path = study / rundir.STUDY
     if path.exists():
         old = rundir.read_json(path)
+        if "overrides" in old and same_results(old["overrides"], meta.get("overrides")):
+            meta["overrides"] = old["overrides"]  # other threads, cache folder or device: the same study
         for key in STUDY_IDENTITY:
             if key in old and old.get(key) != meta.get(key):
                 raise UserError(f"{study} holds a study with {key}={json.dumps(old.get(key))}, not "

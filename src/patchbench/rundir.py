@@ -79,9 +79,8 @@ class OutputError(UserError):
 def output_error(path: str | os.PathLike, e: OSError, what: str = "write") -> OutputError:
     """The one-line message for an OSError met while writing `path`."""
     reason = {
-        errno.ENOSPC: "no space left on the device; free some space and run the same command again "
-                      "(a run resumes from its last checkpoint)",
-        errno.EDQUOT: "disk quota exceeded; free some space and run the same command again",
+        errno.ENOSPC: "no space left on the device; free some space and try again",
+        errno.EDQUOT: "disk quota exceeded; free some space and try again",
         errno.EACCES: "permission denied; choose a folder you can write to",
         errno.EPERM: "operation not permitted; choose a folder you can write to",
         errno.EROFS: "the file system is read-only; choose a writable folder",

@@ -765,7 +765,11 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
             rundir.check_writable_dir(out, "--resume" if resume else "--out")
         ctx.barrier()
         s = setup(cfg, out, ctx, plan, overwrite, progress, amp_why)
-        return _run(s, progress)
+        try:
+            return _run(s, progress)
+        except rundir.OutputError as e:  # a full disk mid-run: the checkpoint on disk is intact
+            raise rundir.OutputError(f"{e}; the run goes on from its last checkpoint with "
+                                     f"`patchbench train --resume {out}`") from None
     finally:
         torch.set_num_threads(threads)
         if ctx.owns_group:
