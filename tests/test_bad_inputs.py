@@ -57,6 +57,7 @@ def ctx(tmp_path_factory) -> Ctx:
     (root / "pic.jpg").write_bytes(b"this is text, not a jpeg")
     (root / "target.json").write_text("{}")
     (root / "typo.toml").write_text("[per_model.resnet_9.train]\nlr = 0.1\n")
+    (root / "bomb.png").write_bytes(png_header(40_000, 40_000))  # 1.6G pixels claimed, a few bytes on disk
     (root / "link.json").symlink_to(root / "target.json")
     os.mkfifo(root / "fifo")
     Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "good.jpg")
@@ -66,6 +67,18 @@ def ctx(tmp_path_factory) -> Ctx:
 def snapshot(*dirs: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
             for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` RGB pixels and holds none: what a decompression bomb shows first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 TRAIN = ["train", "--preset", "smoke", "--model", "resnet9", "--data", "{folder}", "--cache-dir", "{cache}",
@@ -163,6 +176,7 @@ CASES = [
     ("predict-missing-image", ["predict", "{run}", "{root}/none.jpg"], ["none.jpg: no such file"]),
     ("predict-not-image", ["predict", "{run}", "{root}/pic.jpg"], ["pic.jpg", "cannot read it as an RGB image"]),
     ("predict-topk", ["predict", "{run}", "{root}/good.jpg", "--topk", "0"], ["--topk 0"]),
+    ("predict-bomb", ["predict", "{run}", "{root}/bomb.png"], ["bomb.png: too large to decode safely", "smaller image"]),
     ("predict-no-run", ["predict", "{root}/nothing", "{root}/good.jpg"], ["no checkpoint"]),
     # compare, sweep, ablate
     ("compare-no-preset", ["compare", "--out", "{root}/s"], ["--preset is required"]),

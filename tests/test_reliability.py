@@ -309,3 +309,20 @@ def test_resuming_on_other_data_is_refused(folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "its images or labels differ from those the run" in err and len(err.strip().splitlines()) == 1
     assert (out / "config.json").read_bytes() == before
+
+
+@pytest.mark.skipif(not (os.environ.get("CC") or __import__("shutil").which("cc")), reason="needs a C compiler")
+def test_a_folder_in_a_kernels_place_builds_it_in_a_private_folder(tmp_path, monkeypatch):
+    """The cache folder cannot take the library (a folder sits at its path): it is built into a private folder
+    instead of crashing the run."""
+    import patchbench.kernels as kernels
+
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(kernels, "_PRIVATE", None)
+    assert kernels.build_library("gelu_bn", "gelu_bn.c", [], kernels._SIGNATURES["gelu_bn"]) is not None
+    (so,) = tmp_path.glob("gelu_bn_*.so")
+    so.unlink()
+    so.with_suffix(".sha256").unlink()
+    so.mkdir()
+    assert kernels.build_library("gelu_bn", "gelu_bn.c", [], kernels._SIGNATURES["gelu_bn"]) is not None
+    assert (kernels._PRIVATE / so.name).is_file() and so.is_dir()

@@ -91,12 +91,16 @@ def evaluate_run(path: str | Path, data: str | None = None, *, device: str = "au
 
 def _load_image(path: str | Path, transform: dict) -> torch.Tensor:
     """One image file -> uint8 (S, S, 3) as the cache stores it (shorter side to S, centre crop)."""
+    from PIL import Image
+
     from patchbench.data.cache import decode_image
 
     try:
         return torch.from_numpy(np.array(decode_image(path, transform["prepare_size"])))  # writable copy
     except FileNotFoundError:
         raise UserError(f"image {path}: no such file") from None
+    except Image.DecompressionBombError as e:  # the limit `prepare` meets too (PIL's MAX_IMAGE_PIXELS)
+        raise UserError(f"image {path}: too large to decode safely ({e}); give a smaller image") from None
     except (OSError, ValueError) as e:  # PIL's "cannot identify image file", or pixels with no RGB reading
         raise UserError(f"image {path}: cannot read it as an RGB image ({e})") from None
 

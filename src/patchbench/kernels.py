@@ -71,14 +71,11 @@ def kernel_dir() -> Path:
         if st.st_uid == os.getuid() and st.st_mode & 0o077:
             os.chmod(path, 0o700)
             st = path.stat()
-        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077 and os.access(path, os.W_OK | os.X_OK):
             return path
     except OSError:
         pass
-    global _PRIVATE
-    if _PRIVATE is None:  # an unusable or foreign cache folder: build into a private temporary one
-        _PRIVATE = Path(tempfile.mkdtemp(prefix="patchbench-kernels-"))
-    return _PRIVATE
+    return private_dir()  # an unusable, read-only or foreign cache folder
 
 
 _PRIVATE: Path | None = None
@@ -150,40 +147,63 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
     path = folder / f"{name}_{key}.so"
     lib = _load_verified(path)
     if lib is None:
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-            src.write_text(source)
-            try:
-                done = subprocess.run([*cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            except OSError as e:
-                done = subprocess.CompletedProcess([cc], 1, "", str(e))
-            if done.returncode != 0:
-                FAILURES[name] = f"{shlex.join(cc)} could not build it: {done.stderr.strip()[:200]}"
-                warnings.warn(f"patchbench.kernels: {shlex.join(cc)} could not build the {name} kernel, using PyTorch's "
-                              f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
-                return None
-            os.chmod(out, 0o600)
-            fd = os.open(out, os.O_RDONLY)
-            try:
-                digest = _sha256_of(fd)
-            finally:
-                os.close(fd)
-            record = Path(tmp) / "digest"
-            record.write_text(digest + "\n")
-            os.chmod(record, 0o600)
-            os.replace(record, path.with_suffix(".sha256"))  # atomic: concurrent builders race harmlessly,
-            os.replace(out, path)  # each writing a library and its own digest (the builds are identical)
-        lib = _load_verified(path)
-        if lib is None:
-            FAILURES[name] = f"the library built in {folder} did not verify"
-            warnings.warn(f"patchbench.kernels: the {name} kernel built in {folder} did not verify after "
-                          f"building; using PyTorch's (slower) path", stacklevel=4)
-            return None
+        try:
+            return _build(name, source, cc, flags, folder, path, signatures, suffixes)
+        except OSError:  # the cache folder cannot take it (a folder in the library's place, ...): a private one
+            folder = private_dir()
+            return _build(name, source, cc, flags, folder, folder / path.name, signatures, suffixes)
+    return _bind(lib, signatures, suffixes)
+
+
+def private_dir() -> Path:
+    """A fresh folder private to this process, for kernels that the shared cache cannot hold."""
+    global _PRIVATE
+    if _PRIVATE is None:
+        _PRIVATE = Path(tempfile.mkdtemp(prefix="patchbench-kernels-"))
+    return _PRIVATE
+
+
+def _bind(lib: ctypes.CDLL, signatures: dict, suffixes: tuple[str, ...]) -> ctypes.CDLL:
     for fn_name, (restype, argtypes) in signatures.items():
         for suffix in suffixes:
             fn = getattr(lib, f"{fn_name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+def _build(name: str, source: str, cc: list[str], flags: list[str], folder: Path, path: Path, signatures: dict,
+           suffixes: tuple[str, ...]) -> ctypes.CDLL | None:
+    """Compile `source` into `path` (in `folder`) with its digest beside it, then load it verified."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        try:
+            done = subprocess.run([*cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+        except OSError as e:
+            done = subprocess.CompletedProcess([cc], 1, "", str(e))
+        if done.returncode != 0:
+            FAILURES[name] = f"{shlex.join(cc)} could not build it: {done.stderr.strip()[:200]}"
+            warnings.warn(f"patchbench.kernels: {shlex.join(cc)} could not build the {name} kernel, using PyTorch's "
+                          f"(slower) path: {done.stderr.strip()[:300]}", stacklevel=4)
+            return None
+        os.chmod(out, 0o600)
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            digest = _sha256_of(fd)
+        finally:
+            os.close(fd)
+        record = Path(tmp) / "digest"
+        record.write_text(digest + "\n")
+        os.chmod(record, 0o600)
+        os.replace(record, path.with_suffix(".sha256"))  # atomic: concurrent builders race harmlessly,
+        os.replace(out, path)  # each writing a library and its own digest (the builds are identical)
+    lib = _load_verified(path)
+    if lib is None:
+        FAILURES[name] = f"the library built in {folder} did not verify"
+        warnings.warn(f"patchbench.kernels: the {name} kernel built in {folder} did not verify after "
+                      f"building; using PyTorch's (slower) path", stacklevel=4)
+        return None
+    return _bind(lib, signatures, suffixes)
 
 
 _P, _L = ctypes.c_void_p, ctypes.c_long  # pointers (tensor.data_ptr()) and sizes
