@@ -57,6 +57,11 @@ def ctx(tmp_path_factory) -> Ctx:
     (root / "pic.jpg").write_bytes(b"this is text, not a jpeg")
     (root / "target.json").write_text("{}")
     (root / "typo.toml").write_text("[per_model.resnet_9.train]\nlr = 0.1\n")
+    (root / "badarg.toml").write_text('[model]\nname = "resnet9"\n[model.overrides]\nwidth = "wide"\n')
+    (root / "badpm.toml").write_text("[per_model.resnet9.overrides]\ndepth = 3\n")
+    (root / "badtune.toml").write_text('preset = "smoke"\n[tune]\nlr = [0.1, 0.01]\nweight_decay = [0.01, 0.1]\n')
+    (root / "tunekey.toml").write_text('preset = "smoke"\n[tune]\nlr = [0.001, 0.01]\nweight_decay = [0.01, 0.1]\n'
+                                       'budget = 3\n')
     (root / "bomb.png").write_bytes(png_header(40_000, 40_000))  # 1.6G pixels claimed, a few bytes on disk
     (root / "link.json").symlink_to(root / "target.json")
     os.mkfifo(root / "fifo")
@@ -243,6 +248,29 @@ CASES = [
     ("train-per-model-typo", [*TRAIN, "--config", "{root}/typo.toml", *NEW],
      ["typo.toml", "[per_model.resnet_9] names no registered model"]),
     ("compare-per-model-typo", [*COMPARE, "--config", "{root}/typo.toml", *NEW], ["[per_model.resnet_9]"]),
+    ("train-config-override-value", [*TRAIN[:3], *TRAIN[5:], "--config", "{root}/badarg.toml", *NEW],
+     ["badarg.toml: [model.overrides] width 'wide'", "whole number"]),
+    ("train-config-per-model-arg", [*TRAIN, "--config", "{root}/badpm.toml", *NEW],
+     ["badpm.toml: [per_model.resnet9.overrides] depth", "takes no argument 'depth'"]),
+    ("tune-param-budget", ["tune", "--param-budget", "lots", "--out", "{root}/t"], ["--param-budget 'lots'"]),
+    ("tune-unknown-model", ["tune", "--preset", "budget", "--models", "resnet10", "--data", "{folder}", "--cache-dir",
+                            "{cache}", "--prepare-size", "32", "--img-size", "32", "--train-sizes", "", "--out",
+                            "{root}/t"], ["unknown model 'resnet10'"]),
+    ("tune-reversed-range", ["tune", "--config", "{root}/badtune.toml", "--data", "{folder}", "--out", "{root}/t"],
+     ["badtune.toml: [tune] lr = [0.1, 0.01]", "need 0 < low < high"]),
+    ("tune-unknown-key", ["tune", "--config", "{root}/tunekey.toml", "--data", "{folder}", "--out", "{root}/t"],
+     ["tunekey.toml: unknown [tune] key(s) budget"]),
+    ("compare-budget-zero", [*COMPARE, "--compute-budget", "0", *NEW], ["--compute-budget '0'", "positive number"]),
+    ("sweep-budget-text", ["sweep", "--preset", "smoke", "--model", "resnet9", "--grid", "width=4,8",
+                           "--compute-budget", "big", "--out", "{root}/s"], ["--compute-budget 'big'"]),
+    ("train-budget-huge", [*TRAIN, "--compute-budget", "1e30", *NEW], ["--compute-budget", "need a value in"]),
+    ("train-channels-last-word", [*TRAIN, "--channels-last", "sometimes", *NEW], ["--channels-last 'sometimes'"]),
+    ("train-fast-kernels-number", [*TRAIN, "--fast-kernels", "2", *NEW], ["--fast-kernels '2'", "true or false or auto"]),
+    ("bench-fast-kernels", ["bench", "--model", "resnet9", "--fast-kernels", "x"], ["--fast-kernels 'x'"]),
+    ("bench-cap-text", ["bench", "--model", "resnet9", "--cap", "x"], ["--cap 'x'", "finite number"]),
+    ("eval-output-symlink", ["eval", "{run}", "--output", "{root}/link.json"], ["--output", "is a symbolic link"]),
+    ("eval-output-fifo", ["eval", "{run}", "--output", "{root}/fifo"], ["--output", "is a FIFO"]),
+    ("eval-output-study", ["eval", "{run}", "--output", "{study}/eval.json"], ["--output", "inside the study folder"]),
     ("train-md5-folder", [*TRAIN, "--md5", "0" * 32, *NEW], ["--md5 checks an archive", "is a folder"]),
     ("bench-channels-last", ["bench", "--model", "resnet9", "--channels-last", "maybe"],
      ["--channels-last 'maybe'", "true or false or auto"]),

@@ -73,13 +73,18 @@ def config_file(args: argparse.Namespace):
     if not getattr(args, "config", None):
         return None
     recipe = load_recipe(args.config)
-    if recipe.per_model:
-        from patchbench.models import list_models
+    if recipe.per_model or (recipe.model or {}).get("overrides"):
+        from patchbench.models import check_overrides, list_models
 
         unknown = sorted(set(recipe.per_model) - set(list_models()))
         if unknown:
             raise UserError(f"--config {args.config}: [per_model.{unknown[0]}] names no registered model; check "
                             f"the spelling (`patchbench models` lists them)")
+        for name, tables in recipe.per_model.items():  # constructor arguments: named with their file and table
+            check_overrides(name, tables.get("overrides", {}), f"--config {args.config}: [per_model.{name}.overrides]")
+        if recipe.model and recipe.model.get("name") in list_models():
+            check_overrides(recipe.model["name"], recipe.model.get("overrides", {}),
+                            f"--config {args.config}: [model.overrides]")
     return recipe
 
 
