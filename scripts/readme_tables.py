@@ -1,4 +1,4 @@
-"""Rewrite the README's result tables (and their conclusions) from the committed studies (results/<study>/).
+"""Rewrite the result tables (and their conclusions) of README.md and docs/RESULTS.md from results/<study>/.
 
     .venv/bin/python scripts/readme_tables.py        # after `patchbench report results/<study>`
 
@@ -15,13 +15,18 @@ sys.path.insert(0, str(ROOT / "src"))
 from patchbench.report.render import README_BLOCK, study_summary  # noqa: E402
 
 
+PAGES = ("README.md", "docs/RESULTS.md")  # the pages that show committed studies (tests/test_readme.py reads them)
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = README_BLOCK.sub(lambda m: "\n".join([f"<!-- table: {m.group(1)} -->", *study_summary(ROOT / m.group(1)),
-                                                "<!-- end table -->"]), text)
-    readme.write_text(new)
-    print(f"{len(README_BLOCK.findall(new))} table(s) written")
+    written = 0
+    for page in PAGES:
+        path = ROOT / page
+        new = README_BLOCK.sub(lambda m: "\n".join([f"<!-- table: {m.group(1)} -->", *study_summary(ROOT / m.group(1)),
+                                                    "<!-- end table -->"]), path.read_text())
+        path.write_text(new)
+        written += len(README_BLOCK.findall(new))
+    print(f"{written} table(s) written")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The README's result tables and conclusions are the committed studies' own (results/<study>/), regenerated here.
+"""The result tables and conclusions of README.md and docs/RESULTS.md are the committed studies' own
+(results/<study>/), regenerated here.
 
-A table in the README sits between `<!-- table: results/NAME -->` and `<!-- end table -->`; this test
+A table in those pages sits between `<!-- table: results/NAME -->` and `<!-- end table -->`; this test
 rebuilds it from the run directories with the report's own code and compares line by line.
 """
 
@@ -13,9 +14,12 @@ from patchbench.report.render import README_BLOCK, study_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PAGES = ("README.md", "docs/RESULTS.md")  # the pages that show committed studies
+
+
 def blocks() -> list[tuple[str, list[str]]]:
-    readme = (ROOT / "README.md").read_text()
-    return [(path, text.strip().splitlines()) for path, text in README_BLOCK.findall(readme)]
+    return [(path, text.strip().splitlines()) for page in PAGES
+            for path, text in README_BLOCK.findall((ROOT / page).read_text())]
 
 
 def test_the_readme_shows_every_committed_study():
