@@ -344,3 +344,24 @@ def test_a_study_goes_on_with_other_threads_cache_or_device(tmp_path):
     other["changes"]["train"]["batch_size"] = 2
     with pytest.raises(UserError, match="overrides"):
         cp.compare(["resnet9"], [0, 2], study, **other, progress=False, work=fake_work(log), report_formats=())
+
+
+def test_a_study_over_compute_budgets_plans_a_run_per_model_seed_and_budget(tmp_path):
+    study, log = tmp_path / "study", tmp_path / "log"
+    seen = {}
+
+    def work(cfg, out):
+        seen[out.name] = cfg.train.compute_budget
+        fake_work(log)(cfg, out)
+
+    cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), budgets=[2e6, 1e6], progress=False, work=work,
+               report_formats=())
+    assert seen == {"resnet9-budget=1M-s0": 1e6, "resnet9-budget=2M-s0": 2e6}  # the smallest first
+    assert json.loads((study / "study.json").read_text())["budgets"] == [1e6, 2e6]
+    cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), budgets=[4e6], progress=False, work=work,
+               report_formats=())  # a study grows by budgets, as by seeds
+    assert json.loads((study / "study.json").read_text())["budgets"] == [1e6, 2e6, 4e6]
+    kw = tiny_study(tmp_path)
+    kw["changes"]["train"]["compute_budget"] = 3e6
+    with pytest.raises(UserError, match="--budgets gives every run its compute budget"):
+        cp.compare(["resnet9"], [0], tmp_path / "other", **kw, budgets=[1e6], progress=False, work=work)

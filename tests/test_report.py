@@ -316,3 +316,73 @@ def test_cell_contrast_interval_and_p_by_hand():
     assert c["diff"] == 5 and c["se"] == pytest.approx(math.sqrt(2))
     assert (c["low"], c["high"]) == pytest.approx((5 - 2.776445 * math.sqrt(2), 5 + 2.776445 * math.sqrt(2)), abs=1e-5)
     assert c["p"] == pytest.approx(t4_two_sided(5 / math.sqrt(2)), rel=1e-9) and c["p_holm"] == c["p"]
+
+
+# ----------------------------------------------------------------------------- curves over compute budgets
+
+
+def test_t_interval_by_hand():
+    from patchbench.report.stats import t_interval
+
+    # mean 0.8, sample std 0.02 over 3 values; t(0.975, 2) = 4.302653 (tables): half-width 4.302653 * 0.02 / sqrt(3)
+    low, high = t_interval([0.78, 0.80, 0.82])
+    assert (low, high) == pytest.approx((0.8 - 4.302653 * 0.02 / math.sqrt(3), 0.8 + 4.302653 * 0.02 / math.sqrt(3)))
+    assert t_interval([0.8]) is None
+
+
+def test_compute_to_reach_interpolates_in_log_compute_and_never_extrapolates():
+    from patchbench.report.stats import compute_to_reach
+
+    budgets = [5e12, 10e12, 20e12, 40e12]
+    # 0.70 at 10T, 0.80 at 20T: 0.75 is half-way in log-compute, sqrt(10T * 20T)
+    assert compute_to_reach(budgets, [0.6, 0.7, 0.8, 0.85], 0.75) == ("at", pytest.approx(math.sqrt(10e12 * 20e12)))
+    assert compute_to_reach(budgets, [0.6, 0.7, 0.8, 0.85], 0.80) == ("at", pytest.approx(20e12))
+    assert compute_to_reach(budgets, [0.6, 0.7, 0.72, 0.74], 0.75) == ("not reached", None)
+    assert compute_to_reach(budgets, [0.76, 0.8, 0.82, 0.85], 0.75) == ("below", 5e12)
+
+
+def test_curve_crossings_between_budgets():
+    from patchbench.report.stats import curve_crossings
+
+    budgets = [5, 10, 20, 40]
+    assert curve_crossings(budgets, [0.6, 0.7, 0.8, 0.82], [0.65, 0.72, 0.78, 0.8]) == [(10, 20)]
+    assert curve_crossings(budgets, [0.6, 0.7, 0.8, 0.9], [0.5, 0.6, 0.7, 0.8]) == []
+
+
+def write_budget_study(root: Path) -> Path:
+    """Three models x budgets 5T, 10T, 20T x seeds 0-2 (final top-1 = the curve's value + seed * 0.002)."""
+    curves = {"convmixer_256_8": [0.70, 0.80, 0.85], "resnet9": [0.60, 0.70, 0.74], "vit_tiny_6l8h": [0.75, 0.78, 0.80]}
+    budgets = [5e12, 10e12, 20e12]
+    for model, accs in curves.items():
+        for budget, acc in zip(budgets, accs):
+            for seed in range(3):
+                run = root / "runs" / f"{model}-budget={budget / 1e12:g}T-s{seed}"
+                fx.write_run(run, model=model, seed=seed, val_top1=[acc - 0.1, acc + seed * 0.002])
+                summary = json.loads((run / "summary.json").read_text())
+                (run / "summary.json").write_text(json.dumps({**summary, "budget_macs": budget}))
+    (root / "study.json").write_text(json.dumps({"kind": "compare", "models": list(curves), "seeds": [0, 1, 2],
+                                                 "budgets": budgets}))
+    return root
+
+
+def test_a_budget_study_reports_tables_winners_thresholds_and_crossings(tmp_path):
+    study = load.load_study(write_budget_study(tmp_path / "b"))
+    groups = load.group_runs(study.runs)
+    assert len(groups) == 9 and {g.label for g in groups} >= {"resnet9 @ 5T", "convmixer_256_8 @ 20T"}
+    ((title, lines),) = render.budget_section(study, groups)
+    text = "\n".join(lines)
+    assert title == "Across compute budgets" and "| model | 5T | 10T | 20T |" in text
+    # resnet9 at 5T: 60.0, 60.2, 60.4 -> mean 60.2, std 0.2, 95% CI 60.2 +- 4.303 * 0.2 / sqrt(3) = +-0.50
+    assert "| resnet9 | 60.2 ± 0.2 (59.7–60.7), n=3 |" in text
+    assert "- At 5T: **vit_tiny_6l8h** is highest, above convmixer_256_8 by 5.0 points (Holm p=" in text
+    assert "- At 20T: **convmixer_256_8** is highest" in text
+    # convmixer's seeds cross 75% at a fraction f = 0.50, 0.48, 0.46 of the way from 5T to 10T in log-compute:
+    # 5T x 2^f = 7.071T, 6.975T, 6.877T, mean 6.974T
+    assert "- convmixer_256_8, 75.0%: 6.974T (95% CI" in text
+    assert "- resnet9, 75.0%: not reached in range (up to 20T)" in text
+    assert "- vit_tiny_6l8h, 75.0%: reached at the smallest budget already (5T)" in text
+    assert "convmixer_256_8 and vit_tiny_6l8h change order between 5T and 10T" in text
+    assert rf.figure_budget_curves(groups) is not None
+    report = render.build_report(study)
+    assert report.conclusion[0].startswith("Families are compared at equal training compute")
+    assert any(stem == "budget-curves" for stem, _, _ in report.figures)

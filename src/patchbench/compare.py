@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from patchbench import rundir
+from patchbench.compute import macs_tag
 from patchbench.config import Recipe, RunConfig, build_config
 from patchbench.errors import UserError
 from patchbench.flops import count_macs, count_params
@@ -256,15 +257,30 @@ class Layers:
         return self._lookup("param_budget")
 
     @property
+    def budgets(self) -> list[float] | None:
+        return self._lookup("budgets")
+
+    @property
     def reference(self) -> dict | None:
         return self._lookup("reference")
 
 
-def plan_compare(models: list[str], seeds: list[int], layers: Layers,
-                 chosen: dict[str, dict] | None = None) -> list[PlannedRun]:
-    """Seed-major order, so the first seed of every model finishes before the second starts."""
+def plan_compare(models: list[str], seeds: list[int], layers: Layers, chosen: dict[str, dict] | None = None,
+                 budgets: list[float] | None = None) -> list[PlannedRun]:
+    """Seed-major order, so the first seed of every model finishes before the second starts; with compute
+    `budgets`, every (model, seed) at each budget as a run of its own (`<model>-budget=5T-s0`), the smallest
+    budgets first."""
     chosen = chosen or {}
-    return [PlannedRun(run_name(m, s), layers.config_for(m, s, chosen.get(m))) for s in seeds for m in models]
+    if not budgets:
+        return [PlannedRun(run_name(m, s), layers.config_for(m, s, chosen.get(m))) for s in seeds for m in models]
+    plan = []
+    for s in seeds:
+        for b in sorted(budgets):
+            for m in models:
+                cfg = layers.config_for(m, s, chosen.get(m))
+                cfg.train = dataclasses.replace(cfg.train, compute_budget=b)
+                plan.append(PlannedRun(run_name(m, s, {"budget": macs_tag(b)}), cfg))
+    return plan
 
 
 def grid_cells(grid: dict[str, list]) -> list[dict]:
@@ -489,6 +505,8 @@ def write_study_json(study: Path, meta: dict) -> dict:
                                 f"{json.dumps(meta.get(key))}; use another --out (or the same settings to extend it)")
         for key in ("models", "seeds", "runs"):
             meta[key] = list(dict.fromkeys([*old.get(key, []), *meta[key]]))
+        if old.get("budgets") or meta.get("budgets"):  # a study may grow by budgets, as by seeds
+            meta["budgets"] = sorted({*old.get("budgets", []), *meta.get("budgets", [])})
         for key in ("chosen", "chosen_params", "chosen_macs", "patch_sizes", "labels"):
             meta[key] = {**old.get(key, {}), **meta.get(key, {})}
         if old.get("notes"):  # written by hand: what the numbers mean (the report shows them)
@@ -629,12 +647,13 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
             config: Recipe | None = None, changes: dict | None = None, param_budget: int | None = None,
             mac_budget: int | None = None, progress: bool = True, stale_after: float = 600.0,
             report_formats=("md", "html"), work=None, kind: str = "compare", extra_meta: dict | None = None,
-            plan_only: bool = False) -> StudyResult:
+            plan_only: bool = False, budgets: list[float] | None = None) -> StudyResult:
     """Train models x seeds into `out` (skipping finished runs), then write the report.
 
     With a budget (`param_budget`, else `mac_budget`, else the recipe's param_budget) every model is
     sized by its width to within ±5% of it; study.json records the chosen sizes, parameters and MACs.
-    `plan_only`: train and write nothing; the result's `estimates` say what each run would do."""
+    `plan_only`: train and write nothing; the result's `estimates` say what each run would do. `budgets`
+    (else the recipe's): train every (model, seed) once per training-compute budget (curves over compute)."""
     study = Path(out) if plan_only else rundir.check_study_dir(out, "--out")
     layers = Layers(preset, config, changes)
     if param_budget and mac_budget:
@@ -658,7 +677,13 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
             "img_size": base[models[0]].data.img_size, "num_classes": num_classes,
             "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=base[m].data.img_size)
                             for m in models}, **(extra_meta or {})}
-    plan = plan_compare(models, seeds, layers, chosen)
+    budgets = budgets or layers.budgets
+    if budgets:
+        given = (changes or {}).get("train", {})
+        if given.get("compute_budget") or "epochs" in given:
+            raise UserError("--budgets gives every run its compute budget; drop --compute-budget / --epochs")
+        meta["budgets"] = sorted(budgets)
+    plan = plan_compare(models, seeds, layers, chosen, budgets)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
                     report_formats=report_formats, plan_only=plan_only)
 

@@ -53,6 +53,14 @@ class StepPlan:
         return self.segments(epoch)[-1][2]
 
 
+def macs_tag(macs: float) -> str:
+    """A compute budget written short, as the flag takes it: 5e12 -> "5T", 2.5e12 -> "2.5T", 8e11 -> "800G"."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:.4g}{unit}"
+    return f"{macs:.4g}"
+
+
 def split_sizes(train_sizes: tuple[int, ...], img_size: int, n: int) -> tuple[int, ...]:
     """The size of each of `n` units (epochs or steps): `train_sizes` in equal shares (else img_size)."""
     sizes = train_sizes or (img_size,)

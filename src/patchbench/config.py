@@ -321,7 +321,7 @@ class RunConfig:
 
 
 TOP_KEYS = ("name", "description", "models", "quirks", "preset", "model", "data", "train", "per_model",
-            "param_budget", "reference", "tune")
+            "param_budget", "reference", "tune", "budgets")
 PER_MODEL_KEYS = ("data", "train", "overrides")
 
 
@@ -346,6 +346,7 @@ class Recipe:
     param_budget: int | None = None  # compare/ablate: size every model to this many parameters (±5%)
     reference: dict[str, Any] | None = None  # published figures to set the study's against (report)
     tune: dict[str, Any] | None = None  # the search `patchbench tune` runs (patchbench.tune.check_space)
+    budgets: list[float] | None = None  # compare: train every (model, seed) at each of these compute budgets
     where: str = "recipe"  # the file it came from, for messages
 
     def apply(self, cfg: RunConfig) -> RunConfig:
@@ -434,7 +435,7 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
                   models=typed("models", list[str]) or [], quirks=typed("quirks", list[str]),
                   data=dict(doc.get("data", {})), train=dict(doc.get("train", {})), per_model=per_model,
                   model=model, preset=typed("preset", str), param_budget=budget, reference=reference,
-                  tune=typed("tune", dict), where=where)
+                  tune=typed("tune", dict), budgets=typed("budgets", list[SI]), where=where)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -8,7 +8,7 @@ and each factor's effect averaged over the other with a significance test, in pl
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, exit_code, print_result, study_inputs
+from patchbench.commands.compare import add_study_args, exit_code, parse_budgets, print_result, study_inputs
 from patchbench.errors import UserError
 
 
@@ -23,6 +23,8 @@ def add_parser(sub):
     p.add_argument("--param-budget", metavar="N", help="size every cell to N parameters (±5%%), e.g. 1.0M "
                    "(default: the preset's)")
     p.add_argument("--mac-budget", metavar="N", help="size every cell to N MACs per image instead, e.g. 60M")
+    p.add_argument("--budgets", metavar="2T,8T", help="train every cell and seed once at each of these training-"
+                   "compute budgets (MACs): equal compute for every cell, at several budgets")
     add_study_args(p, default_seeds="0,1")
     p.set_defaults(func=run, preset_default="ablation")
 
@@ -37,6 +39,6 @@ def run(args) -> int:
     result = ablate(parse_names(args.mixers, "--mixers"), parse_names(args.stems, "--stems"), out=args.out,
                     param_budget=parse_budget(args.param_budget, "--param-budget") if args.param_budget else None,
                     mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,
-                    **study_inputs(args))
+                    budgets=parse_budgets(args.budgets), **study_inputs(args))
     print_result(result)
     return exit_code(result)

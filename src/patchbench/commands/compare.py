@@ -25,6 +25,9 @@ def add_parser(sub):
     p.add_argument("--mac-budget", metavar="N", help="size each model's width to N MACs per image instead "
                    "(±5%%), e.g. 100M (--param-budget and --mac-budget size the model; --compute-budget sets how "
                    "long each run trains)")
+    p.add_argument("--budgets", metavar="5T,10T", help="train every (model, seed) once at each of these "
+                   "training-compute budgets (MACs, SI suffixes), for accuracy-against-compute curves (default: the "
+                   "preset's budgets, if any)")
     p.add_argument("--plan", action="store_true", help="print each run's steps, training compute and estimated "
                    "training time on this machine, then exit without training or writing anything")
     p.set_defaults(func=run)
@@ -68,6 +71,13 @@ def report_formats(args):
     from patchbench.report import parse_formats
 
     return () if args.no_report else parse_formats(args.format)
+
+
+def parse_budgets(text: str | None) -> list[float] | None:
+    """'5T,10T,20T' -> [5e12, 1e13, 2e13]; None when not given."""
+    from patchbench.values import SI
+
+    return sorted(set(parse_text(text, list[SI], "--budgets"))) if text else None
 
 
 def exit_code(result) -> int:
@@ -116,7 +126,7 @@ def run(args) -> int:
     result = compare(models=models, out=args.out,
                      param_budget=parse_budget(args.param_budget) if args.param_budget else None,
                      mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,
-                     plan_only=args.plan, **inputs)
+                     plan_only=args.plan, budgets=parse_budgets(args.budgets), **inputs)
     if args.plan:
         print_plan(result)
         return 0

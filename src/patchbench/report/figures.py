@@ -57,6 +57,39 @@ def figure_accuracy_curves(groups: list[Group]) -> Figure:
     return fig
 
 
+def budget_curves(groups: list[Group]) -> dict[str, list[tuple[float, list[float]]]]:
+    """{model: [(budget, final top-1 of each finished seed), ...] in increasing budget} of a budget study."""
+    out: dict[str, list[tuple[float, list[float]]]] = {}
+    for g in sorted((g for g in groups if g.budget is not None and g.done), key=lambda g: g.budget):
+        out.setdefault(g.model, []).append((g.budget, g.finals()))
+    return out
+
+
+def figure_budget_curves(groups: list[Group], labels: dict[str, str] | None = None) -> Figure | None:
+    """Final top-1 against training compute (log scale) per model: the mean over seeds, a band from the lowest
+    to the highest seed; None unless some model has finished runs at two budgets or more."""
+    curves = {m: c for m, c in budget_curves(groups).items() if len(c) >= 2}
+    if not curves:
+        return None
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for (model, points), color in zip(curves.items(), _colors(len(curves))):
+        x = np.array([b for b, _ in points])
+        mean = np.array([np.mean(v) for _, v in points]) * 100
+        n = min(len(v) for _, v in points)
+        ax.plot(x, mean, color=color, marker="o", markersize=4, label=f"{(labels or {}).get(model, model)} (n={n})")
+        ax.fill_between(x, [min(v) * 100 for _, v in points], [max(v) * 100 for _, v in points], color=color,
+                        alpha=0.2)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_human_tick))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted({b for c in curves.values() for b, _ in c}))
+    _label_axes(ax, "training compute (MACs: 3 x forward x images)", "final val top-1 (%)",
+                "Accuracy against training compute (line: mean over seeds; band: min to max)")
+    fig.tight_layout()
+    return fig
+
+
 def figure_accuracy_vs_time(groups: list[Group]) -> Figure | None:
     """Val top-1 against training time (the epochs' summed wall time, minutes), one line per seed: what
     each recipe reaches for the time it took, when recipes run different numbers of epochs."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from patchbench import rundir
+from patchbench.compute import macs_tag
 from patchbench.config import model_label
 from patchbench.errors import UserError
 
@@ -66,6 +67,11 @@ class Run:
         return (self.summary or {}).get("eval_split") or "val"
 
     @property
+    def budget(self) -> float | None:
+        """The run's training-compute budget in MACs (None: an --epochs run)."""
+        return (self.summary or {}).get("budget_macs") or ((self.config or {}).get("train") or {}).get("compute_budget")
+
+    @property
     def patch_size(self) -> int | None:
         """The model override if given, else what train recorded in summary.json (None: no patches)."""
         return self.overrides.get("patch_size") or (self.summary or {}).get("patch_size")
@@ -73,12 +79,13 @@ class Run:
 
 @dataclass
 class Group:
-    """One configuration (model + overrides) over its seeds."""
+    """One configuration (model + overrides, and compute budget in a study of several) over its seeds."""
 
     label: str
     model: str
     overrides: dict
     runs: list[Run]
+    budget: float | None = None
 
     @property
     def done(self) -> list[Run]:
@@ -166,10 +173,14 @@ def load_study(path: str | os.PathLike) -> Study:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Runs of the same model and overrides form a group, labelled by what the model is."""
+    """Runs of the same model and overrides form a group, labelled by what the model is; in a study of several
+    compute budgets, one group per budget (labelled `... @ 5T`)."""
+    several = len({r.budget for r in runs}) > 1
     groups: dict[tuple, Group] = {}
     for run in runs:
-        key = (run.model, json.dumps(run.overrides, sort_keys=True))
-        groups.setdefault(key, Group(label=run.label, model=run.model, overrides=run.overrides, runs=[]))
+        budget = run.budget if several else None
+        key = (run.model, json.dumps(run.overrides, sort_keys=True), budget)
+        label = f"{run.label} @ {macs_tag(budget)}" if budget else run.label
+        groups.setdefault(key, Group(label=label, model=run.model, overrides=run.overrides, runs=[], budget=budget))
         groups[key].runs.append(run)
     return list(groups.values())

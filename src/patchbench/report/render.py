@@ -22,13 +22,16 @@ from matplotlib.figure import Figure
 
 from patchbench import rundir
 from patchbench.errors import UserError
-from patchbench.report.figures import (figure_accuracy_curves, figure_accuracy_vs_time, figure_confusion, figure_heatmap,
+from patchbench.report.figures import (budget_curves, figure_accuracy_curves, figure_accuracy_vs_time, figure_budget_curves,
+                                       figure_confusion, figure_heatmap,
                                        figure_loss_curves, figure_patch_grid, figure_png, figure_sweep_heatmap,
                                        figure_tradeoffs, patch_views)
 from patchbench.report.load import Group, Study, load_study, group_runs
-from patchbench.report.stats import (MIXER_WORDS, STEM_WORDS, cell_contrasts, conclusion, effect_line, factor_effects,
-                                     factorial_cells, holm, interval, mean_std, pct, pm, reference_rows, results_rows,
-                                     two_way_anova)
+from patchbench.compute import macs_tag
+from patchbench.report.stats import (MIXER_WORDS, STEM_WORDS, cell_contrasts, compute_to_reach, conclusion,
+                                     curve_crossings, effect_line, factor_effects, factorial_cells, holm, interval,
+                                     mean_std, pct, pm, reference_rows, results_rows, t_interval, two_way_anova,
+                                     welch_t_test)
 
 FORMATS = ("md", "html")
 
@@ -39,6 +42,9 @@ def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tu
             ("accuracy-time", "Validation top-1 against training time", figure_accuracy_vs_time(groups)),
             ("loss", "Train and validation loss per epoch", figure_loss_curves(groups)),
             ("tradeoffs", "Final top-1 against size, compute and speed", figure_tradeoffs(rows))]
+    if study.meta.get("budgets"):
+        figs.insert(0, ("budget-curves", "Final top-1 against training compute",
+                        figure_budget_curves(groups, study.meta.get("labels"))))
     if study.meta.get("grid"):
         figs.append(("sweep", "Sweep: final top-1 over the grid", figure_sweep_heatmap(groups, study.meta["grid"])))
     if study.meta.get("ablation"):
@@ -144,10 +150,22 @@ def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[s
 
 
 def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[str]]]:
-    """The mixer x stem table, and each factor's effect averaged over the other, in plain words."""
+    """The mixer x stem table and the analysis of variance with the effects it supports; at each compute
+    budget of a study of several."""
     a = study.meta.get("ablation")
     if not a:
         return []
+    budgets = sorted({g.budget for g in groups if g.budget is not None})
+    if len(budgets) < 2:
+        return [("Token mixer x stem", _ablation_lines(study, groups, a))]
+    lines = []
+    for b in budgets:
+        lines += [f"#### At {macs_tag(b)} MACs of training", "",
+                  *_ablation_lines(study, [g for g in groups if g.budget == b], a), ""]
+    return [("Token mixer x stem", lines)]
+
+
+def _ablation_lines(study: Study, groups: list[Group], a: dict) -> list[str]:
     mixers, stems = a["mixers"], a["stems"]
     cells = factorial_cells(groups, mixers, stems)
     cell = {k: "–" if not v else f"{pct(mean_std(v)[0])}{pm(mean_std(v)[1])} (n={len(v)})" for k, v in cells.items()}
@@ -177,7 +195,90 @@ def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[
     lines += ["", f"{setting}, n={'/'.join(sorted({str(len(v)) for v in cells.values()}))} seed(s) a cell; "
               "differences in points of top-1, with 95% confidence intervals.", ""]
     lines += factorial_analysis(cells, mixers, stems)
-    return [("Token mixer x stem", lines)]
+    return lines
+
+
+def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[str]]]:
+    """A study over compute budgets: the table at every budget (mean ± std, 95% interval, n), which family is
+    best at each (Welch's t-tests against it, Holm-corrected), each family's compute to reach 75% and 80%
+    (per seed, interpolated in log-compute, never extrapolated), and where the mean curves cross."""
+    budgets = study.meta.get("budgets")
+    if not budgets:
+        return []
+    curves = budget_curves(groups)
+    labels = study.meta.get("labels") or {}
+    models = [m for m in study.meta.get("models", []) if m in curves] or list(curves)
+    at = {(m, b): v for m, pts in curves.items() for b, v in pts}
+
+    def cell(values):
+        if not values:
+            return "–"
+        mean, std = mean_std(values)
+        ci = t_interval(values)
+        return f"{pct(mean)}{pm(std)}" + (f" ({pct(ci[0])}–{pct(ci[1])})" if ci else "") + f", n={len(values)}"
+
+    lines = ["Final top-1 % on the evaluation split at each training-compute budget: mean ± std over seeds "
+             "(95% confidence interval), n seeds.", "",
+             "| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines += [f"| {labels.get(m, m)} | " + " | ".join(cell(at.get((m, b), [])) for b in budgets) + " |"
+              for m in models]
+    lines.append("")
+    for b in budgets:
+        scored = sorted(((mean_std(at[m, b])[0], m) for m in models if at.get((m, b))), reverse=True)
+        if not scored:
+            continue
+        best = scored[0][1]
+        tests = [(m, welch_t_test(at[best, b], at[m, b])) for _, m in scored[1:]]
+        ps = holm([t[2] for _, t in tests if t is not None])
+        parts, k = [], 0
+        for m, t in tests:
+            gap = 100 * (mean_std(at[best, b])[0] - mean_std(at[m, b])[0])
+            if t is None:
+                parts.append(f"{labels.get(m, m)} by {gap:.1f} points (no test: too few seeds)")
+            else:
+                verdict = "significant" if ps[k] < 0.05 else "not significant"
+                parts.append(f"{labels.get(m, m)} by {gap:.1f} points (Holm p={ps[k]:.2g}, {verdict})")
+                k += 1
+        lines.append(f"- At {macs_tag(b)}: **{labels.get(best, best)}** is highest"
+                     + (", above " + "; ".join(parts) if parts else "") + ".")
+    lines += ["", "Training compute to reach a final top-1 (per seed, interpolated linearly in log-compute between "
+              "the budgets around the crossing; mean and 95% interval over seeds):", ""]
+    for threshold in (0.75, 0.80):
+        for m in models:
+            seeds: dict[int, list[tuple[float, float]]] = {}
+            for g in groups:
+                if g.model == m and g.budget is not None:
+                    for r in g.done:
+                        seeds.setdefault(r.seed, []).append((g.budget, r.summary["final_top1"]))
+            found = [compute_to_reach([b for b, _ in pts], [a for _, a in pts], threshold)
+                     for pts in seeds.values() if len(pts) == len(budgets)]
+            if not found:
+                continue
+            kinds = {kind for kind, _ in found}
+            name = f"{labels.get(m, m)}, {pct(threshold)}%"
+            if kinds == {"at"}:
+                values = [c for _, c in found]
+                ci = t_interval(values)
+                span = f" (95% CI {macs_tag(max(ci[0], 1))}–{macs_tag(ci[1])})" if ci else ""
+                lines.append(f"- {name}: {macs_tag(sum(values) / len(values))}{span}, n={len(values)}")
+            elif kinds == {"not reached"}:
+                lines.append(f"- {name}: not reached in range (up to {macs_tag(max(budgets))})")
+            elif kinds == {"below"}:
+                lines.append(f"- {name}: reached at the smallest budget already ({macs_tag(min(budgets))})")
+            else:
+                reached = sum(kind != "not reached" for kind, _ in found)
+                lines.append(f"- {name}: reached by {reached} of {len(found)} seeds in range")
+    crossings = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            common = [x for x in budgets if at.get((a, x)) and at.get((b, x))]
+            means_a = [mean_std(at[a, x])[0] for x in common]
+            means_b = [mean_std(at[b, x])[0] for x in common]
+            crossings += [f"{labels.get(a, a)} and {labels.get(b, b)} change order between {macs_tag(lo)} and "
+                          f"{macs_tag(hi)}" for lo, hi in curve_crossings(common, means_a, means_b)]
+    lines += ["", "Where the mean curves cross: " + ("; ".join(crossings) + "." if crossings
+                                                      else "nowhere in this range.")]
+    return [("Across compute budgets", lines)]
 
 
 def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
@@ -321,11 +422,13 @@ def build_report(study: Study) -> Report:
         figures.append((stem, caption, figure_png(fig)))
     configs = [(r.name, json.dumps(r.config, indent=2, sort_keys=True) if r.config else "(no config.json)")
                for r in study.runs]
+    across = ["Families are compared at equal training compute in 'Across compute budgets' below; the table "
+              "above has a row per model and budget."] if study.meta.get("budgets") else None
     return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
-                  table=[table_cells(r) for r in rows], conclusion=conclusion(groups),
+                  table=[table_cells(r) for r in rows], conclusion=across or conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
                   problems=problem_lines(study), figures=figures, configs=configs,
-                  sections=ablation_section(study, groups) + tuning_section(study)
+                  sections=budget_section(study, groups) + ablation_section(study, groups) + tuning_section(study)
                   + reference_section(study.meta, groups) + notes_section(study.meta))
 
 
@@ -352,6 +455,9 @@ def study_summary(path: str | os.PathLike) -> list[str]:
     ablation = ablation_section(study, groups)
     if ablation:
         return [*table, "", *ablation[0][1]]
+    budgets = budget_section(study, groups)
+    if budgets:
+        return [*table, "", *budgets[0][1]]
     reference = [line for _, lines in reference_section(study.meta, groups) for line in ["", *lines]]
     return [*table, "", *[f"- {line}" for line in conclusion(groups)], *reference]
 

@@ -273,3 +273,36 @@ def cell_contrasts(cells: dict[tuple, list[float]], pairs: list[tuple[tuple, tup
     for c, adj in zip(out, holm([c["p"] for c in out])):
         c["p_holm"] = adj
     return out
+
+
+# ----------------------------------------------------------------------------- curves over compute budgets
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The `level` confidence interval of the mean of `values` (Student's t, n - 1 df); None below n = 2."""
+    if len(values) < 2:
+        return None
+    mean, std = mean_std(values)
+    half = float(_scipy.t.ppf(0.5 + level / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def compute_to_reach(budgets: list[float], accs: list[float], threshold: float) -> tuple[str, float | None]:
+    """Where one seed's accuracy over increasing `budgets` first reaches `threshold`, interpolated linearly in
+    log-compute between the two budgets around the crossing. ("at", compute), ("below", budgets[0]) when the
+    smallest budget already reaches it (the crossing lies below the range: not extrapolated), or
+    ("not reached", None)."""
+    pairs = sorted(zip(budgets, accs))
+    if pairs[0][1] >= threshold:
+        return "below", pairs[0][0]
+    for (b0, a0), (b1, a1) in zip(pairs, pairs[1:]):
+        if a0 < threshold <= a1:
+            f = (threshold - a0) / (a1 - a0)
+            return "at", math.exp(math.log(b0) + f * (math.log(b1) - math.log(b0)))
+    return "not reached", None
+
+
+def curve_crossings(budgets: list[float], a: list[float], b: list[float]) -> list[tuple[float, float]]:
+    """The budget intervals (lo, hi) between which the mean curves `a` and `b` change order."""
+    diffs = [x - y for x, y in zip(a, b)]
+    return [(budgets[i], budgets[i + 1]) for i in range(len(diffs) - 1) if diffs[i] * diffs[i + 1] < 0]
