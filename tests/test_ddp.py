@@ -20,7 +20,8 @@ import sys
 import patchbench.train as train
 real, calls = train.evaluate_model, []
 def crash_in_second_validation(*a, **k):
-    calls.append(1)
+    if k.get("confusion", True):  # the val split's scoring, not the training subset's
+        calls.append(1)
     if len(calls) == 2:
         raise SystemExit(3)
     return real(*a, **k)

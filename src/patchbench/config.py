@@ -187,6 +187,10 @@ class TrainConfig:
     deterministic: bool = setting(False, "deterministic algorithms and a fixed thread count (exact resume on CPU)")
     log_every: int = setting(20, "steps between progress-bar/TensorBoard updates", check=between(1, 1_000_000),
                              resumable=True)
+    fit_eval: int = setting(1000, "after each epoch, also score this many training images (a fixed subset) as "
+                            "val is scored: eval mode, evaluation crop, no label smoothing, so that fit and "
+                            "generalisation compare like with like (0: off)", check=between(0, 1_000_000),
+                            resumable=True)
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig}

@@ -284,6 +284,7 @@ class Session:
     eval_split: str  # "val", or "holdout" (carved out of train: --holdout)
     train_loader: object
     val_loader: object
+    fit_loader: object | None  # a fixed subset of train, scored as val is (TrainConfig.fit_eval)
     model: nn.Module
     step_model: nn.Module  # the model wrapped for the step (DDP, torch.compile)
     optimizer: torch.optim.Optimizer
@@ -354,6 +355,11 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
     steps = plan_run(cfg, len(train_loader), macs_at)
     val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)
+    fit_loader = None
+    if t.fit_eval:  # the same images every epoch and every run of the data: seeded by nothing but the split
+        rows = np.sort(np.random.default_rng(0).permutation(len(train_split))[:t.fit_eval])
+        fit_loader = Loader(train_split.subset(rows), cfg.data, batch_size=max(per_rank, 64), train=False,
+                            **loader_args)
 
     seed_everything(t.seed, t.deterministic)
     model = build_model(cfg, len(classes))
@@ -373,7 +379,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     adaptive = t.threads is None and not t.deterministic and ctx.device.type == "cpu"
     s = Session(
         cfg=cfg, out=out, ctx=ctx, classes=classes, eval_split=split_name, train_loader=train_loader,
-        val_loader=val_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
+        val_loader=val_loader, fit_loader=fit_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
         mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
         else None,
         tuner=ThreadTuner() if adaptive else None, speed=speed, kernel_layers=swapped, plan=steps, macs_at=macs_at,
@@ -673,6 +679,10 @@ def validate(s: Session) -> dict:
                          channels_last=s.speed.choice.channels_last)
     if not math.isfinite(val["loss"]):
         raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {s.epoch}; lower --lr or set --grad-clip")
+    if s.fit_loader is not None:
+        fit = evaluate_model(s.eval_model, s.fit_loader, len(s.classes), amp=s.cfg.train.amp,
+                             channels_last=s.speed.choice.channels_last, confusion=False)
+        val["fit"] = {"loss": fit["loss"], "top1": fit["top1"]}
     return val
 
 
@@ -704,6 +714,7 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
         s.rows.append({"epoch": s.epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
                        "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
                        "val_top1": val["top1"], "val_top5": val["top5"], "img_size": size,
+                       **({"fit_loss": val["fit"]["loss"], "fit_top1": val["fit"]["top1"]} if "fit" in val else {}),
                        "train_macs": sum(epoch_macs(s, e) for e in range(s.epoch)),
                        "epoch_time_s": round(train_time + val["time_s"], 3),
                        "train_images_per_s": round(trained / train_time, 1),
