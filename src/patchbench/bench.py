@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from patchbench.device import device_name, resolve_device, synchronize
+from patchbench.device import device_name, environment, resolve_device, synchronize
 from patchbench.errors import UserError
 from patchbench.kernels import use_fast_kernels
 
@@ -343,7 +342,8 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
                       + (" x3 for forward + backward" if mode == "train" else "") + "; norms, activations, optimizer not counted",
         "matmul_ceiling_gflops": ceilings, "matmul_ceiling_note": "2048x2048x2048 matmul, median of 5, same run",
         "results": [summarise(m, batch_size, flops, ceilings) for m in [ours] + ([ref] if ref else [])],
-        "env": environment(),
+        "env": {**environment(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **reference_versions()},
     }
     if ref is not None:
         result["ratio"] = ref.step_s / ours.step_s  # ours / reference in images per second
@@ -360,18 +360,13 @@ def summarise(m: Measurement, batch_size: int, flops: float, ceilings: dict[str,
     }
 
 
-def environment() -> dict:
-    import torchvision
-
-    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def reference_versions() -> dict:
+    """timm's version when it is installed (the references come from it)."""
     try:
         import timm
-
-        env["timm"] = timm.__version__
     except ImportError:
-        pass
-    return env
+        return {}
+    return {"timm": timm.__version__}
 
 
 def format_table(result: dict) -> str:

@@ -54,11 +54,8 @@ def manifest_digest(doc: dict) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, final: Path) -> None:

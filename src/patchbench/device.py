@@ -155,6 +155,44 @@ def cpu_features() -> str:
     return info.get("flags") or info.get("Features") or f"{platform.machine()} {platform.processor()}"
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """(the commit patchbench runs from, whether its tracked files differ from it); (None, None) outside git."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        if commit is None:
+            return None, None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
+def environment(device=None, world_size: int = 1) -> dict:
+    """What a measurement or a run ran on: the software's versions and git state, the processor (model and
+    the vector flags that decide speed), the device and threads."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    import patchbench
+
+    commit, dirty = git_state()
+    flags = [f for f in cpu_features().split() if f in ("avx2", "avx512f", *NATIVE_BF16_FLAGS) or f.startswith("amx")]
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "patchbench": patchbench.__version__,
+           "python": platform.python_version(), "numpy": np.__version__, "git_commit": commit, "git_dirty": dirty,
+           "cpu": cpu_name(), "cpu_flags": " ".join(flags), "world_size": world_size,
+           "threads": torch.get_num_threads()}
+    if device is not None:
+        env["device"] = f"{device} ({device_name(device)})"
+    return env
+
+
 def device_name(device) -> str:
     """A human name: the GPU's model, or the CPU's model and torch's thread count."""
     import torch

@@ -82,11 +82,10 @@ _PRIVATE: Path | None = None
 
 
 def _sha256_of(fd: int) -> str:
-    h = hashlib.sha256()
+    """SHA-256 of the open file `fd` from its start (the descriptor stays open: the same file is loaded)."""
     os.lseek(fd, 0, os.SEEK_SET)
-    while block := os.read(fd, 1 << 20):
-        h.update(block)
-    return h.hexdigest()
+    with open(fd, "rb", closefd=False) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _trusted(path: Path) -> bool:

@@ -31,9 +31,7 @@ import copy
 import dataclasses
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -47,14 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import patchbench
 from patchbench import rundir
 from patchbench.checkpoint import (load_checkpoint, load_weights, optimizer_from_parts, optimizer_to_parts,
                                    remove_leftovers, rng_from_parts, rng_to_parts, save_checkpoint)
 from patchbench.autotune import Resolution, resolve
 from patchbench.compute import StepPlan, plan_steps, step_macs
 from patchbench.config import RunConfig, cache_root, fields_of
-from patchbench.device import autocast, cpu_name, device_name, keep_freed_memory, resolve_amp, resolve_device
+from patchbench.device import (autocast, cpu_name, device_name, environment, keep_freed_memory, resolve_amp,
+                               resolve_device)
 from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
@@ -158,20 +156,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def environment(device: torch.device, world_size: int) -> dict:
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "patchbench": patchbench.__version__,
-            "python": platform.python_version(), "numpy": np.__version__, "git_commit": commit,
-            "device": f"{device} ({device_name(device)})", "world_size": world_size,
-            "threads": torch.get_num_threads(), "hostname": platform.node()}
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:

@@ -86,18 +86,3 @@ def config_file(args: argparse.Namespace):
             check_overrides(recipe.model["name"], recipe.model.get("overrides", {}),
                             f"--config {args.config}: [model.overrides]")
     return recipe
-
-
-def describe_changes(changes: dict[str, dict]) -> list[str]:
-    """The flags back as text (`--epochs 1`, `--no-hflip`), for messages."""
-    words = []
-    for section, values in changes.items():
-        for name, value in values.items():
-            f = fields_of(section)[name]
-            if f.kind is bool or (f.kind == Switch and isinstance(value, bool)):
-                words.append(f.flag if value else "--no-" + f.flag[2:])
-            else:
-                shown = "none" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else value
-                words.append(f"{f.flag} {shown}")
-    return words
-
