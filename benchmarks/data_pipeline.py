@@ -32,7 +32,7 @@ from torchvision import datasets, transforms as T
 
 from patchbench.config import DataConfig
 from patchbench.data import Loader, crop_kernel, prepare, resolve_source
-from patchbench.data.memory import reuse_freed_batches
+from patchbench.device import keep_freed_memory
 
 from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         print("patchbench's CPU path: " + ("the C crop kernel" if crop_kernel.library() is not None
                                            else "torch's per-sample ops (no C compiler found)")
-              + f"; malloc reuse of freed batches: {'on' if reuse_freed_batches() else 'off'}")
+              + f"; malloc reuse of freed batches: {'on' if keep_freed_memory() else 'off'}")
     print(f"| pipeline | device | images | seconds | images/s |")
     print(f"|---|---|---:|---:|---:|")
     print(f"| ImageFolder + PIL, {args.workers} workers (the study's) | cpu | {n_a:,} | {s_a:.1f} | {rate_a:,.0f} |")

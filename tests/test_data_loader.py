@@ -12,7 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig, get_preset
-from patchbench.data import Loader, Split, augment, crop_kernel, memory
+from patchbench.data import Loader, Split, augment, crop_kernel
 from patchbench.data.augment import (_crop_resize_cpu, _crop_resize_roi_align, center_crop_boxes,
                                      random_resized_crop_boxes)
 from patchbench.errors import UserError
@@ -340,14 +340,14 @@ IN_HEAP = """
 import ctypes, numpy as np
 from patchbench.config import DataConfig
 from patchbench.data import Loader, Split
-from patchbench.data.memory import reuse_freed_batches
+from patchbench.device import keep_freed_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
 split = Split(images=np.zeros((100, 32, 32, 3), dtype=np.uint8), labels=np.zeros(100, dtype=np.int64))
 # a 30 MB batch (100 x 3 x 160 x 160 float32 = 30.7 MB): from the heap (below the program break),
 # where a freed one is reused, or a fresh mmap that is page-faulted and zeroed again every time
 x, _ = next(iter(Loader(split, DataConfig(img_size=160), batch_size=100, train=False, device="cpu")))
-print(reuse_freed_batches(), x.data_ptr() < libc.sbrk(0))
+print(keep_freed_memory(), x.data_ptr() < libc.sbrk(0))
 """
 
 
@@ -365,11 +365,14 @@ def test_cpu_batches_come_from_the_heap_where_freed_memory_is_reused():
 
 
 def test_malloc_is_left_alone_when_the_user_tunes_it(monkeypatch):
-    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
-    assert memory._set_thresholds() is False
-    monkeypatch.delenv("MALLOC_TOP_PAD_")
-    monkeypatch.setenv("PATCHBENCH_MALLOC", "default")
-    assert memory._set_thresholds() is False
+    from patchbench.device import keep_freed_memory
+
+    for name, value in (("MALLOC_TOP_PAD_", "0"), ("PATCHBENCH_MALLOC", "default")):
+        keep_freed_memory.cache_clear()
+        monkeypatch.setenv(name, value)
+        assert keep_freed_memory() is False, name
+        monkeypatch.delenv(name)
+    keep_freed_memory.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import ctypes.util
 import functools
 import platform
@@ -104,7 +105,8 @@ TRIM_THRESHOLD = 1 << 30
 
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel: the one
+    malloc policy of patchbench (the trainer and the CPU loader both call it).
 
     A CPU train step frees and re-allocates the same large activations every step. By default glibc
     serves blocks over its (adaptive) mmap threshold with fresh mappings and gives freed memory at
@@ -112,9 +114,13 @@ def keep_freed_memory() -> bool:
     kernel zeroing every 4 KiB page (seed_convmixer, batch 16: ~24,000 faults a step, ~3,000 after
     this). With the mmap threshold fixed at 32 MiB and the trim threshold at 1 GiB, blocks up to
     32 MiB come from the heap and freed pages stay mapped: the process keeps its peak footprint, as
-    CUDA's caching allocator does. The same results; only where memory comes from changes.
-    Process-wide and permanent; returns False (and changes nothing) off glibc.
+    CUDA's caching allocator does; the loader's 20-30 MB batches likewise reuse freed ones. The same
+    results; only where memory comes from changes. Process-wide and permanent; returns False (and
+    changes nothing) off glibc, with `PATCHBENCH_MALLOC=default` (the opt-out), or when the user tunes
+    malloc through `MALLOC_*` environment variables.
     """
+    if os.environ.get("PATCHBENCH_MALLOC", "").lower() == "default" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -31,7 +31,7 @@ from patchbench.data import autoaugment
 from patchbench.data.augment import (center_crop_boxes, check_crop_args, crop_resize_normalize,
                                      normalize_, one_thread, random_resized_crop_boxes)
 from patchbench.data.cache import Split
-from patchbench.data.memory import reuse_freed_batches
+from patchbench.device import keep_freed_memory
 from patchbench.errors import UserError
 
 _PERMUTATION, _AUGMENT, _AUTOAUG, _ERASE = 0, 1, 3, 4  # independent random streams (2 is mixing's: data/mix.py)
@@ -47,7 +47,7 @@ class Loader:
     """Iterate (x, y) batches of one split: x float32 (B, 3, size, size) normalised, y int64 (B,),
     both on `device`. `batch_size` is per rank. `channels_last`: x in NHWC memory (same shape and
     values), what a channels_last model wants; on the CPU it is also the cheaper layout to write.
-    On the CPU, iterating sets glibc's malloc thresholds once per process (`data/memory.py`).
+    On the CPU, iterating applies patchbench's malloc policy (`device.keep_freed_memory`) once per process.
 
     Two ways to make a batch, the same function within the documented tolerance (augment.py):
     - the CPU path: crops read straight from the memory-mapped split by the C kernel;
@@ -179,7 +179,7 @@ class Loader:
     def __iter__(self):
         cfg = self.cfg
         if self.device.type == "cpu":
-            reuse_freed_batches()  # else each batch is fresh, page-faulted memory (see data/memory.py)
+            keep_freed_memory()  # else each batch is fresh, page-faulted memory
         perm = self._permutation()
         size = self.img_size if self.train else cfg.img_size
         for b in range(self.start_batch if self.train else 0, self.num_batches):
