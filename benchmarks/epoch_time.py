@@ -47,6 +47,7 @@ in. The last line is `ratio=<(a) epoch time / (b) epoch time>`.
 
 from __future__ import annotations
 
+import os
 import argparse
 import dataclasses
 import re
@@ -235,6 +236,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.malloc == "keep":
         keep_freed_memory()
+    else:  # the loader applies the policy too when it iterates: opt out for the whole process
+        os.environ["PATCHBENCH_MALLOC"] = "default"
+        keep_freed_memory.cache_clear()
 
     with tempfile.TemporaryDirectory() as tmp:
         source, generated = args.data, False
