@@ -49,11 +49,12 @@ def test_mean_std_is_sample_std():
 
 
 def test_welch_p_value_is_the_two_sided_student_t_tail():
-    a, b = [0.80, 0.82, 0.84], [0.60, 0.64, 0.62, 0.63]
+    """Equal n (3) and variance (1): Welch's df is 2 (n - 1) = 4, t = (2 - 4) / sqrt(1/3 + 1/3) = -2.449, and
+    the two-sided p of t with 4 df has a closed form (t4_two_sided, below), independent of scipy."""
+    a, b = [1.0, 2.0, 3.0], [3.0, 4.0, 5.0]
     t, df, p = stats.welch_t_test(a, b)
-    from scipy.stats import t as student_t
-
-    assert p == pytest.approx(2 * student_t.sf(abs(t), df))
+    assert t == pytest.approx(-2 / math.sqrt(2 / 3)) and df == pytest.approx(4)
+    assert p == pytest.approx(t4_two_sided(abs(t)), rel=1e-9)  # 0.0705
     t2, df2, p2 = stats.welch_t_test(b, a)  # symmetric
     assert (t2, df2, p2) == pytest.approx((-t, df, p))
 

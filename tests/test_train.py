@@ -87,7 +87,9 @@ def test_loss_falls_and_run_dir_follows_the_contract(folder, tmp_path):
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs_done"] == 4
     assert summary["final_top1"] == rows[-1]["val_top1"]
-    assert summary["best_top1"] == max(r["val_top1"] for r in rows) and summary["params"] > 0 and summary["macs"] > 0
+    lowest_loss = min(rows, key=lambda r: r["val_loss"])  # best = the epoch checkpoint/best keeps
+    assert summary["best_top1"] == lowest_loss["val_top1"] and summary["best_epoch"] == lowest_loss["epoch"]
+    assert summary["params"] > 0 and summary["macs"] > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["name"] == "resnet9" and cfg["train"]["seed"] == 0
     assert {"torch", "torchvision", "patchbench", "python", "git_commit", "device", "world_size"} <= set(cfg["env"])
