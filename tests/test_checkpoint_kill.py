@@ -61,6 +61,17 @@ def train_until(cfg, out, event: str | None = None, nth: int = 0):
     return run
 
 
+def test_a_run_killed_at_the_committing_rename_resumes_to_the_same_weights(folder, tmp_path):  # noqa: F811
+    """The fast tier's check: one stop, at the rename that commits the first checkpoint."""
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=2)
+    assert in_child(train_until(cfg, tmp_path / "full")) == 0
+    assert in_child(train_until(cfg, tmp_path / "cut", "commit", 1)) == KILLED
+    assert in_child(train_until(cfg, tmp_path / "cut")) == 0
+    want, got = (load_file(str(d / "checkpoint" / "last.safetensors")) for d in (tmp_path / "full", tmp_path / "cut"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
 def test_a_run_killed_at_any_step_of_a_checkpoint_write_resumes_to_the_same_weights(folder, tmp_path):  # noqa: F811
     cfg = tiny_config(folder, tmp_path, "resnet9", epochs=4)  # 4 epochs: >= 5 saves (4 `last`, >= 1 `best`)
     assert in_child(train_until(cfg, tmp_path / "full")) == 0

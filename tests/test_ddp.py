@@ -62,6 +62,7 @@ def assert_close_weights(a, b, atol):
         torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_on_another_world_size(tmp_path):
     folder = make_image_folder(tmp_path / "images")
     cache = tmp_path / "cache"

@@ -20,6 +20,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_goes_end_to_end_and_brings_back_at_most_8_files(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
