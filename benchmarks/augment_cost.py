@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import SHARED_ARCHIVE, generated_folder
+
 from patchbench.bench import Settings, make_step
 from patchbench.config import DataConfig
 from patchbench.data import Loader, prepare
@@ -47,8 +47,8 @@ def main(argv=None) -> None:
     tmp = tempfile.TemporaryDirectory()
     if source is None:
         source = str(generated_folder(Path(tmp.name) / "images", train=40, val=4, size=args.img_size))
-    base = dict(source=source, cache_dir=str(Path(tmp.name) / "cache") if args.data is None and not
-                SHARED_ARCHIVE.exists() else None, img_size=args.img_size, prepare_size=args.img_size)
+    base = {"source": source, "cache_dir": str(Path(tmp.name) / "cache") if args.data is None and not
+                SHARED_ARCHIVE.exists() else None, "img_size": args.img_size, "prepare_size": args.img_size}
     plain_cfg = DataConfig(**base)
     strong_cfg = DataConfig(**base, auto_augment="randaugment", randaugment_ops=2, randaugment_magnitude=9,
                             random_erasing=0.25, mixup=0.8, cutmix=1.0)

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from common import SHARED_ARCHIVE, generated_folder
+
 from patchbench.config import get_preset
 from patchbench.train import train_run
 

@@ -85,7 +85,7 @@ def bench_model(name: str, overrides: dict, args) -> dict:
     kernels_apply = use_fast_kernels(build()) > 0
     grid = [(Settings(d, cl), k) for d in ("fp32", "bf16") for cl in (False, True)
             for k in ((False, True) if kernels_apply else (False,))]
-    step_args = dict(mode="train", batch_size=args.batch_size, img_size=args.img_size, device=CPU, num_classes=10)
+    step_args = {"mode": "train", "batch_size": args.batch_size, "img_size": args.img_size, "device": CPU, "num_classes": 10}
     # screen() builds a model per candidate; each grid entry carries its kernel switch in the builder
     steps, dropped = {}, []
     for kernels in sorted({k for _, k in grid}):
@@ -94,8 +94,8 @@ def bench_model(name: str, overrides: dict, args) -> dict:
             if kernels:
                 use_fast_kernels(m)
             return m
-        got, lost = screen(build_k, [s for s, k in grid if k == kernels], warmup=1, cap=args.cap,
-                           step_args=step_args, log=lambda line: print(f"  {name} kernels {'on' if kernels else 'off'}:"
+        got, _lost = screen(build_k, [s for s, k in grid if k == kernels], warmup=1, cap=args.cap,
+                           step_args=step_args, log=lambda line, kernels=kernels: print(f"  {name} kernels {'on' if kernels else 'off'}:"
                                                                         f"{line}", file=sys.stderr))
         steps.update({(s, kernels): step for s, step in got.items()})
         dropped += [(s, kernels) for s, k in grid if k == kernels and s not in got]

@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms as T
+from torchvision import datasets
+from torchvision import transforms as T
 
 from patchbench.config import DataConfig
 from patchbench.data import Loader, crop_kernel, prepare, resolve_source
 from patchbench.device import keep_freed_memory
-
-from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
 
 def time_epoch(batches, device: torch.device, max_batches: int | None) -> tuple[int, float]:
@@ -113,8 +113,8 @@ def main(argv=None) -> None:
         print("patchbench's CPU path: " + ("the C crop kernel" if crop_kernel.library() is not None
                                            else "torch's per-sample ops (no C compiler found)")
               + f"; malloc reuse of freed batches: {'on' if keep_freed_memory() else 'off'}")
-    print(f"| pipeline | device | images | seconds | images/s |")
-    print(f"|---|---|---:|---:|---:|")
+    print("| pipeline | device | images | seconds | images/s |")
+    print("|---|---|---:|---:|---:|")
     print(f"| ImageFolder + PIL, {args.workers} workers (the study's) | cpu | {n_a:,} | {s_a:.1f} | {rate_a:,.0f} |")
     print(f"| patchbench Loader (uint8 cache, batched augment) | {device} | {n_b:,} | {s_b:.1f} | {rate_b:,.0f} |")
     print(f"| patchbench Loader, channels_last=True | {device} | {n_c:,} | {s_c:.1f} | {rate_c:,.0f} |")

@@ -47,9 +47,9 @@ in. The last line is `ratio=<(a) epoch time / (b) epoch time>`.
 
 from __future__ import annotations
 
-import os
 import argparse
 import dataclasses
+import os
 import re
 import statistics
 import subprocess
@@ -61,20 +61,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms as T
+from torchvision import datasets
+from torchvision import transforms as T
 
+from patchbench import kernels
 from patchbench.config import get_preset
 from patchbench.data import Loader, prepare, resolve_source
 from patchbench.device import autocast, keep_freed_memory
-from patchbench import kernels
 from patchbench.kernels import FusedGainResidual, use_fast_kernels
 from patchbench.models import create_model
-from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.models.layers import Residual
+from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.train import build_model
-
-from common import SHARED_ARCHIVE, generated_folder  # benchmarks/common.py
 
 
 def run_interleaved(sides: dict, warmup: int, max_steps: int | None) -> dict:
@@ -323,7 +323,7 @@ def against_default_malloc(args, argv: list[str]) -> None:
         for malloc in (("default", "keep") if r % 2 == 0 else ("keep", "default")):
             cmd = [sys.executable, __file__, *rest, "--only", "b", "--against-previous", "--fp32", "--malloc", malloc]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            for side, epoch in re.findall(r"^\| \((b|c|d)\) .*\| ([0-9.]+) \|$", out, flags=re.M):
+            for side, epoch in re.findall(r"^\| \((b|c|d)\) .*\| ([0-9.]+) \|$", out, flags=re.MULTILINE):
                 epochs.setdefault((side, malloc), []).append(float(epoch))
             print(f"round {r + 1}, --malloc {malloc}: " + ", ".join(
                 f"({side}) {epochs[side, malloc][-1]:.0f} s" for side in "bcd"), flush=True)

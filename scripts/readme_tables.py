@@ -12,8 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from patchbench.report.render import README_BLOCK, study_summary  # noqa: E402
-
+from patchbench.report.render import README_BLOCK, study_summary
 
 PAGES = ("README.md", "docs/RESULTS.md")  # the pages that show committed studies (tests/test_readme.py reads them)
 

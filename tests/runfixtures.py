@@ -72,7 +72,7 @@ def write_run(run_dir: Path, *, model: str, seed: int, val_top1: list[float], ov
     if write_eval and status == "finished" and val_top1:
         n = len(CLASSES)
         if confusion is None:  # diagonal-heavy: accuracy about val_top1[-1]
-            hit = int(round(val_top1[-1] * 10))
+            hit = round(val_top1[-1] * 10)
             confusion = [[hit if i == j else (10 - hit) // (n - 1) for j in range(n)] for i in range(n)]
         conf = np.array(confusion)
         per_class = (np.diag(conf) / conf.sum(1)).tolist()
@@ -100,8 +100,8 @@ COMPARE_CURVES = {
     "vit_tiny_6l8h": [[0.40, 0.55, 0.60], [0.42, 0.66, 0.64], [0.41, 0.58, 0.62]],
 }
 COMPARE_INFO = {
-    "convmixer_256_8": dict(params=594_186, macs=147_000_000, patch_size=2, train_ips=120.0, infer_ips=480.0),
-    "vit_tiny_6l8h": dict(params=907_914, macs=14_000_000, patch_size=16, train_ips=300.0, infer_ips=1500.0),
+    "convmixer_256_8": {"params": 594_186, "macs": 147_000_000, "patch_size": 2, "train_ips": 120.0, "infer_ips": 480.0},
+    "vit_tiny_6l8h": {"params": 907_914, "macs": 14_000_000, "patch_size": 16, "train_ips": 300.0, "infer_ips": 1500.0},
 }
 
 

@@ -5,15 +5,15 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as sps
-
 import runfixtures as fx
+from scipy import stats as sps
+from test_compare import fake_work, ran, tiny_study
+
 from patchbench import compare as cp
 from patchbench.cli import main
 from patchbench.config import get_preset
 from patchbench.errors import UserError
 from patchbench.report import load, render, stats
-from test_compare import fake_work, ran, tiny_study
 
 # final top-1 of two seeds per cell: (mixer, stem) -> [seed 0, seed 1]
 CELLS = {("conv", "patch"): [0.70, 0.72], ("conv", "conv"): [0.74, 0.76],

@@ -180,7 +180,7 @@ def test_holdout_is_stratified_seeded_and_disjoint():
     assert sorted([*held.rows.tolist(), *rest.rows.tolist()]) == list(range(200))
     assert np.array_equal(held.rows, holdout_split(split, 0.1, seed=0)[1].rows)  # the same for every training seed
     assert not np.array_equal(held.rows, holdout_split(split, 0.1, seed=1)[1].rows)
-    x, y = next(iter(Loader(held, DataConfig(img_size=40, eval_crop=1.0), batch_size=20, train=False)))
+    _x, y = next(iter(Loader(held, DataConfig(img_size=40, eval_crop=1.0), batch_size=20, train=False)))
     assert torch.equal(y, torch.from_numpy(split.labels[held.rows]))  # each sample keeps its own label
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_compare import fake_work, tiny_study
 
 import patchbench
 from patchbench import autotune as at
@@ -15,8 +16,6 @@ from patchbench.config import Switch, get_preset
 from patchbench.errors import UserError
 from patchbench.models import create_model
 from patchbench.values import parse_text
-
-from test_compare import fake_work, tiny_study
 
 CPU = torch.device("cpu")
 NCHW, CL, CL_K = at.Choice(False, False), at.Choice(True, False), at.Choice(True, True)
@@ -105,8 +104,8 @@ def tiny_resnet():
 
 def test_real_probe_times_the_model_caches_it_and_leaves_the_rng_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(at, "BUSY_CORES", float("inf"))  # whatever else this machine runs, cache it
-    args = dict(channels_last="auto", fast_kernels="auto", device=CPU, batch_size=4, img_size=16, amp="none",
-                num_classes=3, setting={"model": "resnet9", "width": 4}, cache_dir=tmp_path)
+    args = {"channels_last": "auto", "fast_kernels": "auto", "device": CPU, "batch_size": 4, "img_size": 16, "amp": "none",
+                "num_classes": 3, "setting": {"model": "resnet9", "width": 4}, "cache_dir": tmp_path}
     torch.manual_seed(0)
     first = at.resolve(tiny_resnet, **args)
     after_probe = torch.rand(3)

@@ -9,18 +9,17 @@ each, the fixtures' files are compared byte for byte with a snapshot taken befor
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import runfixtures as fx
 import torch
 from PIL import Image
-
-import runfixtures as fx
-from patchbench.cli import main
 from test_train import make_image_folder
+
+from patchbench.cli import main
 
 
 @dataclass
@@ -285,7 +284,7 @@ def test_bad_input_gets_one_line_naming_it_and_changes_nothing(ctx, capsys, name
     before = snapshot(ctx.run, ctx.study)
     args = [a.format(**{k: ctx[k] for k in ("root", "folder", "run", "study", "cache")}) for a in argv]
     code = main(args)
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     lines = [line for line in err.strip().splitlines() if "error:" in line]
     assert code == 2, (name, err)
     assert len(lines) == 1 and lines[0].startswith(f"patchbench {args[0]}: error: "), err

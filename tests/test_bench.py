@@ -14,7 +14,6 @@ from patchbench.errors import UserError
 from patchbench.flops import count_macs, count_params
 from patchbench.models import create_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

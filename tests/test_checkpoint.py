@@ -3,14 +3,14 @@
 import errno
 import json
 import os
-import re
 import random
+import re
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchbench import checkpoint as ck
 from patchbench.errors import UserError
@@ -84,14 +84,14 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(tmp_path, m
         save(tmp_path, model2, opt2)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # same files, same bytes, no temporary files left behind
-    state, weights, _ = ck.load_checkpoint(tmp_path)
+    _state, weights, _ = ck.load_checkpoint(tmp_path)
     assert torch.equal(weights["0.weight"], model.state_dict()["0.weight"])
 
 
 def test_mismatched_or_missing_files_are_reported(tmp_path):
     model, opt = trained_model_and_optimizer()
     save(tmp_path, model, opt)
-    other, other_opt = trained_model_and_optimizer(seed=4)
+    other, _other_opt = trained_model_and_optimizer(seed=4)
     (content,) = [p for p in tmp_path.glob("last.*.safetensors") if not p.name.endswith(".state.safetensors")]
     safetensors.torch.save_file(other.state_dict(), str(content))  # other weights under the checkpoint's name
     with pytest.raises(UserError, match=r"last\.[0-9a-f]{16}\.safetensors is damaged \(its digest does not match\)"):

@@ -15,11 +15,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import folder, tiny_config  # noqa: F401 (a fixture)
 
 from patchbench import checkpoint as ck
 from patchbench.train import train_run
-
-from test_train import folder, tiny_config  # noqa: F401 (a fixture)
 
 STOPS_PER_EVENT = 5
 KILLED = 9
@@ -31,7 +30,7 @@ def in_child(fn, timeout: float = 120.0) -> int:
     if pid == 0:
         try:
             fn()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 -- a forked child must end here, whatever fn raised
             os._exit(1)
         os._exit(0)
     deadline = time.monotonic() + timeout

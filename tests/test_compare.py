@@ -12,16 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import runfixtures as fx
 from PIL import Image
 
-import runfixtures as fx
 from patchbench import compare as cp
-from patchbench.cli import main
 from patchbench import rundir
+from patchbench.cli import main
 from patchbench.config import get_preset
 from patchbench.errors import UserError
 from patchbench.train import TrainingDiverged
-
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -58,7 +57,7 @@ def test_match_budget_within_five_percent(model):
     (100_000, 0.015, 100),  # 99..101 fit: none aligned, the closest
 ])
 def test_budget_matching_prefers_widths_the_hardware_likes(budget, tolerance, expected):
-    count = lambda w: 1000 * w  # noqa: E731
+    count = lambda w: 1000 * w
     closest = cp._closest(count, budget, 64, 1 << 14)
     assert cp._aligned(count, budget, closest, tolerance, channels=lambda w: w) == expected
 

@@ -5,6 +5,7 @@ record, and an exact resume inside that last epoch."""
 import json
 
 import pytest
+from test_train import assert_same_run, folder, interrupt_at_step, metrics, tiny_config  # noqa: F401 (a fixture)
 
 import patchbench.train as train_mod
 from patchbench import compare as cp
@@ -14,8 +15,6 @@ from patchbench.config import build_config, get_preset
 from patchbench.errors import UserError
 from patchbench.optim import lr_at
 from patchbench.train import check_sizes, train_run
-
-from test_train import assert_same_run, folder, interrupt_at_step, metrics, tiny_config  # noqa: F401 (a fixture)
 
 
 def test_epochs_run_whole_epochs_at_the_split_sizes():
@@ -114,8 +113,7 @@ def test_compare_plan_prints_steps_compute_and_time_and_writes_nothing(tmp_path,
                  "--compute-budget", "400M", "--plan", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| resnet9-s0") or
-            line.startswith("| convmixer_256_8-s0")]
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith(("| resnet9-s0", "| convmixer_256_8-s0"))]
     assert len(rows) == 2
     for row in rows:
         assert abs(float(row[4].rstrip("%")) - 100) <= 2  # each run spends the budget within 2%

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 # page faults over 5 train steps (after 3 to warm up) of a 2-block seed_convmixer, batch 16, fp32, 1 thread
 STEPS = """
 import resource, sys, torch

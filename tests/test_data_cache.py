@@ -66,7 +66,7 @@ def test_rerun_does_no_work_sizes_coexist_and_changed_source_is_reprepared(tmp_p
     root = make_folder(tmp_path / "toy")
     first = prepare(cfg_for(root, tmp_path, prepare_size=16), progress=False, workers=1)
 
-    import patchbench.data.cache as cache
+    from patchbench.data import cache
 
     def fail(*a, **k):
         raise AssertionError("decoded again")
@@ -179,7 +179,7 @@ MODES = {
             np.dstack([GREY, 255 - GREY, GREY // 2])),
     "RGBA": (lambda: Image.fromarray(np.dstack([GREY, 255 - GREY, GREY // 2, GREY])), ".png",  # alpha dropped
              np.dstack([GREY, 255 - GREY, GREY // 2])),
-    "I;16": (lambda: Image.fromarray((GREY.astype(np.uint16) * 257)), ".png", _expected_grey(GREY)),  # 16-bit
+    "I;16": (lambda: Image.fromarray(GREY.astype(np.uint16) * 257), ".png", _expected_grey(GREY)),  # 16-bit
     "I;16 odd": (lambda: Image.fromarray(np.array([[0, 1000, 32768, 65535]] * 2, dtype=np.uint16)), ".png",
                  _expected_grey(np.array([[0, 4, 128, 255]] * 2, dtype=np.uint8))),  # round(v / 257)
     "I": (lambda: Image.fromarray(GREY.astype(np.int32) * 257), ".tif", _expected_grey(GREY)),

@@ -1,5 +1,7 @@
 """Batched augmentation and the seeded, sharded Loader (no files: splits are made in memory)."""
 
+import functools
+import operator
 import os
 import subprocess
 import sys
@@ -13,8 +15,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig, get_preset
 from patchbench.data import Loader, Split, augment, crop_kernel
-from patchbench.data.augment import (_crop_resize_cpu, _crop_resize_roi_align, center_crop_boxes,
-                                     random_resized_crop_boxes)
+from patchbench.data.augment import (
+    _crop_resize_cpu,
+    _crop_resize_roi_align,
+    center_crop_boxes,
+    random_resized_crop_boxes,
+)
 from patchbench.errors import UserError
 
 S = 24
@@ -197,7 +203,7 @@ def test_train_drops_last_partial_batch_and_shards_are_disjoint():
         ys = [y for _, y in loader]
         assert len(ys) == 4 and all(len(y) == 4 for y in ys)
         per_rank.append(torch.cat(ys).tolist())
-    everything = sum(per_rank, [])
+    everything = functools.reduce(operator.iadd, per_rank, [])
     assert len(set(everything)) == 48  # disjoint, and 48 of 50 used (2 dropped)
     # the same permutation as one rank with the global batch
     single = Loader(split, cfg, batch_size=12, train=True, device="cpu", seed=7)

@@ -8,14 +8,21 @@ import tarfile
 import threading
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from patchbench.data import imagenette as inet
-from patchbench.data.imagenette import (DATASETS, default_cache_dir, download_file, list_images,
-                                        resolve_source, safe_extract)
+from patchbench.data.imagenette import (
+    DATASETS,
+    default_cache_dir,
+    download_file,
+    list_images,
+    resolve_source,
+    safe_extract,
+)
 from patchbench.errors import UserError
 
 WNIDS = ["n01440764", "n02102040", "n02979186"]
@@ -171,7 +178,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves `payload`, honouring `Range: bytes=N-`, and records the Range headers it saw."""
 
     payload = b""
-    ranges: list = []
+    ranges: ClassVar[list] = []
     honour_range = True
 
     def do_GET(self):
@@ -234,7 +241,7 @@ def test_download_restarts_when_server_ignores_range_and_accepts_complete_part(s
 
 
 def test_download_checksum_mismatch_removes_partial(server, tmp_path):
-    url, handler = server
+    url, _handler = server
     dest = tmp_path / "file.tgz"
     with pytest.raises(UserError, match=r"MD5 mismatch.*partial download .* was removed"):
         download_file(url, dest, "0" * 32, progress=False)

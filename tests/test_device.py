@@ -10,13 +10,13 @@ import os
 
 import pytest
 import torch
+from test_data_loader import S, make_split, unnormalise
+from test_train import make_image_folder, metrics, tiny_config
 
 from patchbench.cli import main
 from patchbench.config import DataConfig
 from patchbench.data import Loader
 from patchbench.train import train_run
-from test_data_loader import S, make_split, unnormalise
-from test_train import make_image_folder, metrics, tiny_config
 
 DEVICE = os.environ.get("PATCHBENCH_TEST_DEVICE", "cpu")
 pytestmark = pytest.mark.device

@@ -4,11 +4,11 @@ import json
 import shutil
 
 import pytest
+from test_train import make_image_folder, tiny_config
 
 from patchbench.cli import main
 from patchbench.evaluate import evaluate_run, predict
 from patchbench.train import train_run
-from test_train import make_image_folder, tiny_config
 
 
 @pytest.fixture(scope="module")

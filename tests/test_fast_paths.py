@@ -6,13 +6,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
+from torch import nn
 
 from patchbench import kernels
-from patchbench.kernels import FastDepthwiseConv2d, GELUBatchNorm2d, depthwise_param_grads, use_fast_kernels
 from patchbench.device import cpu_features
+from patchbench.kernels import (
+    FastDepthwiseConv2d,
+    GELUBatchNorm2d,
+    depthwise_param_grads,
+    use_fast_kernels,
+)
 from patchbench.models import create_model
 from patchbench.models.layers import Residual
 

@@ -10,12 +10,12 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 from timm.layers import LayerNorm2d
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from timm.models.metaformer import MetaFormerBlock, Pooling
 from timm.models.mlp_mixer import MixerBlock
 from timm.models.vision_transformer import Block as TimmViTBlock
+from torch import nn
 
 from patchbench import compare as cp
 from patchbench.models import create_model
@@ -121,7 +121,7 @@ def test_cells_differ_only_in_mixer_and_stem():
 def test_every_cell_is_matched_to_the_budget(measure, budget):
     for mixer in MIXERS:
         for stem in STEMS:
-            overrides, size = cp.match_budget(f"iso_{mixer}_{stem}", budget, num_classes=10, img_size=64,
+            _overrides, size = cp.match_budget(f"iso_{mixer}_{stem}", budget, num_classes=10, img_size=64,
                                               measure=measure)
             assert abs(size - budget) <= 0.05 * budget
 

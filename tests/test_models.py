@@ -5,11 +5,11 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
 
 from patchbench.errors import UserError
 from patchbench.flops import count_macs, count_params

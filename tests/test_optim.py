@@ -5,7 +5,14 @@ import torch
 
 from patchbench.config import TrainConfig, get_preset
 from patchbench.models import create_model
-from patchbench.optim import create_optimizer, lr_at, onecycle, param_groups, piecewise, total_steps
+from patchbench.optim import (
+    create_optimizer,
+    lr_at,
+    onecycle,
+    param_groups,
+    piecewise,
+    total_steps,
+)
 
 
 def names_of(model, group):

@@ -13,15 +13,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import runfixtures as fx
+import torch
+from test_train import assert_same_run, make_image_folder, metrics, tiny_config
+
 from patchbench import checkpoint as ck
 from patchbench import kernels
 from patchbench.cli import main
 from patchbench.data import cache as cache_mod
 from patchbench.train import train_run
-from test_train import assert_same_run, make_image_folder, metrics, tiny_config
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -51,7 +51,7 @@ def test_prepare_on_a_full_disk_says_so_and_leaves_no_temporary_folder(folder, t
 
 def _mount_tmpfs(path, size="256k") -> bool:
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False, capture_output=True)
     return done.returncode == 0
 
 
@@ -64,12 +64,12 @@ def test_prepare_filling_a_real_disk_is_an_error_not_a_bus_error(folder, tmp_pat
     try:
         done = subprocess.run(
             [sys.executable, "-m", "patchbench", "data", "prepare", "--data", str(folder), "--cache-dir", str(disk),
-             "--img-size", "160", "--no-progress"], capture_output=True, text=True, timeout=300)
+             "--img-size", "160", "--no-progress"], check=False, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr  # not -7 (SIGBUS)
         assert "no space left on the device" in done.stderr
         assert leftovers(disk) == [] and list((disk / "prepared").glob("*")) == []
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        subprocess.run(["umount", str(disk)], check=False, capture_output=True)
 
 
 def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_path, monkeypatch, capsys):
@@ -275,7 +275,7 @@ def test_a_damaged_last_checkpoint_resumes_from_best_and_says_so(folder, tmp_pat
 def test_without_a_compiler_the_fallbacks_are_recorded_and_reported(folder, tmp_path, monkeypatch):
     """No C compiler: the crops take torch's uint8 path and no kernel layer is swapped in; config.json's
     derived section and the report say so, with the reason."""
-    import patchbench.kernels as kernels
+    from patchbench import kernels
     from patchbench.data import crop_kernel
     from patchbench.report import load, render
 
@@ -315,7 +315,7 @@ def test_resuming_on_other_data_is_refused(folder, tmp_path, capsys):
 def test_a_folder_in_a_kernels_place_builds_it_in_a_private_folder(tmp_path, monkeypatch):
     """The cache folder cannot take the library (a folder sits at its path): it is built into a private folder
     instead of crashing the run."""
-    import patchbench.kernels as kernels
+    from patchbench import kernels
 
     monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
     monkeypatch.setattr(kernels, "_PRIVATE", None)

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from test_compare import fake_work, ran, tiny_study
 
 from patchbench import compare as cp
 from patchbench.cli import main
 from patchbench.config import get_preset
 from patchbench.errors import UserError
-from test_compare import fake_work, ran, tiny_study
 
 
 def test_parse_grid_values_and_errors():

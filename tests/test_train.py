@@ -49,9 +49,9 @@ def tiny_config(folder, cache, model="vit_tiny_6l8h", model_args=None, **switche
                  "resnet9": {"width": 8},
                  "convmixer_256_8": {"dim": 32, "depth": 2, "patch_size": 4, "kernel_size": 3}}.get(model, {})
     data_fields = set(DataConfig.__dataclass_fields__)
-    t = dict(epochs=2, batch_size=8, lr=3e-3, log_every=1, deterministic=True, device="cpu", threads=1)
+    t = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "deterministic": True, "device": "cpu", "threads": 1}
     t.update({k: v for k, v in switches.items() if k not in data_fields})
-    d = dict(source=str(folder), cache_dir=str(cache), prepare_size=32, img_size=32)
+    d = {"source": str(folder), "cache_dir": str(cache), "prepare_size": 32, "img_size": 32}
     d.update({k: v for k, v in switches.items() if k in data_fields})
     return RunConfig(model=ModelConfig(model, {**overrides, **(model_args or {})}), data=DataConfig(**d),
                      train=TrainConfig(**t))
@@ -70,7 +70,7 @@ def assert_same_run(a, b):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
     assert strip(metrics(a)) == strip(metrics(b))
 
 
@@ -134,14 +134,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(folder, tmp_path, monk
 
 
 @pytest.mark.parametrize("switches", [
-    dict(amp="fp16", ema_decay=0.9, grad_clip=0.5, channels_last=True, label_smoothing=0.1),
-    dict(amp="bf16", schedule="piecewise", weight_decay=0.1, init="kaiming"),
-    dict(model="convmixer_256_8", channels_last=True, fast_kernels=True, ema_decay=0.5),
+    {"amp": "fp16", "ema_decay": 0.9, "grad_clip": 0.5, "channels_last": True, "label_smoothing": 0.1},
+    {"amp": "bf16", "schedule": "piecewise", "weight_decay": 0.1, "init": "kaiming"},
+    {"model": "convmixer_256_8", "channels_last": True, "fast_kernels": True, "ema_decay": 0.5},
     # the recipes of the fair preset: per-sample ops, erasing, mixup/cutmix, drop path, progressive sizes
-    dict(auto_augment="trivialaugment", random_erasing=0.5, mixup=0.4, cutmix=1.0, label_smoothing=0.1,
-         model_args={"drop_path": 0.2}, train_sizes=(24, 32)),
-    dict(model="convmixer_256_8", auto_augment="randaugment", randaugment_ops=2, mixup=0.3, channels_last=True,
-         model_args={"drop_path": 0.1}, holdout=0.25),
+    {"auto_augment": "trivialaugment", "random_erasing": 0.5, "mixup": 0.4, "cutmix": 1.0, "label_smoothing": 0.1,
+         "model_args": {"drop_path": 0.2}, "train_sizes": (24, 32)},
+    {"model": "convmixer_256_8", "auto_augment": "randaugment", "randaugment_ops": 2, "mixup": 0.3, "channels_last": True,
+         "model_args": {"drop_path": 0.1}, "holdout": 0.25},
 ])
 def test_feature_switches_train_and_resume_exactly(folder, tmp_path, monkeypatch, switches):
     """AMP (with the GradScaler's state), EMA, clipping, channels_last... survive a crash and resume."""
@@ -168,7 +168,7 @@ def interrupt_at_step(cfg, out, step: int, monkeypatch) -> dict:
     return json.loads((out / "checkpoint" / "last.json").read_text())
 
 
-@pytest.mark.parametrize("switches", [{}, dict(auto_augment="trivialaugment", random_erasing=0.5, cutmix=1.0)])
+@pytest.mark.parametrize("switches", [{}, {"auto_augment": "trivialaugment", "random_erasing": 0.5, "cutmix": 1.0}])
 def test_sigint_mid_epoch_checkpoints_and_resumes_exactly(folder, tmp_path, monkeypatch, switches):
     cfg = tiny_config(folder, tmp_path, **switches)
     train_run(cfg, tmp_path / "full", progress=False)
@@ -290,7 +290,7 @@ def test_the_accelerator_data_path_trains_like_the_cpu_path(folder, tmp_path):
     """--data-on-device yes runs the GPU data path (split held on the device, gather + roi_align) on the
     CPU. With full-image crops both paths make the same pixels (to float rounding), so a tiny run
     trains to the same losses and accuracies."""
-    same_pixels = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), epochs=2)
+    same_pixels = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "epochs": 2}
     runs = {}
     for mode in ("no", "yes"):
         cfg = tiny_config(folder, tmp_path, "resnet9", data_on_device=mode, **same_pixels)

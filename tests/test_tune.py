@@ -7,13 +7,12 @@ import math
 import re
 
 import pytest
-
 import runfixtures as fx
+from test_compare import image_folder
+
 from patchbench import tune as tn
 from patchbench.config import load_recipe
 from patchbench.errors import UserError
-
-from test_compare import image_folder
 
 SEARCH = """
 preset = "smoke"

@@ -13,7 +13,16 @@ _API = {"create_model": "patchbench.models", "list_models": "patchbench.models",
         "evaluate_run": "patchbench.evaluate", "predict": "patchbench.evaluate", "get_preset": "patchbench.config",
         "build_config": "patchbench.config"}
 
-__all__ = ["__version__", *_API]
+__all__ = [
+    "__version__",
+    "build_config",
+    "create_model",
+    "evaluate_run",
+    "get_preset",
+    "list_models",
+    "predict",
+    "train_run",
+]  # the keys of _API
 
 
 def __getattr__(name: str):

@@ -26,12 +26,12 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 import patchbench
 from patchbench import rundir
@@ -67,7 +67,7 @@ class Resolution:
                 "machine": self.machine}
 
     @classmethod
-    def from_record(cls, doc: dict) -> "Resolution":
+    def from_record(cls, doc: dict) -> Resolution:
         return cls(Choice(bool(doc["channels_last"]), bool(doc["fast_kernels"])), doc.get("how", "recorded"),
                    dict(doc.get("step_s") or {}), list(doc.get("dropped") or []), dict(doc.get("machine") or {}))
 
@@ -175,7 +175,7 @@ def _busy_seconds() -> float | None:
             fields = [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 

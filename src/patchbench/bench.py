@@ -29,12 +29,12 @@ import dataclasses
 import datetime
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -129,7 +129,7 @@ def make_step(model: nn.Module, settings: Settings, *, mode: str, batch_size: in
     x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     dtype = DTYPES[settings.dtype]
-    amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    amp = {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
     run = torch.compile(model) if settings.compile else model
 
     if mode == "infer":
@@ -198,18 +198,18 @@ def reference_for(model: nn.Module, against: str) -> tuple[str, Callable[[], nn.
                             "(the study's seed_convmixer), which timm's ConvMixer has not; bench a convmixer_* model")
         from timm.models.convmixer import ConvMixer as TimmConvMixer
 
-        args = dict(dim=stem.out_channels, depth=len(model.blocks), kernel_size=residual.fn[0].kernel_size[0],
-                    patch_size=stem.kernel_size[0], in_chans=stem.in_channels, num_classes=num_classes, act_layer=act)
+        args = {"dim": stem.out_channels, "depth": len(model.blocks), "kernel_size": residual.fn[0].kernel_size[0],
+                    "patch_size": stem.kernel_size[0], "in_chans": stem.in_channels, "num_classes": num_classes, "act_layer": act}
         return "timm ConvMixer", lambda: TimmConvMixer(**args)
     if isinstance(model, ViT) and against == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
         block = model.blocks[0]
-        args = dict(img_size=model.default_img_size, patch_size=model.patch_size,
-                    in_chans=model.patch_embed.in_channels, num_classes=num_classes,
-                    embed_dim=model.patch_embed.out_channels, depth=len(model.blocks),
-                    num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / block.mlp.fc1.in_features,
-                    qkv_bias=True, class_token=True, global_pool="token")
+        args = {"img_size": model.default_img_size, "patch_size": model.patch_size,
+                    "in_chans": model.patch_embed.in_channels, "num_classes": num_classes,
+                    "embed_dim": model.patch_embed.out_channels, "depth": len(model.blocks),
+                    "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / block.mlp.fc1.in_features,
+                    "qkv_bias": True, "class_token": True, "global_pool": "token"}
         return "timm VisionTransformer", lambda: VisionTransformer(**args)
     if isinstance(model, ResNet) and against == "torchvision":
         depths = [len(stage) for stage in model.blocks]
@@ -306,7 +306,7 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     ours.notes += resolved
     if swapped:
         ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm, gained residual)")
-    step_args = dict(mode=mode, batch_size=batch_size, img_size=img_size, device=dev, num_classes=num_classes)
+    step_args = {"mode": mode, "batch_size": batch_size, "img_size": img_size, "device": dev, "num_classes": num_classes}
     steps = {"ours": make_step(model, settings, **step_args)}
     log(f"ours: {model_name} [{settings}] warm-up {warm_up(steps['ours'], warmup, dev):.1f}s")
 
@@ -342,7 +342,7 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
                       + (" x3 for forward + backward" if mode == "train" else "") + "; norms, activations, optimizer not counted",
         "matmul_ceiling_gflops": ceilings, "matmul_ceiling_note": "2048x2048x2048 matmul, median of 5, same run",
         "results": [summarise(m, batch_size, flops, ceilings) for m in [ours] + ([ref] if ref else [])],
-        "env": {**environment(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "env": {**environment(dev), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 **reference_versions()},
     }
     if ref is not None:

@@ -26,9 +26,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def parse_budget(text: str, flag: str = "--param-budget") -> int:
     if not m or float(m.group(1)) <= 0:
         raise UserError(f"{flag} {text!r}: give a positive count such as 1.0M, 800K or 1500000")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * scale))
+    return round(float(m.group(1)) * scale)
 
 
 def parse_grid(text: str) -> dict[str, list[str]]:
@@ -596,9 +596,9 @@ def estimate(cfg: RunConfig, data, *, progress: bool = False) -> dict:
     """What one planned run will do: its steps, epochs and training compute, and its training time on
     this machine, estimated from the speed probe's step time (patchbench.autotune, cached) scaled by
     each size's MACs; evaluation is not included."""
+    from patchbench.autotune import time_options
     from patchbench.data import holdout_split
     from patchbench.device import resolve_device
-    from patchbench.autotune import time_options
     from patchbench.train import Dist, build_model, check_sizes, plan_run, resolve_speed
 
     t, num_classes = cfg.train, len(data.classes)
@@ -666,7 +666,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
     chosen, chosen_params, chosen_macs = {}, {}, {}
     for m in models:
         img_size, overrides = base[m].data.img_size, base[m].model.overrides
-        size = dict(num_classes=num_classes, img_size=img_size)
+        size = {"num_classes": num_classes, "img_size": img_size}
         chosen[m] = match_budget(m, budget, **size, base=overrides, measure=measure)[0] if budget else dict(overrides)
         chosen_params[m] = model_params(m, **size, **chosen[m])
         chosen_macs[m] = model_macs(m, **size, **chosen[m])

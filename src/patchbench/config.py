@@ -269,7 +269,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
         """From `to_dict()`'s output (a run's config.json); settings added since it was written take
         their defaults, so run directories of earlier versions still load."""
         if not isinstance(d, dict):
@@ -291,7 +291,7 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Raise UserError naming the first impossible value and the flag that sets it."""
         for section in SECTIONS:
             obj = getattr(self, section)
@@ -409,23 +409,22 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
     def typed(key, kind):
         return check_value(doc[key], kind, f"{where}: {key}") if key in doc else None
 
-    for section in SECTIONS:
+    for section, cls in SECTIONS.items():
         if section in doc and not isinstance(doc[section], dict):
             raise UserError(f"{where}: [{section}] must be a table of settings")
-        apply_changes(SECTIONS[section](), doc.get(section, {}), section, where)  # checks every value now
+        apply_changes(cls(), doc.get(section, {}), section, where)  # checks every value now
     per_model = typed("per_model", dict) or {}
     for name, tables in per_model.items():
         if not isinstance(tables, dict) or set(tables) - set(PER_MODEL_KEYS):
             raise UserError(f"{where}: [per_model.{name}] may hold only {', '.join(PER_MODEL_KEYS)} tables")
-        for section in SECTIONS:
-            apply_changes(SECTIONS[section](), tables.get(section, {}), section, f"{where} [per_model.{name}]")
+        for section, cls in SECTIONS.items():
+            apply_changes(cls(), tables.get(section, {}), section, f"{where} [per_model.{name}]")
         if not isinstance(tables.get("overrides", {}), dict):
             raise UserError(f"{where}: [per_model.{name}.overrides] must be a table of constructor arguments")
     model = typed("model", dict)
-    if model is not None:
-        if set(model) - {"name", "overrides"} or not isinstance(model.get("name", ""), str) \
-                or not isinstance(model.get("overrides", {}), dict):
-            raise UserError(f"{where}: [model] holds a name and an [model.overrides] table, nothing else")
+    if model is not None and (set(model) - {"name", "overrides"} or not isinstance(model.get("name", ""), str)
+                              or not isinstance(model.get("overrides", {}), dict)):
+        raise UserError(f"{where}: [model] holds a name and an [model.overrides] table, nothing else")
     budget = typed("param_budget", int)
     if budget is not None and budget < 1:
         raise UserError(f"{where}: param_budget = {budget}: need a positive number of parameters")

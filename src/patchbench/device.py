@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import ctypes.util
 import functools
+import os
 import platform
 import re
 
@@ -168,11 +168,11 @@ def git_state() -> tuple[str | None, bool | None]:
 
     here = Path(__file__).parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True,
                                 timeout=5).stdout.strip() or None
         if commit is None:
             return None, None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], check=False, cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
         return None, None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from patchbench.checkpoint import checkpoint_json, load_checkpoint, load_weights
 from patchbench.config import RunConfig
@@ -62,7 +62,11 @@ def evaluate_run(path: str | Path, data: str | None = None, *, device: str = "au
 
     Returns eval.json's dict: classes, split, loss, top1, top5, per_class_top1, confusion (+ images, checkpoint).
     """
-    from patchbench.data import Loader, holdout_split, prepare  # the data pipeline: only here, not for predict
+    from patchbench.data import (  # the data pipeline: only here, not for predict
+        Loader,
+        holdout_split,
+        prepare,
+    )
 
     if split not in ("val", "holdout"):
         raise UserError(f"--split {split!r}: choose val or holdout")

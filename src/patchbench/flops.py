@@ -8,7 +8,7 @@ activations, pooling and additions are not counted (the usual convention). We sa
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -47,8 +47,8 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from patchbench.device import cpu_features
 from patchbench.models.layers import Residual
@@ -177,7 +177,7 @@ def _build(name: str, source: str, cc: list[str], flags: list[str], folder: Path
         src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
         src.write_text(source)
         try:
-            done = subprocess.run([*cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+            done = subprocess.run([*cc, *flags, str(src), "-o", str(out)], check=False, capture_output=True, text=True)
         except OSError as e:
             done = subprocess.CompletedProcess([cc], 1, "", str(e))
         if done.returncode != 0:

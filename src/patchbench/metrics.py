@@ -44,7 +44,7 @@ class Meter:
         if self.confusion is not None:
             self.confusion += confusion_matrix(logits.argmax(1), target, self.num_classes).double()
 
-    def all_reduce(self) -> "Meter":
+    def all_reduce(self) -> Meter:
         """Sum over data-parallel ranks (in place), when a process group is running."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.sums)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchbench.config import SCHEDULES, TrainConfig
 

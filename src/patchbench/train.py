@@ -41,18 +41,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from patchbench import rundir
-from patchbench.checkpoint import (load_checkpoint, load_weights, optimizer_from_parts, optimizer_to_parts,
-                                   remove_leftovers, rng_from_parts, rng_to_parts, save_checkpoint)
 from patchbench.autotune import Resolution, resolve
+from patchbench.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    remove_leftovers,
+    rng_from_parts,
+    rng_to_parts,
+    save_checkpoint,
+)
 from patchbench.compute import StepPlan, plan_steps, step_macs
 from patchbench.config import RunConfig, cache_root, fields_of
-from patchbench.device import (autocast, cpu_name, device_name, environment, keep_freed_memory, resolve_amp,
-                               resolve_device)
+from patchbench.device import (
+    autocast,
+    cpu_name,
+    device_name,
+    environment,
+    keep_freed_memory,
+    resolve_amp,
+    resolve_device,
+)
 from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
@@ -333,9 +348,9 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     macs_at = check_sizes(cfg, len(classes))  # a model that cannot take a training size fails before the probe
     recorded = rundir.read_config(out).get("derived", {}).get("speed") if plan == "resume" else None
     speed = resolve_speed(cfg, ctx, len(classes), per_rank, recorded, progress)
-    loader_args = dict(device=ctx.device, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
-                       channels_last=speed.choice.channels_last,  # batches arrive in the model's memory format
-                       hold_on_device={"auto": None, "yes": True, "no": False}[t.data_on_device])
+    loader_args = {"device": ctx.device, "seed": t.seed, "rank": ctx.rank, "world_size": ctx.world_size,
+                       "channels_last": speed.choice.channels_last,  # batches arrive in the model's memory format
+                       "hold_on_device": {"auto": None, "yes": True, "no": False}[t.data_on_device]}
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
     steps = plan_run(cfg, len(train_loader), macs_at)
     val_loader = Loader(eval_split, cfg.data, batch_size=max(per_rank, 64), train=False, **loader_args)

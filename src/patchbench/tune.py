@@ -31,8 +31,20 @@ import os
 from pathlib import Path
 
 from patchbench import rundir
-from patchbench.compare import (Layers, PlannedRun, StudyResult, _prepare, _study_meta, match_budget, model_params,
-                                run_study, study_amp, train_work, write_samples, write_study_json)
+from patchbench.compare import (
+    Layers,
+    PlannedRun,
+    StudyResult,
+    _prepare,
+    _study_meta,
+    match_budget,
+    model_params,
+    run_study,
+    study_amp,
+    train_work,
+    write_samples,
+    write_study_json,
+)
 from patchbench.config import Recipe
 from patchbench.errors import UserError
 from patchbench.models import arguments, describe

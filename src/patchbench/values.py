@@ -14,8 +14,10 @@ booleans; a tuple is comma-separated (`0.35,1`) or a JSON list (`[2,2,2,2]`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import re
 import types
 import typing
@@ -61,7 +63,7 @@ def _first_fit(parse, value, kind, what: str):
 
 def _strip_none(kind):
     rest = [a for a in _args(kind) if a is not type(None)]
-    return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)
 
 
 def describe(kind) -> str:

@@ -8,7 +8,13 @@ and each factor's effect averaged over the other with a significance test, in pl
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, exit_code, parse_budgets, print_result, study_inputs
+from patchbench.commands.compare import (
+    add_study_args,
+    exit_code,
+    parse_budgets,
+    print_result,
+    study_inputs,
+)
 from patchbench.errors import UserError
 
 

@@ -7,7 +7,12 @@ Every training and data flag of `train` is accepted and applies to every run.
 
 from __future__ import annotations
 
-from patchbench.commands.options import add_progress_flag, add_recipe_flags, config_file, recipe_changes
+from patchbench.commands.options import (
+    add_progress_flag,
+    add_recipe_flags,
+    config_file,
+    recipe_changes,
+)
 from patchbench.config import get_preset
 from patchbench.errors import UserError
 from patchbench.values import parse_text

@@ -31,10 +31,9 @@ def add_parser(sub):
 
 
 def run(args):
-    from patchbench.evaluate import evaluate_run
-
     from patchbench import rundir
     from patchbench.device import check_device_name
+    from patchbench.evaluate import evaluate_run
 
     batch_size = parse_text(args.batch_size, int, "--batch-size")
     if not 1 <= batch_size <= 65536:

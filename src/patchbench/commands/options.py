@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from patchbench.config import SECTIONS, Switch, check_setting, describe_setting, fields_of, load_recipe
+from patchbench.config import (
+    SECTIONS,
+    Switch,
+    check_setting,
+    describe_setting,
+    fields_of,
+    load_recipe,
+)
 from patchbench.errors import UserError
 from patchbench.values import parse_text
 

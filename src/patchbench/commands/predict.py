@@ -24,9 +24,8 @@ def add_parser(sub):
 
 
 def run(args):
-    from patchbench.evaluate import predict
-
     from patchbench.device import check_device_name
+    from patchbench.evaluate import predict
 
     topk = parse_text(args.topk, int, "--topk")
     if not 1 <= topk <= 100_000:

@@ -13,7 +13,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from patchbench.report import build_report, load_study, parse_formats, save_report, to_text
+    from patchbench.report import (
+        build_report,
+        load_study,
+        parse_formats,
+        save_report,
+        to_text,
+    )
 
     formats = parse_formats(args.format)
     study = load_study(args.study)

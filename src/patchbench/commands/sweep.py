@@ -7,7 +7,12 @@ The report gains a heatmap of final top-1 over the grid. Training and data flags
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, exit_code, print_result, study_inputs
+from patchbench.commands.compare import (
+    add_study_args,
+    exit_code,
+    print_result,
+    study_inputs,
+)
 
 
 def add_parser(sub):

@@ -12,8 +12,20 @@ import os
 import sys
 from pathlib import Path
 
-from patchbench.commands.options import add_progress_flag, add_recipe_flags, config_file, recipe_changes
-from patchbench.config import RunConfig, build_config, fields_of, get_preset, list_presets, to_toml
+from patchbench.commands.options import (
+    add_progress_flag,
+    add_recipe_flags,
+    config_file,
+    recipe_changes,
+)
+from patchbench.config import (
+    RunConfig,
+    build_config,
+    fields_of,
+    get_preset,
+    list_presets,
+    to_toml,
+)
 from patchbench.errors import UserError
 
 

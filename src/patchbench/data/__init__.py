@@ -5,9 +5,21 @@
     for x, y in Loader(data.train, cfg, batch_size=64, train=True, device="cuda", seed=0): ...
 """
 
-from patchbench.data.cache import PreparedData, Split, holdout_split, load_prepared, prepare
-from patchbench.data.imagenette import (DATASETS, default_cache_dir, download_file, list_datasets,
-                                        resolve_source, safe_extract)
+from patchbench.data.cache import (
+                                        PreparedData,
+                                        Split,
+                                        holdout_split,
+                                        load_prepared,
+                                        prepare,
+)
+from patchbench.data.imagenette import (
+                                        DATASETS,
+                                        default_cache_dir,
+                                        download_file,
+                                        list_datasets,
+                                        resolve_source,
+                                        safe_extract,
+)
 from patchbench.data.loader import Loader
 
 __all__ = [

@@ -260,7 +260,7 @@ def apply_ops(x: torch.Tensor, policy: str, ops: torch.Tensor, mags: torch.Tenso
             idx = [j for j, k in enumerate(kinds) if k in group]
             if idx:
                 lo, hi = idx[0], idx[-1] + 1
-                fn = COLOUR_OPS.get(group[0]) or (lambda v, mv: warp(v, kinds[lo:hi], mv))
+                fn = COLOUR_OPS.get(group[0]) or (lambda v, mv, sel=kinds[lo:hi]: warp(v, sel, mv))
                 x[lo:hi] = fn(x[lo:hi], m[lo:hi])
     return x.index_select(0, torch.argsort(order).to(x.device)) if ops.shape[1] else x
 

@@ -32,7 +32,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchbench.config import DataConfig
-from patchbench.data.imagenette import cache_root, class_name, list_images, resolve_source
+from patchbench.data.imagenette import (
+    cache_root,
+    class_name,
+    list_images,
+    resolve_source,
+)
 from patchbench.errors import UserError
 from patchbench.rundir import OutputError, atomic_write_json, make_dir, output_error
 
@@ -52,7 +57,7 @@ class Split:
         """Image rows of samples `idx`."""
         return idx if self.rows is None else self.rows[idx]
 
-    def subset(self, idx: np.ndarray) -> "Split":
+    def subset(self, idx: np.ndarray) -> Split:
         """The samples `idx` of this split, sharing its image array (nothing is copied)."""
         idx = np.asarray(idx, dtype=np.int64)
         return Split(self.images, self.labels[idx], self.row_of(idx))
@@ -69,7 +74,7 @@ def holdout_split(split: Split, fraction: float, seed: int) -> tuple[Split, Spli
     held = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        k = int(round(fraction * len(members)))
+        k = round(fraction * len(members))
         if fraction > 0 and len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
         held.extend(rng.permutation(members)[:k].tolist())
@@ -140,7 +145,7 @@ def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
     path, size = job
     try:
         return decode_image(path, size), None
-    except Exception as e:  # a corrupt file must not stop the other 13,000: reported by the caller
+    except Exception as e:  # noqa: BLE001 -- any decoder's error: a corrupt file must not stop the other 13,000
         return None, f"{type(e).__name__}: {e}"
 
 

@@ -26,7 +26,6 @@ import torch
 
 from patchbench import kernels
 
-
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _SIGNATURES = {"crop_resize": (ctypes.c_int, [_P, _L, _P, _P, _P, _L, _L, _L, _P, _P, ctypes.c_int, _P])}
 _UNSET = object()

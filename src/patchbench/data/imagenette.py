@@ -206,7 +206,7 @@ def _write_member(src, out: Path, mtime: float) -> None:
     (a full disk) is an OutputError naming the file, not taken for a corrupt archive."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        f = open(out, "wb")
+        f = open(out, "wb")  # noqa: SIM115 -- closed by the `with` below; opened here so an OSError names `out`
     except OSError as e:
         raise output_error(out, e) from None
     with src, f:

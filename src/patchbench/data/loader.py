@@ -28,8 +28,14 @@ import torch
 
 from patchbench.config import DataConfig
 from patchbench.data import autoaugment
-from patchbench.data.augment import (center_crop_boxes, check_crop_args, crop_resize_normalize,
-                                     normalize_, one_thread, random_resized_crop_boxes)
+from patchbench.data.augment import (
+    center_crop_boxes,
+    check_crop_args,
+    crop_resize_normalize,
+    normalize_,
+    one_thread,
+    random_resized_crop_boxes,
+)
 from patchbench.data.cache import Split
 from patchbench.device import keep_freed_memory
 from patchbench.errors import UserError

@@ -15,8 +15,9 @@ import difflib
 import functools
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from patchbench.config import model_label
 from patchbench.errors import UserError
@@ -110,4 +111,4 @@ def describe(name: str, overrides: dict[str, Any] | None = None) -> str:
 
 
 # Importing the families fills the registry.
-from patchbench.models import convmixer, isotropic, resnet, vit  # noqa: E402,F401
+from patchbench.models import convmixer, isotropic, resnet, vit  # noqa: F401

@@ -14,10 +14,15 @@ Deviation from the paper: none in `ConvMixer` with its defaults. Inputs whose si
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchbench.models import register_model
-from patchbench.models.layers import Residual, check_img_size, drop_path_rates, kaiming_init_
+from patchbench.models.layers import (
+    Residual,
+    check_img_size,
+    drop_path_rates,
+    kaiming_init_,
+)
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 

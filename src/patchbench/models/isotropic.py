@@ -24,7 +24,7 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchbench.models import register_model
 from patchbench.models.layers import DropPath, check_img_size, drop_path_rates

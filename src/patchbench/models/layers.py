@@ -4,7 +4,7 @@ the study's init."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class DropPath(nn.Module):

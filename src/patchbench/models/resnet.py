@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchbench.models import register_model
 from patchbench.models.layers import Residual, check_img_size, kaiming_init_

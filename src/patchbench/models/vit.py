@@ -24,8 +24,8 @@ rising linearly over the blocks (timm's schedule).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from patchbench.models import register_model
 from patchbench.models.layers import DropPath, drop_path_rates, kaiming_init_

@@ -8,7 +8,15 @@ read through patchbench.rundir). None of them imports torch or the training code
 """
 
 from patchbench.report.load import Group, Run, Study, group_runs, load_run, load_study
-from patchbench.report.render import FORMATS, Report, build_report, parse_formats, save_report, to_text, write_report
+from patchbench.report.render import (
+           FORMATS,
+           Report,
+           build_report,
+           parse_formats,
+           save_report,
+           to_text,
+           write_report,
+)
 
 __all__ = ["FORMATS", "Group", "Report", "Run", "Study", "build_report", "group_runs", "load_run", "load_study",
            "parse_formats", "save_report", "to_text", "write_report"]

@@ -8,6 +8,7 @@ reports. Accuracies come in as fractions and are drawn in percent.
 from __future__ import annotations
 
 import io
+
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter

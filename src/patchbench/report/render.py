@@ -21,17 +21,44 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from patchbench import rundir
-from patchbench.errors import UserError
-from patchbench.report.figures import (budget_curves, figure_accuracy_curves, figure_accuracy_vs_time, figure_budget_curves,
-                                       figure_confusion, figure_heatmap,
-                                       figure_loss_curves, figure_patch_grid, figure_png, figure_sweep_heatmap,
-                                       figure_tradeoffs, patch_views)
-from patchbench.report.load import Group, Study, load_study, group_runs
 from patchbench.compute import macs_tag
-from patchbench.report.stats import (MIXER_WORDS, STEM_WORDS, cell_contrasts, compute_to_reach, conclusion,
-                                     curve_crossings, effect_line, factor_effects, factorial_cells, holm, interval,
-                                     mean_std, pct, pm, reference_rows, results_rows, t_interval, two_way_anova,
-                                     welch_t_test)
+from patchbench.errors import UserError
+from patchbench.report.figures import (
+    budget_curves,
+    figure_accuracy_curves,
+    figure_accuracy_vs_time,
+    figure_budget_curves,
+    figure_confusion,
+    figure_heatmap,
+    figure_loss_curves,
+    figure_patch_grid,
+    figure_png,
+    figure_sweep_heatmap,
+    figure_tradeoffs,
+    patch_views,
+)
+from patchbench.report.load import Group, Study, group_runs, load_study
+from patchbench.report.stats import (
+    MIXER_WORDS,
+    STEM_WORDS,
+    cell_contrasts,
+    compute_to_reach,
+    conclusion,
+    curve_crossings,
+    effect_line,
+    factor_effects,
+    factorial_cells,
+    holm,
+    interval,
+    mean_std,
+    pct,
+    pm,
+    reference_rows,
+    results_rows,
+    t_interval,
+    two_way_anova,
+    welch_t_test,
+)
 
 FORMATS = ("md", "html")
 
@@ -136,8 +163,8 @@ def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[s
     if not rows:
         return []
     lines = [f"Reference: {meta['reference'].get('source', 'published figures')}.", "",
-             "| model | reference final % (best) | ours final % (mean ± std) | n | ours min–max | ours highest epoch % "
-             "| ours − reference | reference inside our range | within ±2 points |",
+             ("| model | reference final % (best) | ours final % (mean ± std) | n | ours min–max | ours highest epoch % "
+             "| ours − reference | reference inside our range | within ±2 points |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = f"{pct(r['ref_final'])} ({pct(r['ref_best'])})"
@@ -169,8 +196,8 @@ def _ablation_lines(study: Study, groups: list[Group], a: dict) -> list[str]:
     mixers, stems = a["mixers"], a["stems"]
     cells = factorial_cells(groups, mixers, stems)
     cell = {k: "–" if not v else f"{pct(mean_std(v)[0])}{pm(mean_std(v)[1])} (n={len(v)})" for k, v in cells.items()}
-    lines = ["Final top-1 % (mean ± std over seeds), rows: token mixer, columns: stem; the last column and row "
-             "are the means over the other factor.", "",
+    lines = [("Final top-1 % (mean ± std over seeds), rows: token mixer, columns: stem; the last column and row "
+             "are the means over the other factor."), "",
              "| mixer | " + " | ".join(stems) + " | mean |", "|---|" + "---|" * (len(stems) + 1)]
     for m in mixers:
         row = [cell[m, s] for s in stems]
@@ -192,8 +219,8 @@ def _ablation_lines(study: Study, groups: list[Group], a: dict) -> list[str]:
               f"epochs)" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
     setting = (f"Setting: {budget}, {data}, {study.meta.get('img_size')}px, {length}, measured on the "
                f"{runs[0].eval_split if runs else 'val'} split")
-    lines += ["", f"{setting}, n={'/'.join(sorted({str(len(v)) for v in cells.values()}))} seed(s) a cell; "
-              "differences in points of top-1, with 95% confidence intervals.", ""]
+    lines += ["", (f"{setting}, n={'/'.join(sorted({str(len(v)) for v in cells.values()}))} seed(s) a cell; "
+              "differences in points of top-1, with 95% confidence intervals."), ""]
     lines += factorial_analysis(cells, mixers, stems)
     return lines
 
@@ -217,8 +244,8 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
         ci = t_interval(values)
         return f"{pct(mean)}{pm(std)}" + (f" ({pct(ci[0])}–{pct(ci[1])})" if ci else "") + f", n={len(values)}"
 
-    lines = ["Final top-1 % on the evaluation split at each training-compute budget: mean ± std over seeds "
-             "(95% confidence interval), n seeds.", "",
+    lines = [("Final top-1 % on the evaluation split at each training-compute budget: mean ± std over seeds "
+             "(95% confidence interval), n seeds."), "",
              "| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     lines += [f"| {labels.get(m, m)} | " + " | ".join(cell(at.get((m, b), [])) for b in budgets) + " |"
               for m in models]
@@ -241,8 +268,8 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
                 k += 1
         lines.append(f"- At {macs_tag(b)}: **{labels.get(best, best)}** is highest"
                      + (", above " + "; ".join(parts) if parts else "") + ".")
-    lines += ["", "Training compute to reach a final top-1 (per seed, interpolated linearly in log-compute between "
-              "the budgets around the crossing; mean and 95% interval over seeds):", ""]
+    lines += ["", ("Training compute to reach a final top-1 (per seed, interpolated linearly in log-compute between "
+              "the budgets around the crossing; mean and 95% interval over seeds):"), ""]
     for threshold in (0.75, 0.80):
         for m in models:
             seeds: dict[int, list[tuple[float, float]]] = {}
@@ -327,8 +354,8 @@ def factorial_analysis(cells: dict[tuple, list[float]], mixers: list[str], stems
     mixer when the interaction is significant, else averaged over the other factor; Holm-corrected."""
     anova = two_way_anova(cells, mixers, stems)
     if anova is None:  # unbalanced or one seed a cell: main effects alone
-        out = ["No analysis of variance (it needs the same number of seeds, at least two, in every cell); "
-               "main effects, averaged over the other factor:", ""]
+        out = [("No analysis of variance (it needs the same number of seeds, at least two, in every cell); "
+               "main effects, averaged over the other factor:"), ""]
         effects = factor_effects(cells, mixers, stems, baseline_mixer, baseline_stem)
         return out + [f"- {effect_line(main_effect_what(e), e['effect'], *(interval(e) or (None, None)), e['p'])}"
                       for e in effects]
@@ -342,9 +369,9 @@ def factorial_analysis(cells: dict[tuple, list[float]], mixers: list[str], stems
     inter = anova["interaction"]
     others = [m for m in mixers if m != baseline_mixer]
     if inter["p"] < 0.05:
-        out += [f"The mixer x stem interaction is significant (F={inter['f']:.2f}, p={inter['p']:.2g}): how much a "
+        out += [(f"The mixer x stem interaction is significant (F={inter['f']:.2f}, p={inter['p']:.2g}): how much a "
                 "mixer gains or loses depends on the stem, so the effects are per stem and per mixer "
-                "(p Holm-corrected over these comparisons):", ""]
+                "(p Holm-corrected over these comparisons):"), ""]
         pairs = [((m, s), (baseline_mixer, s)) for s in stems for m in others if baseline_mixer in mixers]
         pairs += [((m, s), (m, baseline_stem)) for m in mixers for s in stems if s != baseline_stem]
         for c in cell_contrasts(cells, pairs, mse, df):
@@ -353,8 +380,8 @@ def factorial_analysis(cells: dict[tuple, list[float]], mixers: list[str], stems
                     else f"{MIXER_WORDS[m]}, {STEM_WORDS[s]} vs {STEM_WORDS[bs]}")
             out.append(f"- {effect_line(what, c['diff'], c['low'], c['high'], c['p_holm'], 'Holm p')}")
         return out
-    out += [f"The mixer x stem interaction is not significant (F={inter['f']:.2f}, p={inter['p']:.2g}): main effects, "
-            "averaged over the other factor (p Holm-corrected over these comparisons):", ""]
+    out += [(f"The mixer x stem interaction is not significant (F={inter['f']:.2f}, p={inter['p']:.2g}): main effects, "
+            "averaged over the other factor (p Holm-corrected over these comparisons):"), ""]
     effects = factor_effects(cells, mixers, stems, baseline_mixer, baseline_stem)
     for e, p_holm in zip(effects, holm([e["p"] for e in effects])):
         out.append(f"- {effect_line(main_effect_what(e), e['effect'], *interval(e), p_holm, 'Holm p')}")
@@ -422,8 +449,8 @@ def build_report(study: Study) -> Report:
         figures.append((stem, caption, figure_png(fig)))
     configs = [(r.name, json.dumps(r.config, indent=2, sort_keys=True) if r.config else "(no config.json)")
                for r in study.runs]
-    across = ["Families are compared at equal training compute in 'Across compute budgets' below; the table "
-              "above has a row per model and budget."] if study.meta.get("budgets") else None
+    across = [("Families are compared at equal training compute in 'Across compute budgets' below; the table "
+              "above has a row per model and budget.")] if study.meta.get("budgets") else None
     return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
                   table=[table_cells(r) for r in rows], conclusion=across or conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
@@ -443,7 +470,7 @@ def markdown_table(table: list[list[str]]) -> list[str]:
 # A study's summary in the README: `<!-- table: results/NAME -->`, the lines (none yet: an empty block), then
 # `<!-- end table -->`. Groups: the study's path, the lines. scripts/readme_tables.py rewrites the blocks
 # and tests/test_readme.py checks them, both with this pattern.
-README_BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n?<!-- end table -->", re.S)
+README_BLOCK = re.compile(r"<!-- table: (results/[\w.-]+) -->\n(.*?)\n?<!-- end table -->", re.DOTALL)
 
 
 def study_summary(path: str | os.PathLike) -> list[str]:
@@ -574,7 +601,7 @@ def save_report(report: Report, folder: Path, formats=FORMATS) -> list[Path]:
     return written
 
 
-def write_report(study_dir: str | os.PathLike, formats=FORMATS) -> list[Path]:  # noqa: D103
+def write_report(study_dir: str | os.PathLike, formats=FORMATS) -> list[Path]:
     """Read the study folder and write its report into it; returns the paths written."""
     study = load_study(study_dir)
     return save_report(build_report(study), study.path, formats)

@@ -6,6 +6,7 @@ sample standard deviation uses ddof=1. Accuracies are fractions here, percent on
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -91,8 +92,8 @@ def conclusion(groups: list[Group]) -> list[str]:
     if not scored:
         return ["No run has finished yet, so there is nothing to compare."]
     (best_mean, best_std), best = scored[0]
-    lines = [f"**{best.label}** has the highest final-epoch top-1: {pct(best_mean)}%"
-             f"{pm(best_std)} over n={len(best.done)} seed(s)."]
+    lines = [(f"**{best.label}** has the highest final-epoch top-1: {pct(best_mean)}%"
+             f"{pm(best_std)} over n={len(best.done)} seed(s).")]
     if len(scored) == 1:
         return lines
     best_vals = best.finals()
@@ -295,7 +296,7 @@ def compute_to_reach(budgets: list[float], accs: list[float], threshold: float) 
     pairs = sorted(zip(budgets, accs))
     if pairs[0][1] >= threshold:
         return "below", pairs[0][0]
-    for (b0, a0), (b1, a1) in zip(pairs, pairs[1:]):
+    for (b0, a0), (b1, a1) in itertools.pairwise(pairs):
         if a0 < threshold <= a1:
             f = (threshold - a0) / (a1 - a0)
             return "at", math.exp(math.log(b0) + f * (math.log(b1) - math.log(b0)))
