@@ -299,6 +299,7 @@ def test_two_way_anova_matches_the_hand_computed_sums_of_squares():
     assert a["rows"]["p"] == pytest.approx(t4_two_sided(3.0), rel=1e-9)
     assert a["interaction"]["p"] == pytest.approx(t4_two_sided(2.0), rel=1e-9)
     assert two_way_anova({**HAND_CELLS, ("r1", "c1"): [1, 3, 2]}, ["r1", "r2"], ["c1", "c2"]) is None  # unbalanced
+    assert two_way_anova(HAND_CELLS, ["r1", "r2"], ["c1"]) is None  # one level of a factor: nothing to test
 
 
 def test_holm_adjusts_step_down():
@@ -386,4 +387,11 @@ def test_a_budget_study_reports_tables_winners_thresholds_and_crossings(tmp_path
     assert rf.figure_budget_curves(groups) is not None
     report = render.build_report(study)
     assert report.conclusion[0].startswith("Families are compared at equal training compute")
+    # the same study while only its smallest budget has finished: that column is filled, the others wait
+    for run in (tmp_path / "b" / "runs").iterdir():
+        if "budget=5T" not in run.name:
+            (run / "summary.json").write_text(json.dumps({"status": "running"}))
+    early = load.load_study(tmp_path / "b")
+    text = "\n".join(render.budget_section(early, load.group_runs(early.runs))[0][1])
+    assert "| resnet9 | 60.2 ± 0.2 (59.7–60.7), n=3 | – | – |" in text
     assert any(stem == "budget-curves" for stem, _, _ in report.figures)

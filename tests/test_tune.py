@@ -103,6 +103,16 @@ def test_every_family_gets_the_same_search_and_a_choice(tmp_path, capsys):
     assert "[per_model.resnet9.train]" in tn.choice_toml(choice)
 
 
+def test_tune_takes_its_models_from_a_config_file_without_a_preset(tmp_path):
+    import argparse
+
+    from patchbench.commands.compare import study_models
+
+    (tmp_path / "c.toml").write_text('models = ["resnet9"]\n' + SEARCH.replace('preset = "smoke"\n', ""))
+    inputs = {"preset": None, "config": load_recipe(tmp_path / "c.toml")}
+    assert study_models(argparse.Namespace(models=None), inputs) == ["resnet9"]
+
+
 def test_a_real_search_trains_on_the_holdout_at_the_budget(tmp_path, capsys):
     """Through train_run for real (seconds): two trials, the re-runs, a choice printed as recipe tables."""
     from patchbench.cli import main

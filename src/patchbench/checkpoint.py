@@ -102,6 +102,7 @@ def save_checkpoint(folder: str | os.PathLike, name: str, weights: dict[str, tor
         temps.append(tmp)
         _event("write manifest")
         rundir.write_bytes_to(tmp, json.dumps(doc, indent=1).encode(), manifest)
+        _fsync_folder(folder)  # the tensor files' names are on disk before the manifest names them
         _event("commit")
         rundir.commit(tmp, manifest)  # the one rename that commits the checkpoint
     except Exception:  # a failed write (a full disk): leave the folder as it was
@@ -116,8 +117,9 @@ def save_checkpoint(folder: str | os.PathLike, name: str, weights: dict[str, tor
         link.unlink(missing_ok=True)
         os.link(folder / files["weights"], link)
         os.replace(link, alias)
-    except OSError:  # no hard links here: the fixed name is a convenience, the manifest is the record
+    except OSError:  # no hard links here: no fixed name rather than a stale one (the manifest is the record)
         link.unlink(missing_ok=True)
+        alias.unlink(missing_ok=True)
     _event("clean")
     for old in folder.glob(f"{name}.*safetensors"):
         if old.name not in files.values() and old != alias:

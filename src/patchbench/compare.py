@@ -605,6 +605,9 @@ def estimate(cfg: RunConfig, data, *, progress: bool = False) -> dict:
     num_train = len(holdout_split(data.train, cfg.data.holdout, cfg.data.holdout_seed)[0]) if cfg.data.holdout \
         else len(data.train)
     macs_at = check_sizes(cfg, num_classes)
+    if num_train < t.batch_size:
+        raise UserError(f"--batch-size {t.batch_size}: more than the {num_train} training images; a run needs at "
+                        f"least one full batch")
     steps = plan_run(cfg, num_train // t.batch_size, macs_at)
     device = resolve_device(t.device)
     speed = resolve_speed(cfg, Dist(0, 1, 0, device), num_classes, t.batch_size, None, progress)

@@ -52,6 +52,10 @@ class StepPlan:
         """The size of `epoch`'s last step."""
         return self.segments(epoch)[-1][2]
 
+    def epoch_macs(self, epoch: int, batch_size: int, macs_at: dict[int, float]) -> float:
+        """Training compute of `epoch`'s steps."""
+        return sum((end - first) * step_macs(size, batch_size, macs_at) for first, end, size in self.segments(epoch))
+
 
 def macs_tag(macs: float) -> str:
     """A compute budget written short, as the flag takes it: 5e12 -> "5T", 2.5e12 -> "2.5T", 8e11 -> "800G"."""
@@ -83,14 +87,6 @@ def step_macs(size: int, batch_size: int, macs_at: dict[int, float]) -> float:
     return 3.0 * macs_at[size] * batch_size
 
 
-def _step_phases(train_sizes: tuple[int, ...], img_size: int, steps: int) -> tuple[tuple[int, int], ...]:
-    """The sizes split evenly over `steps` steps: step i trains at sizes[i * K // steps]."""
-    sizes = train_sizes or (img_size,)
-    k = len(sizes)
-    return tuple((min(steps, math.ceil((j + 1) * steps / k)), size) for j, size in enumerate(sizes)
-                 if math.ceil(j * steps / k) < min(steps, math.ceil((j + 1) * steps / k)))
-
-
 def _macs(phases, batch_size, macs_at) -> float:
     total, begin = 0.0, 0
     for stop, size in phases:
@@ -109,8 +105,8 @@ def plan_steps(*, budget: float | None, epochs: int | None, steps_per_epoch: int
         phases = _phases(split_sizes(train_sizes, img_size, epochs), steps_per_epoch)
         return StepPlan(epochs * steps_per_epoch, steps_per_epoch, phases, _macs(phases, batch_size, macs_at))
 
-    def cost(steps: int) -> float:
-        return _macs(_step_phases(train_sizes, img_size, steps), batch_size, macs_at)
+    def cost(steps: int) -> float:  # the sizes split evenly over the steps, as over epochs without a budget
+        return _macs(_phases(split_sizes(train_sizes, img_size, steps), 1), batch_size, macs_at)
 
     lo, hi = 1, 2
     while cost(hi) < budget:  # cost grows with the step count: bracket the budget, then bisect
@@ -119,5 +115,5 @@ def plan_steps(*, budget: float | None, epochs: int | None, steps_per_epoch: int
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if cost(mid) < budget else (lo, mid)
     steps = min((lo, hi), key=lambda n: abs(cost(n) - budget))
-    phases = _step_phases(train_sizes, img_size, steps)
+    phases = _phases(split_sizes(train_sizes, img_size, steps), 1)
     return StepPlan(steps, steps_per_epoch, phases, _macs(phases, batch_size, macs_at))

@@ -151,6 +151,7 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
         except OSError:  # the cache folder cannot take it (a folder in the library's place, ...): a private one
             folder = private_dir()
             return _build(name, source, cc, flags, folder, folder / path.name, signatures, suffixes)
+    FAILURES.pop(name, None)
     return _bind(lib, signatures, suffixes)
 
 
@@ -202,6 +203,7 @@ def _build(name: str, source: str, cc: list[str], flags: list[str], folder: Path
         warnings.warn(f"patchbench.kernels: the {name} kernel built in {folder} did not verify after "
                       f"building; using PyTorch's (slower) path", stacklevel=4)
         return None
+    FAILURES.pop(name, None)
     return _bind(lib, signatures, suffixes)
 
 

@@ -57,7 +57,7 @@ from patchbench.checkpoint import (
     rng_to_parts,
     save_checkpoint,
 )
-from patchbench.compute import StepPlan, plan_steps, step_macs
+from patchbench.compute import StepPlan, plan_steps
 from patchbench.config import RunConfig, cache_root, fields_of
 from patchbench.device import (
     autocast,
@@ -612,12 +612,6 @@ def epoch_batches(s: Session):
                 break
 
 
-def epoch_macs(s: Session, epoch: int) -> float:
-    """Training compute of `epoch`'s planned steps."""
-    return sum((end - first) * step_macs(size, s.cfg.train.batch_size, s.macs_at)
-               for first, end, size in s.plan.segments(epoch))
-
-
 def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None:
     """Train the current epoch from batch `s.start_batch`. Returns None when done, or the next batch
     when a stop signal cut it short. Raises TrainingDiverged on a NaN/inf loss."""
@@ -714,7 +708,7 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
                        "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
                        "val_top1": val["top1"], "val_top5": val["top5"], "img_size": size,
                        **({"fit_loss": val["fit"]["loss"], "fit_top1": val["fit"]["top1"]} if "fit" in val else {}),
-                       "train_macs": sum(epoch_macs(s, e) for e in range(s.epoch)),
+                       "train_macs": sum(s.plan.epoch_macs(e, t.batch_size, s.macs_at) for e in range(s.epoch)),
                        "epoch_time_s": round(train_time + val["time_s"], 3),
                        "train_images_per_s": round(trained / train_time, 1),
                        "infer_images_per_s": round(val["images"] / val["time_s"], 1),

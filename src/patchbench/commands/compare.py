@@ -34,7 +34,8 @@ def add_parser(sub):
                    "training-compute budgets (MACs, SI suffixes), for accuracy-against-compute curves (default: the "
                    "preset's budgets, if any)")
     p.add_argument("--plan", action="store_true", help="print each run's steps, training compute and estimated "
-                   "training time on this machine, then exit without training or writing anything")
+                   "training time on this machine, then exit without training (the study folder is not written; "
+                   "the data cache is prepared and the speed probe may be cached, as training would)")
     p.set_defaults(func=run)
 
 
@@ -118,16 +119,24 @@ def print_plan(result) -> None:
     print(f"total estimated training time: {total / 3600:.2f} h (evaluation after each epoch not included)")
 
 
-def run(args) -> int:
-    from patchbench.compare import compare, parse_budget, parse_names
+def study_models(args, inputs: dict) -> list[str]:
+    """--models, else the config file's models, else its (or --preset's) preset's."""
+    from patchbench.compare import parse_names
 
-    inputs = study_inputs(args)
     preset, config = inputs["preset"], inputs["config"]
-    base = preset or (get_preset(config.preset) if config.preset else None)
+    base = preset or (get_preset(config.preset) if config and config.preset else None)
     models = parse_names(args.models, "--models") if args.models else \
         list((config.models if config and config.models else None) or (base.models if base else []))
     if not models:
         raise UserError("no models: pass --models a,b,c (the recipe lists none)")
+    return models
+
+
+def run(args) -> int:
+    from patchbench.compare import compare, parse_budget
+
+    inputs = study_inputs(args)
+    models = study_models(args, inputs)
     result = compare(models=models, out=args.out,
                      param_budget=parse_budget(args.param_budget) if args.param_budget else None,
                      mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,

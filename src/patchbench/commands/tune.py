@@ -9,7 +9,12 @@ recipe tables. Every trial is a run of the study: running it again resumes what 
 
 from __future__ import annotations
 
-from patchbench.commands.compare import add_study_args, print_result, study_inputs
+from patchbench.commands.compare import (
+    add_study_args,
+    print_result,
+    study_inputs,
+    study_models,
+)
 from patchbench.errors import UserError
 
 
@@ -25,17 +30,17 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from patchbench.compare import parse_budget, parse_names
-    from patchbench.config import get_preset
+    from patchbench.compare import parse_budget
     from patchbench.tune import choice_toml, tune
 
     if not args.preset and not args.config:
         args.preset = args.preset_default
     inputs = study_inputs(args)
-    recipe = inputs["preset"] or get_preset(inputs["config"].preset)
-    models = parse_names(args.models, "--models") if args.models else list(recipe.models)
-    if not models:
-        raise UserError("no models: pass --models a,b,c (the recipe lists none)")
+    given = inputs["changes"].get("train", {})
+    if "epochs" in given or "compute_budget" in given:
+        raise UserError("tune trains every trial for its search's compute_budget ([tune] in the recipe); drop "
+                        "--epochs / --compute-budget")
+    models = study_models(args, inputs)
     result = tune(models, args.out, param_budget=parse_budget(args.param_budget) if args.param_budget else None,
                   **inputs)
     print_result(result)

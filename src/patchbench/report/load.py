@@ -178,9 +178,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
     several = len({r.budget for r in runs}) > 1
     groups: dict[tuple, Group] = {}
     for run in runs:
-        budget = run.budget if several else None
-        key = (run.model, json.dumps(run.overrides, sort_keys=True), budget)
-        label = f"{run.label} @ {macs_tag(budget)}" if budget else run.label
-        groups.setdefault(key, Group(label=label, model=run.model, overrides=run.overrides, runs=[], budget=budget))
+        key = (run.model, json.dumps(run.overrides, sort_keys=True), run.budget if several else None)
+        label = f"{run.label} @ {macs_tag(run.budget)}" if several and run.budget else run.label
+        groups.setdefault(key, Group(label=label, model=run.model, overrides=run.overrides, runs=[],
+                                     budget=run.budget))
         groups[key].runs.append(run)
     return list(groups.values())

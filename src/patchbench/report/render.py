@@ -76,9 +76,12 @@ def make_figures(study: Study, groups: list[Group], rows: list[dict]) -> list[tu
         figs.append(("sweep", "Sweep: final top-1 over the grid", figure_sweep_heatmap(groups, study.meta["grid"])))
     if study.meta.get("ablation"):
         a = study.meta["ablation"]
-        cells = factorial_cells(groups, a["mixers"], a["stems"])
-        figs.append(("ablation", "Token mixer x stem: final top-1",
-                     figure_heatmap(cells, a["mixers"], a["stems"], "token mixer", "stem")))
+        budgets = sorted({g.budget for g in groups if g.budget is not None})
+        for b in budgets if len(budgets) > 1 else [None]:  # a heatmap per compute budget in a study of several
+            cells = factorial_cells([g for g in groups if b is None or g.budget == b], a["mixers"], a["stems"])
+            figs.append((f"ablation-{macs_tag(b)}" if b else "ablation",
+                         "Token mixer x stem: final top-1" + (f" at {macs_tag(b)} MACs" if b else ""),
+                         figure_heatmap(cells, a["mixers"], a["stems"], "token mixer", "stem")))
     figs.append(("patches", "Val images cut into each model's patches",
                  figure_patch_grid(study.samples, patch_views(groups, study.meta.get("patch_sizes")))))
     figs += [(f"confusion-{_slug(g.label)}", f"Confusion matrix: {g.label}", figure_confusion(g)) for g in groups]
@@ -321,9 +324,10 @@ def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
              f"weight decay" + (f" and patch sizes {', '.join(map(str, space['patch_size']))} (models that take one)"
                                 if space.get("patch_size") else "")
              + f", each trained for {space['compute_budget'] / 1e12:g}T MACs and scored by its final top-1 on a "
-             f"{space['holdout']:.0%} class-stratified holdout of train (seed {space['holdout_seed']}); a range "
-             "whose best value lay in its outer eighth was widened by half its width for one more round of "
-             f"{space['trials'] // 2} trials for every family; the best two re-ran with seed 1.", ""]
+             f"{space['holdout']:.0%} class-stratified holdout of train (seed {space['holdout_seed']}); while a "
+             "family's best value lay in the outer eighth of a range (at most twice), that range was widened by "
+             f"half its width and every family ran {space['trials'] // 2} more trials; the best two re-ran with "
+             "seed 1.", ""]
     for model in study.meta.get("models", []):
         mine = {name: e for name, e in t["trials"].items() if e["model"] == model}
         if not mine:

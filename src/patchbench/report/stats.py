@@ -222,10 +222,11 @@ def effect_line(what: str, diff: float, low: float | None, high: float | None, p
 def two_way_anova(cells: dict[tuple, list[float]], rows_: list[str], cols: list[str]) -> dict | None:
     """The two-way ANOVA with interaction of a balanced design (every cell the same n >= 2): for the row
     factor, the column factor and their interaction, the sum of squares, df, mean square, F and p, and the
-    error (within-cell) line. None when the design is not balanced or has one value a cell (no error term)."""
+    error (within-cell) line. None when the design is not balanced, has one value a cell (no error term) or
+    one level of a factor."""
     ns = {len(cells[r, c]) for r in rows_ for c in cols}
-    if len(ns) != 1 or ns.pop() < 2:
-        return None
+    if len(rows_) < 2 or len(cols) < 2 or len(ns) != 1 or ns.pop() < 2:
+        return None  # one level of a factor, or no error term: nothing to test
     n, a, b = len(cells[rows_[0], cols[0]]), len(rows_), len(cols)
     cell = {(r, c): sum(cells[r, c]) / n for r in rows_ for c in cols}
     row = {r: sum(cell[r, c] for c in cols) / b for r in rows_}
