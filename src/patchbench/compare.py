@@ -120,27 +120,16 @@ MEASURES = {"params": (model_params, "--param-budget", "parameters"), "macs": (m
 
 def width_knob(model: str, *, num_classes: int, img_size: int,
                base: dict | None = None) -> tuple[str, int, Callable[[int], dict], str | None]:
-    """(what is varied, its value in `base`, width -> overrides, a finer knob or None) for the model's family.
-
-    ConvMixer: `dim`; ResNet-18 / ResNet-9: `width` (the first stage's channels); ViT: `dim` in steps of
-    the head count with the MLP width in proportion, then, if that misses the tolerance, `mlp_dim`
-    alone (a step of the head count moves a small ViT's size by ~10%).
-    """
+    """(what is varied, its value in `base` in steps, width -> overrides, a finer knob or None), as the
+    model's family declares it (`width()`): ConvMixer and the isotropic backbone `dim`, ResNets `width`,
+    ViTs `dim` in steps of the head count with the MLP in proportion, then `mlp_dim` alone."""
     with torch.device("meta"):
         net = create_model(model, num_classes=num_classes, img_size=img_size, **(base or {}))
-    kind = type(net).__name__
-    if kind == "ConvMixer":
-        return "dim", net.head[-1].in_features, lambda w: {"dim": w}, None
-    if kind in ("ResNet", "ResNet9"):
-        return "width", net.stem.conv.out_channels, lambda w: {"width": w}, None
-    if kind in ("ViT", "SeedViT"):
-        dim, heads = net.head.in_features, net.blocks[0].attn.num_heads
-        ratio = net.blocks[0].mlp.fc1.out_features / dim
-        return "dim", dim // heads, lambda w: {"dim": heads * w, "mlp_dim": round(ratio * heads * w)}, "mlp_dim"
-    if kind == "Isotropic":  # every cell alike: `dim` in steps of 1 (attention heads are dim // num_heads wide)
-        return "dim", net.head.in_features, lambda w: {"dim": w}, None
-    raise UserError(f"model {model!r} ({kind}) has no width to size for a budget; "
-                    f"use a convmixer_*, vit_*, resnet* or iso_* model")
+    if not hasattr(net, "width"):
+        raise UserError(f"model {model!r} ({type(net).__name__}) declares no width to size for a budget; "
+                        f"use a convmixer_*, vit_*, resnet* or iso_* model")
+    w = net.width()  # each family declares its own (patchbench.models.layers.Width)
+    return w.knob, w.value // w.step, w.overrides, w.fine
 
 
 def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) -> int:

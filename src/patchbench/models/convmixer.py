@@ -19,6 +19,7 @@ from torch import nn
 from patchbench.models import register_model
 from patchbench.models.layers import (
     Residual,
+    Width,
     check_img_size,
     drop_path_rates,
     kaiming_init_,
@@ -94,6 +95,9 @@ class ConvMixer(nn.Module):
             nn.Dropout(drop_rate),
             nn.Linear(dim, num_classes),
         )
+
+    def width(self) -> Width:
+        return Width("dim", self.head[-1].in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, dim, H/p, W/p)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from patchbench.models import register_model
-from patchbench.models.layers import DropPath, check_img_size, drop_path_rates
+from patchbench.models.layers import DropPath, Width, check_img_size, drop_path_rates
 from patchbench.models.vit import MLP, Attention
 
 MIXERS = ("conv", "attention", "mlp", "pool", "identity")
@@ -176,6 +176,9 @@ class Isotropic(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
+
+    def width(self) -> Width:  # every cell alike: `dim` in steps of 1 (heads are dim // num_heads wide)
+        return Width("dim", self.head.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, dim, grid, grid)

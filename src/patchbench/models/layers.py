@@ -3,8 +3,28 @@ the study's init."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Width:
+    """How a family is made wider or narrower to meet a parameter or MAC budget, declared by the family
+    (its `width()` method): the constructor argument `knob` at `value`, moved in steps of `step` channels
+    (a ViT: its head count), `scaled` arguments kept in proportion ({name: ratio to the knob}), and a
+    `fine` argument to try alone when whole steps miss the tolerance."""
+
+    knob: str
+    value: int
+    step: int = 1
+    scaled: dict[str, float] = field(default_factory=dict)
+    fine: str | None = None
+
+    def overrides(self, w: int) -> dict:
+        """The constructor arguments of width `w` (in steps)."""
+        return {self.knob: self.step * w, **{k: round(r * self.step * w) for k, r in self.scaled.items()}}
 
 
 class DropPath(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from patchbench.models import register_model
-from patchbench.models.layers import Residual, check_img_size, kaiming_init_
+from patchbench.models.layers import Residual, Width, check_img_size, kaiming_init_
 
 
 class BasicBlock(nn.Module):
@@ -86,6 +86,9 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def width(self) -> Width:  # the first stage's channels; the others are multiples of it
+        return Width("width", self.stem.conv.out_channels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, 64, H/4, W/4), or (B, 64, H, W) with small_input
         x = self.blocks(x)  # (B, 512, H/32, W/32), or H/8 with small_input
@@ -134,6 +137,9 @@ class ResNet9(nn.Module):
         self.head = nn.Sequential(OrderedDict(
             pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(1), drop=nn.Dropout(drop_rate),
             fc=nn.Linear(c[3], num_classes)))
+
+    def width(self) -> Width:  # the first stage's channels; the others are multiples of it
+        return Width("width", self.stem.conv.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, w, H, W)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchbench.models import register_model
-from patchbench.models.layers import DropPath, drop_path_rates, kaiming_init_
+from patchbench.models.layers import DropPath, Width, drop_path_rates, kaiming_init_
 
 
 def _num_patches(img_size: int, patch_size: int, model: str) -> int:
@@ -181,6 +181,13 @@ class ViT(nn.Module):
         patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(self.pos_embed.dtype)
         return torch.cat([cls, patches], dim=1)
 
+    def width(self) -> Width:
+        """`dim` in steps of the head count, the MLP in proportion; then `mlp_dim` alone (a step of the head
+        count moves a small ViT's size by ~10%)."""
+        dim, heads = self.head.in_features, self.blocks[0].attn.num_heads
+        return Width("dim", dim, step=heads, scaled={"mlp_dim": self.blocks[0].mlp.fc1.out_features / dim},
+                     fine="mlp_dim")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size and x.shape[-1] == x.shape[-2] and x.shape[-1] % self.patch_size == 0:
             grid = x.shape[-1] // self.patch_size
@@ -241,6 +248,13 @@ class SeedViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
+
+    def width(self) -> Width:
+        """`dim` in steps of the head count, the MLP in proportion; then `mlp_dim` alone (a step of the head
+        count moves a small ViT's size by ~10%)."""
+        dim, heads = self.head.in_features, self.blocks[0].attn.num_heads
+        return Width("dim", dim, step=heads, scaled={"mlp_dim": self.blocks[0].mlp.fc1.out_features / dim},
+                     fine="mlp_dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.default_img_size, "seed_vit")
