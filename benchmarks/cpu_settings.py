@@ -43,11 +43,11 @@ import torch
 import patchbench.device
 from patchbench.autotune import resolve
 from patchbench.bench import Settings, make_step, screen, time_steps
-from patchbench.compare import match_budget
 from patchbench.config import get_preset
 from patchbench.device import NATIVE_BF16_FLAGS, cpu_name, resolve_amp
 from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model, describe
+from patchbench.study import match_budget
 
 CPU = torch.device("cpu")
 OLD_PRESET = {"vit": Settings("fp32", False)}  # the fair preset before `auto`; every other family:

@@ -9,7 +9,7 @@ import runfixtures as fx
 from scipy import stats as sps
 from test_compare import fake_work, ran, tiny_study
 
-from patchbench import compare as cp
+from patchbench import study as cp
 from patchbench.cli import main
 from patchbench.config import get_preset
 from patchbench.errors import UserError

@@ -15,28 +15,30 @@ import pytest
 import runfixtures as fx
 from PIL import Image
 
-from patchbench import compare as cp
 from patchbench import rundir
+from patchbench import study as cp
 from patchbench.cli import main
+from patchbench.commands import parse
 from patchbench.config import get_preset
 from patchbench.errors import UserError
+from patchbench.study import budget as sb
 from patchbench.train import TrainingDiverged
 
 # ----------------------------------------------------------------------------- parsing
 
 
 def test_parse_budget_seeds_and_names():
-    assert cp.parse_budget("1.0M") == 1_000_000 and cp.parse_budget("800k") == 800_000
-    assert cp.parse_budget("1500000") == 1_500_000
+    assert parse.parse_budget("1.0M") == 1_000_000 and parse.parse_budget("800k") == 800_000
+    assert parse.parse_budget("1500000") == 1_500_000
     for bad in ("", "1.0X", "-1M", "0", "M"):
         with pytest.raises(UserError, match="--param-budget"):
-            cp.parse_budget(bad)
-    assert cp.parse_seeds("0, 1,2,1") == [0, 1, 2]
+            parse.parse_budget(bad)
+    assert parse.parse_seeds("0, 1,2,1") == [0, 1, 2]
     with pytest.raises(UserError, match="--seeds"):
-        cp.parse_seeds("0,a")
+        parse.parse_seeds("0,a")
     with pytest.raises(UserError, match="--seeds"):
-        cp.parse_seeds("-1")
-    assert cp.parse_names("a,b,,a", "--models") == ["a", "b"]
+        parse.parse_seeds("-1")
+    assert parse.parse_names("a,b,,a", "--models") == ["a", "b"]
 
 
 # ----------------------------------------------------------------------------- matched budgets
@@ -58,8 +60,8 @@ def test_match_budget_within_five_percent(model):
 ])
 def test_budget_matching_prefers_widths_the_hardware_likes(budget, tolerance, expected):
     count = lambda w: 1000 * w
-    closest = cp._closest(count, budget, 64, 1 << 14)
-    assert cp._aligned(count, budget, closest, tolerance, channels=lambda w: w) == expected
+    closest = sb._closest(count, budget, 64, 1 << 14)
+    assert sb._aligned(count, budget, closest, tolerance, channels=lambda w: w) == expected
 
 
 def test_a_model_already_within_the_budget_is_kept_as_designed():

@@ -8,7 +8,7 @@ import pytest
 from test_train import assert_same_run, folder, interrupt_at_step, metrics, tiny_config  # noqa: F401 (a fixture)
 
 import patchbench.train as train_mod
-from patchbench import compare as cp
+from patchbench import study as cp
 from patchbench.cli import main
 from patchbench.compute import plan_steps
 from patchbench.config import build_config, get_preset

@@ -13,7 +13,7 @@ import pytest
 import runfixtures as fx
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "patchbench"
-HEAVY = ("torch", "patchbench.train", "patchbench.models", "patchbench.data", "patchbench.compare",
+HEAVY = ("torch", "patchbench.train", "patchbench.models", "patchbench.data", "patchbench.study",
          "patchbench.evaluate", "patchbench.kernels", "patchbench.bench")
 
 
@@ -54,7 +54,7 @@ LAYERS = [
     {"threads", "flops", "metrics", "checkpoint", "optim", "kernels", "models", "data", "report"},
     {"evaluate", "bench", "autotune"},
     {"train"},
-    {"compare", "tune"},
+    {"study"},
     {"commands"},
     {"cli", "__main__"},
 ]

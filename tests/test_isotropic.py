@@ -17,7 +17,7 @@ from timm.models.mlp_mixer import MixerBlock
 from timm.models.vision_transformer import Block as TimmViTBlock
 from torch import nn
 
-from patchbench import compare as cp
+from patchbench import study as cp
 from patchbench.models import create_model
 from patchbench.models.isotropic import MIXERS, STEMS, Isotropic, _grid, _tokens
 

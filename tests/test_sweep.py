@@ -5,25 +5,26 @@ import json
 import pytest
 from test_compare import fake_work, ran, tiny_study
 
-from patchbench import compare as cp
+from patchbench import study as cp
 from patchbench.cli import main
+from patchbench.commands import parse
 from patchbench.config import get_preset
 from patchbench.errors import UserError
 
 
 def test_parse_grid_values_and_errors():
-    grid = cp.parse_grid("patch_size=2,4,8 kernel_size=3,5")
+    grid = parse.parse_grid("patch_size=2,4,8 kernel_size=3,5")
     assert cp.typed_grid("convmixer_256_8", grid) == {"patch_size": [2, 4, 8], "kernel_size": [3, 5]}
-    grid = cp.parse_grid("activation=gelu,relu drop_rate=0.1")
+    grid = parse.parse_grid("activation=gelu,relu drop_rate=0.1")
     assert cp.typed_grid("convmixer_256_8", grid) == {"activation": ["gelu", "relu"], "drop_rate": [0.1]}
     for bad in ("", "patch_size", "patch_size=", "=2,4", "a=1 a=2"):
         with pytest.raises(UserError, match="--grid"):
-            cp.parse_grid(bad)
+            parse.parse_grid(bad)
     # values are typed by the model's signature, and a value that does not fit names the argument
     with pytest.raises(UserError, match=r"--grid patch_size 'two': need a whole number"):
-        cp.typed_grid("convmixer_256_8", cp.parse_grid("patch_size=2,two"))
+        cp.typed_grid("convmixer_256_8", parse.parse_grid("patch_size=2,two"))
     with pytest.raises(UserError, match=r"--grid drop_rate 'none': need a finite number"):
-        cp.typed_grid("convmixer_256_8", cp.parse_grid("drop_rate=none"))
+        cp.typed_grid("convmixer_256_8", parse.parse_grid("drop_rate=none"))
     with pytest.raises(UserError, match="takes no argument 'no_such_arg'"):
         cp.typed_grid("convmixer_256_8", {"no_such_arg": ["1"]})
 

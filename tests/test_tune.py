@@ -10,9 +10,9 @@ import pytest
 import runfixtures as fx
 from test_compare import image_folder
 
-from patchbench import tune as tn
 from patchbench.config import load_recipe
 from patchbench.errors import UserError
+from patchbench.study import search as tn
 
 SEARCH = """
 preset = "smoke"

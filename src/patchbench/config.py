@@ -349,7 +349,7 @@ class Recipe:
     preset: str | None = None
     param_budget: int | None = None  # compare/ablate: size every model to this many parameters (±5%)
     reference: dict[str, Any] | None = None  # published figures to set the study's against (report)
-    tune: dict[str, Any] | None = None  # the search `patchbench tune` runs (patchbench.tune.check_space)
+    tune: dict[str, Any] | None = None  # the search `patchbench tune` runs (patchbench.study.search.check_space)
     budgets: list[float] | None = None  # compare: train every (model, seed) at each of these compute budgets
     where: str = "recipe"  # the file it came from, for messages
 

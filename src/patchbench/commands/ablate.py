@@ -36,7 +36,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from patchbench.compare import ablate, parse_budget, parse_names
+    from patchbench.commands.parse import parse_budget, parse_names
+    from patchbench.study import ablate
 
     if not args.preset and not args.config:
         args.preset = args.preset_default

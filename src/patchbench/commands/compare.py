@@ -1,7 +1,7 @@
 """`patchbench compare --preset P [--models a,b] [--seeds 0,1,2] [flags] --out STUDY`.
 
 Trains every (model, seed) of the study as STUDY/runs/<model>-s<seed>, skipping finished runs and
-resuming interrupted ones, then writes STUDY/report.md and report.html (see patchbench.compare).
+resuming interrupted ones, then writes STUDY/report.md and report.html (see patchbench.study).
 Every training and data flag of `train` is accepted and applies to every run.
 """
 
@@ -57,7 +57,7 @@ def add_study_args(p, default_seeds: str | None) -> None:
 
 def study_inputs(args) -> dict:
     """The recipe layers and study options common to compare, sweep and ablate, parsed and checked."""
-    from patchbench.compare import parse_seeds
+    from patchbench.commands.parse import parse_seeds
 
     lock_timeout = parse_text(args.lock_timeout, float, "--lock-timeout")
     if lock_timeout <= 0:
@@ -121,7 +121,7 @@ def print_plan(result) -> None:
 
 def study_models(args, inputs: dict) -> list[str]:
     """--models, else the config file's models, else its (or --preset's) preset's."""
-    from patchbench.compare import parse_names
+    from patchbench.commands.parse import parse_names
 
     preset, config = inputs["preset"], inputs["config"]
     base = preset or (get_preset(config.preset) if config and config.preset else None)
@@ -133,7 +133,8 @@ def study_models(args, inputs: dict) -> list[str]:
 
 
 def run(args) -> int:
-    from patchbench.compare import compare, parse_budget
+    from patchbench.commands.parse import parse_budget
+    from patchbench.study import compare
 
     inputs = study_inputs(args)
     models = study_models(args, inputs)

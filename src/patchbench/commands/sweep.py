@@ -28,7 +28,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from patchbench.compare import parse_grid, sweep
+    from patchbench.commands.parse import parse_grid
+    from patchbench.study import sweep
 
     result = sweep(model=args.model, grid=parse_grid(args.grid), out=args.out, **study_inputs(args))
     print_result(result)

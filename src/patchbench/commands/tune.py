@@ -1,6 +1,6 @@
 """`patchbench tune [--preset budget] [--models a,b,c] [flags] --out STUDY`: the same search for every family.
 
-Runs the recipe's [tune] search (patchbench.tune): for every model the same Sobol trials of learning
+Runs the recipe's [tune] search (patchbench.study.search): for every model the same Sobol trials of learning
 rate and weight decay (and patch size, for the models that take one) at the search's compute
 budget, scored on a holdout of train; ranges widened where an optimum lies on their edge, with the
 same number of trials for every family; the best two re-run with a second seed. Prints the choice as
@@ -30,8 +30,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from patchbench.compare import parse_budget
-    from patchbench.tune import choice_toml, tune
+    from patchbench.commands.parse import parse_budget
+    from patchbench.study.search import choice_toml, tune
 
     if not args.preset and not args.config:
         args.preset = args.preset_default

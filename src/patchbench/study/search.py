@@ -31,23 +31,14 @@ import os
 from pathlib import Path
 
 from patchbench import rundir
-from patchbench.compare import (
-    Layers,
-    PlannedRun,
-    StudyResult,
-    _prepare,
-    _study_meta,
-    match_budget,
-    model_params,
-    run_study,
-    study_amp,
-    train_work,
-    write_samples,
-    write_study_json,
-)
 from patchbench.config import Recipe
 from patchbench.errors import UserError
 from patchbench.models import arguments, describe
+from patchbench.study.budget import match_budget, model_params
+from patchbench.study.files import study_amp, write_samples, write_study_json
+from patchbench.study.plan import Layers, PlannedRun
+from patchbench.study.runner import run_study, train_work
+from patchbench.study.studies import StudyResult, _prepare, _study_meta
 
 MAX_WIDENINGS = 2
 EDGE = 1 / 8  # a best value this close to a range's end (fraction of its log-width) widens the range
