@@ -149,24 +149,18 @@ def test_run_held_by_a_live_worker_is_left_alone(tmp_path):
     assert out["held"] == ["resnet9-s0"] and ran(log) == ["convmixer_256_8-s0"]
 
 
-def test_diverged_run_is_recorded_and_the_study_goes_on(tmp_path):
+@pytest.mark.parametrize("error, outcome, listed", [
+    (TrainingDiverged("loss is nan"), "failed", "convmixer_256_8-s0"),  # diverged: recorded
+    (UserError("checkpoint x is damaged"), "stopped", "convmixer_256_8-s0: checkpoint x is damaged"),  # cannot go on
+])
+def test_a_run_that_fails_or_cannot_go_on_is_listed_and_the_study_goes_on(tmp_path, error, outcome, listed):
     def work(cfg, out):
         if cfg.model.name == "convmixer_256_8":
-            raise TrainingDiverged("loss is nan")
+            raise error
         fx.write_run(out, model=cfg.model.name, seed=0, val_top1=[0.5])
 
     out = cp.run_study(tmp_path, small_plan(1), work=work, progress=False)
-    assert out["failed"] == ["convmixer_256_8-s0"] and out["trained"] == ["resnet9-s0"]
-
-
-def test_a_run_that_cannot_go_on_is_reported_and_the_study_goes_on(tmp_path):
-    def work(cfg, out):
-        if cfg.model.name == "convmixer_256_8":
-            raise UserError("checkpoint x is damaged")
-        fx.write_run(out, model=cfg.model.name, seed=0, val_top1=[0.5])
-
-    out = cp.run_study(tmp_path, small_plan(1), work=work, progress=False)
-    assert out["stopped"] == ["convmixer_256_8-s0: checkpoint x is damaged"] and out["trained"] == ["resnet9-s0"]
+    assert out[outcome] == [listed] and out["trained"] == ["resnet9-s0"]
     assert list((tmp_path / "locks").iterdir()) == []
 
 

@@ -72,19 +72,24 @@ def test_prepare_filling_a_real_disk_is_an_error_not_a_bus_error(folder, tmp_pat
         subprocess.run(["umount", str(disk)], check=False, capture_output=True)
 
 
-def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_path, monkeypatch, capsys):
-    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=3)
-    train_run(cfg, tmp_path / "full", progress=False)
-    real = ck.save_file
-    calls = []
+def disk_full_at_the_third_tensor_file(monkeypatch):
+    """Make the third safetensors file a checkpoint writes fail with ENOSPC; returns the real writer."""
+    real, calls = ck.save_file, []
 
-    def full_on_the_third_file(tensors, path, *a, **k):  # epoch 1: best (2 files), last (the third fails)
+    def full(tensors, path, *a, **k):
         calls.append(path)
         if len(calls) == 3:
             raise ENOSPC
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(ck, "save_file", full_on_the_third_file)
+    monkeypatch.setattr(ck, "save_file", full)
+    return real
+
+
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(folder, tmp_path, "resnet9", epochs=3)
+    train_run(cfg, tmp_path / "full", progress=False)
+    real = disk_full_at_the_third_tensor_file(monkeypatch)  # epoch 1: best (2 files), last (the third fails)
     out = tmp_path / "cut"
     from patchbench.errors import UserError
 
@@ -99,15 +104,7 @@ def test_a_full_disk_while_checkpointing_stops_cleanly_and_resumes(folder, tmp_p
 
 def test_the_full_disk_message_gives_a_command_that_works(folder, tmp_path, monkeypatch, capsys):
     """The CLI's advice after a full disk is run as given (the words between the backquotes), and finishes."""
-    real, calls = ck.save_file, []
-
-    def full_once(tensors, path, *a, **k):
-        calls.append(path)
-        if len(calls) == 3:
-            raise ENOSPC
-        return real(tensors, path, *a, **k)
-
-    monkeypatch.setattr(ck, "save_file", full_once)
+    disk_full_at_the_third_tensor_file(monkeypatch)
     out = tmp_path / "run"
     argv = ["train", "--preset", "smoke", "--model", "resnet9", "--model-arg", "width=8", "--data", str(folder),
             "--cache-dir", str(tmp_path), "--device", "cpu", "--epochs", "2", "--no-progress", "--out", str(out)]
