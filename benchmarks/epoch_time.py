@@ -29,7 +29,7 @@ processes, one of each per round in alternating order, each running (b) (c) (d) 
 steps; it prints their median epoch times and `ratio_malloc=<(b) default / (b) kept>` and
 `ratio_vs_issue=<(c) default / (b) kept>`: against the code as it stood when the seed_convmixer
 speed-up was asked for (fp32-promoting gain, default malloc; the gelu/BatchNorm kernel's loop order
-then is not reproduced here, see docs/PERFORMANCE.md).
+then is not reproduced here, see docs/PERFORMANCE-HISTORY.md).
 
 Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
 160px images, 591 batches of 16 per epoch on Imagenette-160.
