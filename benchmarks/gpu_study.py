@@ -1,4 +1,4 @@
-"""Everything that needs a GPU, in one call of at most 9 minutes; `--dry-run` runs the same on the CPU.
+"""Everything that needs a GPU, in one call; `--dry-run` runs the same on the CPU.
 
 Stages, each with its own time budget (a stage that runs out is stopped cleanly: studies are
 checkpointed and resumable, and their reports list what did not finish):
@@ -10,14 +10,12 @@ checkpointed and resumable, and their reports list what did not finish):
      several `compare` workers sharing the study folder (the GPU is mostly idle with batch 16), then
      `patchbench report`;
   5. the small files of every study (never checkpoints) packed into OUT/studies.tar.gz, beside
-     OUT/gpu_study.log, OUT/bench.json and OUT/summary.json (at most 8 files, as the device tool
-     brings back).
+     OUT/gpu_study.log, OUT/bench.json and OUT/summary.json (four files in all).
 
 It runs from a source checkout with the machine's own Python and packages (nothing installed):
     PYTHONPATH=src python3 benchmarks/gpu_study.py --data /tmp/imagenette2-160.tgz --out "$OUT"
-The archive (118.7 MB) does not fit one 64 MiB transfer: `--split-archive` cuts it into two parts
-here, each call carries one, and `--join` puts them back together there, checked by MD5
-(docs/PERFORMANCE.md, "On a GPU", gives the two calls).
+Where files travel to the GPU machine in pieces of limited size, `--split-archive` cuts the archive
+into parts of `--part-mib` MiB here and `--join` puts them back together there, checked by MD5.
 
     python benchmarks/gpu_study.py --dry-run --out /tmp/gpu-dry      # the CPU rehearsal (CI runs it)
 """
@@ -39,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_MD5 = "eaa4df7af2b441c336dbc1e46c2e94d7"  # ../shared/datasets/imagenette2-160.tgz
-PART_BYTES = 60 * 2**20  # under the device tool's 64 MiB per transfer
+DEFAULT_PART_MIB = 60
 SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "study.json", "samples.npz",
                "report.md", "report.html")
 
@@ -55,12 +53,12 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def split_archive(archive: Path, into: Path) -> list[Path]:
-    """Cut `archive` into parts of at most PART_BYTES (named NAME.part-0, NAME.part-1, ...)."""
+def split_archive(archive: Path, into: Path, part_mib: int = DEFAULT_PART_MIB) -> list[Path]:
+    """Cut `archive` into parts of at most `part_mib` MiB (named NAME.part-0, NAME.part-1, ...)."""
     into.mkdir(parents=True, exist_ok=True)
     parts = []
     with open(archive, "rb") as f:
-        while block := f.read(PART_BYTES):
+        while block := f.read(part_mib * 2**20):
             part = into / f"{archive.name}.part-{len(parts)}"
             part.write_bytes(block)
             parts.append(part)
@@ -168,19 +166,20 @@ def summarise(studies: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", help="folder for what comes back (at most 8 files)")
+    p.add_argument("--out", help="folder for what comes back (four files)")
     p.add_argument("--data", help="the Imagenette-160 archive (or an image folder)")
     p.add_argument("--md5", default=ARCHIVE_MD5, help="the archive's expected MD5 (default: ../shared's copy)")
     p.add_argument("--join", nargs="+", metavar="PART", help="join these archive parts into --data first")
     p.add_argument("--split-archive", metavar="ARCHIVE", help="only cut ARCHIVE into parts under --into, and stop")
     p.add_argument("--into", default=".gpu-data", help="where --split-archive writes the parts")
+    p.add_argument("--part-mib", type=int, default=DEFAULT_PART_MIB, help="--split-archive's part size in MiB")
     p.add_argument("--dry-run", action="store_true", help="the same stages on the CPU: smoke preset, a generated "
                    "folder, minutes of budget shrunk to seconds")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every stage's time budget")
     args = p.parse_args(argv)
 
     if args.split_archive:
-        for part in split_archive(Path(args.split_archive), Path(args.into)):
+        for part in split_archive(Path(args.split_archive), Path(args.into), args.part_mib):
             print(f"{part} ({part.stat().st_size / 2**20:.1f} MiB)")
         print(f"md5 of the whole: {md5(Path(args.split_archive))}")
         return 0
