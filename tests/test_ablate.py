@@ -99,11 +99,14 @@ def test_ablate_plans_every_cell_at_the_budget(tmp_path):
     result = cp.ablate(["conv", "attention"], ["patch", "conv"], [0], study, preset=get_preset("ablation"),
                        changes={**kw["changes"], "data": {**kw["changes"]["data"], "img_size": 16}},
                        progress=False, work=fake_work(log), param_budget=100_000)
-    assert sorted(ran(log)) == sorted(f"iso_{m}_{s}-s0" for m in ("conv", "attention") for s in ("patch", "conv"))
+    # every cell once at each of the preset's two compute budgets
+    assert sorted(ran(log)) == sorted(f"iso_{m}_{s}-budget={b}-s0" for m in ("conv", "attention")
+                                      for s in ("patch", "conv") for b in ("2.5T", "10T"))
     meta = json.loads((study / "study.json").read_text())
     assert meta["kind"] == "ablation" and meta["ablation"] == {"mixers": ["conv", "attention"], "stems": ["patch", "conv"]}
     assert all(abs(p - 100_000) <= 5_000 for p in meta["chosen_params"].values())
-    assert set(meta["chosen_macs"]) == set(meta["chosen"]) and len(result.outcome["trained"]) == 4
+    assert set(meta["chosen_macs"]) == set(meta["chosen"]) and len(result.outcome["trained"]) == 8
+    assert meta["budgets"] == [2.5e12, 1e13]
     with pytest.raises(UserError, match="--mixers fft: choose from conv, attention"):
         cp.ablate(["fft"], ["patch"], [0], tmp_path / "other", preset=get_preset("ablation"))
 

@@ -130,3 +130,30 @@ def test_a_real_search_trains_on_the_holdout_at_the_budget(tmp_path, capsys):
     summary = json.loads((tmp_path / "study" / "runs" / runs[0] / "summary.json").read_text())
     one_step = summary["train_macs"] / summary["steps"]  # at one size: the closest whole number of steps
     assert summary["eval_split"] == "holdout" and abs(summary["train_macs"] - 20e6) <= one_step / 2
+
+
+def test_a_shared_search_chooses_one_recipe_for_every_model(tmp_path):
+    """shared = true: every trial is ranked by its mean over the models, so the widening, the re-runs and the
+    choice are the same for all (here ResNet-9 peaks at lr 10^-2.5, ConvMixer keeps rising: the mean decides)."""
+    (tmp_path / "search.toml").write_text(SEARCH.replace("patch_size = [2, 4]", "shared = true"))
+    changes = {"data": {"source": str(image_folder(tmp_path / "images")), "cache_dir": str(tmp_path / "cache"),
+                        "prepare_size": 16, "img_size": 16}, "train": {"device": "cpu"}}
+
+    def work(cfg, out):
+        fx.write_run(out, model=cfg.model.name, seed=cfg.train.seed, val_top1=[0.1, score(cfg)])
+
+    models = ["convmixer_256_8", "resnet9"]
+    tn.tune(models, tmp_path / "study", config=load_recipe(tmp_path / "search.toml"), changes=changes,
+            progress=False, work=work)
+    t = json.loads((tmp_path / "study" / "study.json").read_text())["tune"]
+    assert t["ranges"]["convmixer_256_8"] == t["ranges"]["resnet9"]  # widened alike
+    choice = t["choice"]
+    assert choice["convmixer_256_8"]["lr"] == choice["resnet9"]["lr"]
+    assert choice["convmixer_256_8"]["weight_decay"] == choice["resnet9"]["weight_decay"]
+    # the chosen trial has the best mean over both models and both seeds among the re-run ones
+    reruns = {e["trial"] for e in t["trials"].values() if e["seed"] == 1}
+    assert len(reruns) == 2 and choice["resnet9"]["trial"] in reruns
+    # the mean of the two curves, 0.65 + 0.05 x - 0.5 (x + 2.5)^2 with x = log10(lr), peaks at x = -2.45
+    assert abs(math.log10(choice["resnet9"]["lr"]) + 2.45) < 0.3
+    with pytest.raises(UserError, match="shared = true chooses one learning rate"):
+        tn.check_space({"lr": [1e-3, 1e-2], "weight_decay": [0.01, 0.1], "patch_size": [4], "shared": True}, "x")

@@ -1,4 +1,4 @@
-"""`patchbench ablate [--preset ablation] [--mixers ...] [--stems ...] [--seeds 0,1] [flags] --out STUDY`.
+"""`patchbench ablate [--preset ablation] [--mixers ...] [--stems ...] [--seeds 0,1,2] [--budgets 2.5T,10T] [flags] --out STUDY`.
 
 The controlled experiment: one isotropic backbone (patchbench.models.isotropic) with every token
 mixer x stem, sized to the same parameter (or MAC) budget, trained x seeds into STUDY/runs/ with
@@ -31,7 +31,7 @@ def add_parser(sub):
     p.add_argument("--mac-budget", metavar="N", help="size every cell to N MACs per image instead, e.g. 60M")
     p.add_argument("--budgets", metavar="2T,8T", help="train every cell and seed once at each of these training-"
                    "compute budgets (MACs): equal compute for every cell, at several budgets")
-    add_study_args(p, default_seeds="0,1")
+    add_study_args(p, default_seeds="0,1,2")
     p.set_defaults(func=run, preset_default="ablation")
 
 

@@ -19,6 +19,9 @@ fraction). Every family then gets the same search:
 3. Each family's best two trials run again with a second seed; the choice is the one with the higher
    mean holdout top-1 over both seeds, and is meant to be used at every budget.
 
+With `shared = true` the same search chooses one learning rate and weight decay for all the models
+together, every trial ranked by its mean over them: one recipe for every cell of an ablation.
+
 Every trial is a run directory of the study (compare's skip/resume rules and locks); running the
 command again redoes nothing that finished and takes the same decisions from the same results.
 """
@@ -73,7 +76,8 @@ def check_space(space: dict, where: str) -> dict:
     """The recipe's [tune] table, checked: log-ranges, patch sizes, trials, budget, holdout."""
     from patchbench.values import SI, check_value
 
-    known = {"lr", "weight_decay", "patch_size", "trials", "compute_budget", "holdout", "holdout_seed", "seed"}
+    known = {"lr", "weight_decay", "patch_size", "trials", "compute_budget", "holdout", "holdout_seed", "seed",
+             "shared"}
     unknown = sorted(set(space) - known)
     if unknown:
         raise UserError(f"{where}: unknown [tune] key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -93,6 +97,10 @@ def check_space(space: dict, where: str) -> dict:
         raise UserError(f"{where}: [tune] holdout = {out['holdout']:g}: need a fraction of train in [0.05, 0.5]")
     out["holdout_seed"] = check_value(space.get("holdout_seed", 0), int, f"{where}: [tune] holdout_seed")
     out["seed"] = check_value(space.get("seed", 0), int, f"{where}: [tune] seed")
+    out["shared"] = check_value(space.get("shared", False), bool, f"{where}: [tune] shared")
+    if out["shared"] and out["patch_size"]:
+        raise UserError(f"{where}: [tune] shared = true chooses one learning rate and weight decay for every model; "
+                        f"it searches no patch size (drop patch_size)")
     return out
 
 
@@ -180,9 +188,15 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
             outcome[key] += got[key]
         return all(_score(study, p.name) is not None for _, p in new)
 
-    def best_of(model: str, seed: int = 0, n: int = 1) -> list[dict]:
-        done = [(e, _score(study, name)) for name, e in entries.items() if e["model"] == model and e["seed"] == seed]
-        return [e for e, _ in sorted(done, key=lambda pair: -pair[1])[:n]]
+    def score(model: str, index: int, seeds=(0,)) -> float:
+        """A trial's holdout top-1 (its mean over `seeds`); with a shared search, the mean over every model."""
+        names = [f"{m}-t{index:02d}-s{s}" for m in (models if space["shared"] else [model]) for s in seeds]
+        return sum(_score(study, name) for name in names) / len(names)
+
+    def best_of(model: str, n: int = 1) -> list[dict]:
+        """`model`'s n best seed-0 trials (ranked over every model with a shared search)."""
+        done = [e for e in entries.values() if e["model"] == model and e["seed"] == 0]
+        return sorted(done, key=lambda e: -score(model, e["trial"]))[:n]
 
     n, index = space["trials"], 0
     complete = run_round([trial(m, i, ranges[m][-1], 1, 0) for m in models for i in range(n)])
@@ -207,11 +221,8 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
         complete = run_round(reruns)
     if complete:
         for m in models:
-            mean = {}
-            for name, e in entries.items():
-                if e["model"] == m and e["seed"] == 1:
-                    first = f"{m}-t{e['trial']:02d}-s0"
-                    mean[e["trial"]] = (_score(study, first) + _score(study, name)) / 2
+            mean = {e["trial"]: score(m, e["trial"], seeds=(0, 1))
+                    for e in entries.values() if e["model"] == m and e["seed"] == 1}
             pick = max(mean, key=mean.get)
             e = entries[f"{m}-t{pick:02d}-s1"]
             choice[m] = {"lr": e["lr"], "weight_decay": e["weight_decay"], "mean_holdout_top1": mean[pick],
