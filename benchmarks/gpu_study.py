@@ -17,7 +17,7 @@ It runs from a source checkout with the machine's own Python and packages (nothi
 Where files travel to the GPU machine in pieces of limited size, `--split-archive` cuts the archive
 into parts of `--part-mib` MiB here and `--join` puts them back together there, checked by MD5.
 
-    python benchmarks/gpu_study.py --dry-run --out /tmp/gpu-dry      # the CPU rehearsal (CI runs it)
+    python benchmarks/gpu_study.py --dry-run --out /tmp/gpu-dry      # the CPU rehearsal (the slow test tier runs it)
 """
 
 from __future__ import annotations

@@ -272,7 +272,7 @@ CASES = [
     ("eval-output-study", ["eval", "{run}", "--output", "{study}/eval.json"], ["--output", "inside the study folder"]),
     ("compare-budgets-text", [*COMPARE, "--budgets", "5T,lots", *NEW], ["--budgets '5T,lots'"]),
     ("compare-budgets-and-epochs", [*COMPARE, "--budgets", "1G", "--epochs", "2", *NEW],
-     ["--budgets gives every run its compute budget"]),
+     ["--budgets (1G) give every run its compute budget", "--budgets none"]),
     ("tune-epochs", ["tune", "--epochs", "3", "--out", "{root}/t"], ["drop --epochs / --compute-budget"]),
     ("compare-plan-batch-too-big", [*COMPARE, "--batch-size", "1000", "--plan", *NEW],
      ["--batch-size 1000: more than the", "training images"]),

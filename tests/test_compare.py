@@ -356,7 +356,9 @@ def test_a_study_over_compute_budgets_plans_a_run_per_model_seed_and_budget(tmp_
     cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), budgets=[4e6], progress=False, work=work,
                report_formats=())  # a study grows by budgets, as by seeds
     assert json.loads((study / "study.json").read_text())["budgets"] == [1e6, 2e6, 4e6]
+    with pytest.raises(UserError, match="holds a study over compute budgets"):  # no mixing with epoch runs
+        cp.compare(["resnet9"], [0], study, **tiny_study(tmp_path), budgets=[], progress=False, work=work)
     kw = tiny_study(tmp_path)
     kw["changes"]["train"]["compute_budget"] = 3e6
-    with pytest.raises(UserError, match="--budgets gives every run its compute budget"):
+    with pytest.raises(UserError, match=r"--budgets \(1M\) give every run its compute budget"):
         cp.compare(["resnet9"], [0], tmp_path / "other", **kw, budgets=[1e6], progress=False, work=work)

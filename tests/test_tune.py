@@ -155,5 +155,6 @@ def test_a_shared_search_chooses_one_recipe_for_every_model(tmp_path):
     assert len(reruns) == 2 and choice["resnet9"]["trial"] in reruns
     # the mean of the two curves, 0.65 + 0.05 x - 0.5 (x + 2.5)^2 with x = log10(lr), peaks at x = -2.45
     assert abs(math.log10(choice["resnet9"]["lr"]) + 2.45) < 0.3
+    assert tn.choice_toml(choice, shared=True).startswith("[train]\nlr = ")  # one recipe, for every model
     with pytest.raises(UserError, match="shared = true chooses one learning rate"):
         tn.check_space({"lr": [1e-3, 1e-2], "weight_decay": [0.01, 0.1], "patch_size": [4], "shared": True}, "x")

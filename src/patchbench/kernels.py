@@ -149,8 +149,13 @@ def build_library(name: str, source_file: str, defines: list[str], signatures: d
         try:
             return _build(name, source, cc, flags, folder, path, signatures, suffixes)
         except OSError:  # the cache folder cannot take it (a folder in the library's place, ...): a private one
-            folder = private_dir()
-            return _build(name, source, cc, flags, folder, folder / path.name, signatures, suffixes)
+            try:
+                folder = private_dir()
+                return _build(name, source, cc, flags, folder, folder / path.name, signatures, suffixes)
+            except OSError as e:
+                FAILURES[name] = f"no folder could hold the built library ({e})"
+                warnings.warn(f"patchbench.kernels: {FAILURES[name]}; using PyTorch's (slower) path", stacklevel=3)
+                return None
     FAILURES.pop(name, None)
     return _bind(lib, signatures, suffixes)
 

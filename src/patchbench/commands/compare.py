@@ -32,7 +32,7 @@ def add_parser(sub):
                    "long each run trains)")
     p.add_argument("--budgets", metavar="5T,10T", help="train every (model, seed) once at each of these "
                    "training-compute budgets (MACs, SI suffixes), for accuracy-against-compute curves (default: the "
-                   "preset's budgets, if any)")
+                   "preset's budgets, if any; none: train without them)")
     p.add_argument("--plan", action="store_true", help="print each run's steps, training compute and estimated "
                    "training time on this machine, then exit without training (the study folder is not written; "
                    "the data cache is prepared and the speed probe may be cached, as training would)")
@@ -80,10 +80,12 @@ def report_formats(args):
 
 
 def parse_budgets(text: str | None) -> list[float] | None:
-    """'5T,10T,20T' -> [5e12, 1e13, 2e13]; None when not given."""
+    """'5T,10T,20T' -> [5e12, 1e13, 2e13]; [] for 'none' (no budgets, not even a preset's); None when not given."""
     from patchbench.values import SI
 
-    return sorted(set(parse_text(text, list[SI], "--budgets"))) if text else None
+    if text is None:
+        return None
+    return [] if text.strip().lower() == "none" else sorted(set(parse_text(text, list[SI], "--budgets")))
 
 
 def exit_code(result) -> int:

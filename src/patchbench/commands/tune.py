@@ -4,7 +4,7 @@ Runs the recipe's [tune] search (patchbench.study.search): for every model the s
 rate and weight decay (and patch size, for the models that take one) at the search's compute
 budget, scored on a holdout of train; ranges widened where an optimum lies on their edge, with the
 same number of trials for every family; the best two re-run with a second seed. Prints the choice as
-recipe tables. Every trial is a run of the study: running it again resumes what is missing.
+recipe tables: one per model, or with `shared = true` one recipe for them all (ranked by their mean). Every trial is a run of the study: running it again resumes what is missing.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def run(args) -> int:
     print_result(result)
     choice = result.meta["tune"]["choice"]
     if choice:
-        print("the choice, as recipe tables (holdout top-1: the mean of two seeds):")
-        print(choice_toml(choice))
+        shared = result.meta["tune"]["space"].get("shared")
+        print("the choice, as recipe tables (holdout top-1: the mean of two seeds"
+              + (" and of every model: one recipe for all):" if shared else "):"))
+        print(choice_toml(choice, shared))
     else:
         print("the search is not finished (a round has runs held by other workers, or unfinished); run the same "
               "command again")

@@ -320,7 +320,9 @@ def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
     space = t["space"]
     scores = {r.name: r.summary.get("final_top1") for r in study.runs if r.finished}
     failed = {r.name for r in study.runs if r.status == "failed"}
-    lines = [f"The same search for every family: {space['trials']} trials over log-ranges of learning rate and "
+    lines = [("One search for all the models together (a shared recipe, every trial ranked by its mean over them): "
+              if space.get("shared") else "The same search for every family: ")
+             + f"{space['trials']} trials over log-ranges of learning rate and "
              f"weight decay" + (f" and patch sizes {', '.join(map(str, space['patch_size']))} (models that take one)"
                                 if space.get("patch_size") else "")
              + f", each trained for {space['compute_budget'] / 1e12:g}T MACs and scored by its final top-1 on a "
@@ -345,9 +347,10 @@ def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
             lines.append(f"| {name} | {e['round']} | {e['seed']} | {e['lr']:.3g} | {e['weight_decay']:.3g} "
                          f"| {e.get('patch_size', '–')} | {score} |")
         c = (t.get("choice") or {}).get(model)
+        over = "every model and seeds 0 and 1 (a shared recipe)" if space.get("shared") else "seeds 0 and 1"
         lines += ["", f"Choice: trial {c['trial']} (lr {c['lr']:.3g}, weight decay {c['weight_decay']:.3g}"
                   + (f", patch {c['patch_size']}" if "patch_size" in c else "")
-                  + f"), mean holdout top-1 over seeds 0 and 1 {pct(c['mean_holdout_top1'])}%." if c
+                  + f"), mean holdout top-1 over {over} {pct(c['mean_holdout_top1'])}%." if c
                   else "Choice: not made yet (the search has not finished).", ""]
     return [("Tuning", lines)]
 

@@ -13,8 +13,6 @@ from patchbench.models import create_model
 
 BUDGET_TOLERANCE = 0.05
 
-# Matched parameter budgets
-
 
 def model_params(model: str, *, num_classes: int, img_size: int, **overrides) -> int:
     """Parameter count of `model` built with `overrides`, on the meta device (no memory, instant)."""

@@ -12,8 +12,6 @@ from patchbench import rundir
 from patchbench.errors import UserError
 from patchbench.study.plan import PlannedRun
 
-# study.json and samples.npz
-
 STUDY_IDENTITY = ("preset", "data", "grid", "param_budget", "mac_budget", "overrides", "config_file", "kind",
                   "ablation")
 
@@ -38,6 +36,10 @@ def write_study_json(study: Path, meta: dict) -> dict:
     path = study / rundir.STUDY
     if path.exists():
         old = rundir.read_json(path)
+        if old.get("runs") and bool(old.get("budgets")) != bool(meta.get("budgets")):
+            raise UserError(f"{study} holds a study " + ("over compute budgets" if old.get("budgets") else
+                                                         "without compute budgets") + "; its runs and these would "
+                            "not compare: use another --out (or `--budgets none` to train without a preset's budgets)")
         if "overrides" in old and same_results(old["overrides"], meta.get("overrides")):
             meta["overrides"] = old["overrides"]  # other threads, cache folder or device: the same study
         for key in STUDY_IDENTITY:

@@ -9,8 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-# Run locks
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -23,7 +21,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive claim on one run, shared through the file system (see the module docstring).
+    """An exclusive claim on one run, shared through the file system (the protocol: patchbench.study's docstring).
 
     acquire() never waits: it returns False when a live worker holds the run.
     """

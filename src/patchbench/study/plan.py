@@ -19,8 +19,6 @@ def typed_grid(model: str, grid: dict[str, list]) -> dict[str, list]:
     return {key: list(dict.fromkeys(check_overrides(model, {key: v}, "--grid")[key] for v in values))
             for key, values in grid.items()}
 
-# Planning runs
-
 
 @dataclass
 class PlannedRun:

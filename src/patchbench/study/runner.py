@@ -16,8 +16,6 @@ from patchbench.study.locks import RunLock
 from patchbench.study.plan import PlannedRun
 from patchbench.train import TrainingDiverged, train_run
 
-# Running a study
-
 
 def train_work(progress: bool) -> Callable[[RunConfig, Path], None]:
     """The real work: train (or resume) one run."""

@@ -242,8 +242,12 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
     return StudyResult(study, meta, outcome, reports)
 
 
-def choice_toml(choice: dict) -> str:
-    """The choice as per-model recipe tables, to copy into a preset."""
+def choice_toml(choice: dict, shared: bool = False) -> str:
+    """The choice as recipe tables to copy into a preset: one [train] table for a shared search (the one recipe
+    of every model), else a table per model."""
+    if shared:
+        c = next(iter(choice.values()))
+        return f"[train]\nlr = {c['lr']:.4g}\nweight_decay = {c['weight_decay']:.4g}\n"
     lines = []
     for model, c in choice.items():
         lines += [f"[per_model.{model}.train]", f"lr = {c['lr']:.4g}", f"weight_decay = {c['weight_decay']:.4g}"]

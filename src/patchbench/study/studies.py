@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from patchbench import rundir
+from patchbench.compute import macs_tag
 from patchbench.config import Recipe, RunConfig
 from patchbench.errors import UserError
 from patchbench.models import describe
@@ -30,8 +31,6 @@ from patchbench.study.plan import (
     typed_grid,
 )
 from patchbench.study.runner import run_study, train_work
-
-# The entry points: compare (models x seeds) and sweep (grid cells x seeds)
 
 
 @dataclass
@@ -145,11 +144,14 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
             "img_size": base[models[0]].data.img_size, "num_classes": num_classes,
             "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=base[m].data.img_size)
                             for m in models}, **(extra_meta or {})}
-    budgets = budgets or layers.budgets
+    from_preset = budgets is None and bool(layers.budgets)
+    budgets = layers.budgets if budgets is None else budgets
     if budgets:
         given = (changes or {}).get("train", {})
         if given.get("compute_budget") or "epochs" in given:
-            raise UserError("--budgets gives every run its compute budget; drop --compute-budget / --epochs")
+            which = "the preset's budgets" if from_preset else "--budgets"
+            raise UserError(f"{which} ({', '.join(map(macs_tag, budgets))}) give every run its compute budget; "
+                            f"drop --compute-budget / --epochs, or pass --budgets none")
         meta["budgets"] = sorted(budgets)
     plan = plan_compare(models, seeds, layers, chosen, budgets)
     return _execute(study, meta, plan, data, work=work, progress=progress, stale_after=stale_after,
