@@ -690,7 +690,7 @@ def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
         if s.partial_sums is not None and ctx.main:  # the part of this epoch trained before a stop
             meter.sums += torch.tensor(s.partial_sums, dtype=torch.float64, device=ctx.device)
         s.partial_sums = None
-        trained = (steps - s.start_batch) * t.batch_size  # images trained in this session
+        trained = (steps - s.start_batch) * t.batch_size  # images trained by this process
         threads_before = dict(s.tuner.steps_at) if s.tuner is not None else None
         tick = time.perf_counter()
         with tqdm(total=steps, initial=s.start_batch, desc=f"epoch {s.epoch + 1}/{s.plan.epochs}",
