@@ -11,10 +11,10 @@ from __future__ import annotations
 from patchbench.commands.compare import (
     add_study_args,
     exit_code,
-    parse_budgets,
     print_result,
     study_inputs,
 )
+from patchbench.commands.parse import parse_budgets
 from patchbench.errors import UserError
 
 

@@ -7,6 +7,7 @@ Every training and data flag of `train` is accepted and applies to every run.
 
 from __future__ import annotations
 
+from patchbench.commands import parse
 from patchbench.commands.options import (
     add_progress_flag,
     add_recipe_flags,
@@ -79,15 +80,6 @@ def report_formats(args):
     return () if args.no_report else parse_formats(args.format)
 
 
-def parse_budgets(text: str | None) -> list[float] | None:
-    """'5T,10T,20T' -> [5e12, 1e13, 2e13]; [] for 'none' (no budgets, not even a preset's); None when not given."""
-    from patchbench.values import SI
-
-    if text is None:
-        return None
-    return [] if text.strip().lower() == "none" else sorted(set(parse_text(text, list[SI], "--budgets")))
-
-
 def exit_code(result) -> int:
     """2 when a run could not go on (bad input, a damaged checkpoint, a full disk), 1 when one diverged, else 0."""
     return 2 if result.outcome.get("stopped") else 1 if result.outcome["failed"] else 0
@@ -143,7 +135,7 @@ def run(args) -> int:
     result = compare(models=models, out=args.out,
                      param_budget=parse_budget(args.param_budget) if args.param_budget else None,
                      mac_budget=parse_budget(args.mac_budget, "--mac-budget") if args.mac_budget else None,
-                     plan_only=args.plan, budgets=parse_budgets(args.budgets), **inputs)
+                     plan_only=args.plan, budgets=parse.parse_budgets(args.budgets), **inputs)
     if args.plan:
         print_plan(result)
         return 0

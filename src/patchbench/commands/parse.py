@@ -49,3 +49,12 @@ def parse_grid(text: str) -> dict[str, list[str]]:
     if not grid:
         raise UserError("--grid is empty; e.g. --grid 'patch_size=2,4,8 kernel_size=3,5,7,9'")
     return grid
+
+
+def parse_budgets(text: str | None) -> list[float] | None:
+    """'5T,10T,20T' -> [5e12, 1e13, 2e13]; [] for 'none' (no budgets, not even a preset's); None when not given."""
+    from patchbench.values import SI, parse_text
+
+    if text is None:
+        return None
+    return [] if text.strip().lower() == "none" else sorted(set(parse_text(text, list[SI], "--budgets")))
