@@ -155,7 +155,8 @@ def summarise(studies: Path) -> dict:
     out = {}
     for summary in sorted(studies.glob("*/runs/*/summary.json")):
         s = json.loads(summary.read_text())
-        row = {k: s.get(k) for k in ("status", "final_top1", "best_top1", "epochs_done", "wall_time_s",
+        s.setdefault("lowest_loss_top1", s.get("best_top1"))  # its name before run-directory schema 2
+        row = {k: s.get(k) for k in ("status", "final_top1", "lowest_loss_top1", "epochs_done", "wall_time_s",
                                      "train_images_per_s")}
         metrics = summary.with_name("metrics.jsonl")
         if metrics.exists():

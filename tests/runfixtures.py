@@ -55,14 +55,15 @@ def write_run(run_dir: Path, *, model: str, seed: int, val_top1: list[float], ov
         text = text[: len(text) - len(lines[-1]) // 2 - 1]
     (run_dir / "metrics.jsonl").write_text(text)
     if write_summary:
-        best = int(np.argmax(val_top1)) if val_top1 else None
+        best = int(np.argmax(val_top1)) if val_top1 else None  # val_loss falls as top-1 rises
         summary = {
-            "status": status, "model": model, "params": params, "macs": macs, "img_size": img_size,
+            "schema": 2, "status": status, "model": model, "params": params, "macs": macs, "img_size": img_size,
             "epochs": epochs, "epochs_done": len(val_top1),
             "final_top1": val_top1[-1] if val_top1 else None,
             "final_top5": min(1.0, val_top1[-1] + 0.3) if val_top1 else None,
             "final_val_loss": 2.2 - 2 * val_top1[-1] if val_top1 else None,
-            "best_top1": val_top1[best] if val_top1 else None, "best_epoch": best + 1 if val_top1 else None,
+            "lowest_loss_top1": val_top1[best] if val_top1 else None,
+            "lowest_loss_epoch": best + 1 if val_top1 else None,
             "wall_time_s": wall_time_s, "train_images_per_s": train_ips, "infer_images_per_s": infer_ips,
             "device": "cpu", "patch_size": patch_size,
         }

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import patchbench.data.loader as loader_mod
 import patchbench.train as train_mod
+from patchbench import rundir
 from patchbench.cli import main
 from patchbench.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from patchbench.train import TrainingDiverged, train_run
@@ -88,7 +89,8 @@ def test_loss_falls_and_run_dir_follows_the_contract(folder, tmp_path):
     assert summary["status"] == "finished" and summary["epochs_done"] == 4
     assert summary["final_top1"] == rows[-1]["val_top1"]
     lowest_loss = min(rows, key=lambda r: r["val_loss"])  # best = the epoch checkpoint/best keeps
-    assert summary["best_top1"] == lowest_loss["val_top1"] and summary["best_epoch"] == lowest_loss["epoch"]
+    assert summary["lowest_loss_top1"] == lowest_loss["val_top1"]
+    assert summary["lowest_loss_epoch"] == lowest_loss["epoch"] and summary["schema"] == rundir.SCHEMA
     assert summary["params"] > 0 and summary["macs"] > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["name"] == "resnet9" and cfg["train"]["seed"] == 0
@@ -321,8 +323,9 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
 
 
 def test_run_directories_of_the_previous_version_still_resume_and_report(folder, tmp_path, capsys):
-    """A run written before this version (no new settings in config.json, no label or eval_split in
-    summary.json, best_top1 chosen by top-1): resumes, finishes and reports."""
+    """A run written before this version (schema 1: no new settings in config.json, a hostname in its env,
+    no label or eval_split in summary.json, best_top1/best_epoch for the lowest-loss figures): resumes in
+    the current schema, finishes and reports."""
     cfg = tiny_config(folder, tmp_path, "resnet9", epochs=2)
     train_run(cfg, tmp_path / "full", progress=False)
     out = tmp_path / "old"
@@ -345,13 +348,20 @@ def test_run_directories_of_the_previous_version_still_resume_and_report(folder,
         doc["data"].pop(key)
     doc["train"].pop("data_on_device")
     doc["derived"]["num_val"] = doc["derived"].pop("num_eval")
+    del doc["schema"]
+    doc["env"]["hostname"] = "lab-pc"
     (out / "config.json").write_text(json.dumps(doc))
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("label", "eval_split"):
+    for key in ("label", "eval_split", "schema"):
         summary.pop(key)
+    summary["best_top1"], summary["best_epoch"] = summary.pop("lowest_loss_top1"), summary.pop("lowest_loss_epoch")
     (out / "summary.json").write_text(json.dumps(summary))
+    assert rundir.read_summary(out / "summary.json")["lowest_loss_epoch"] == 1
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert_same_run(tmp_path / "full", out)
+    doc, summary = (json.loads((out / name).read_text()) for name in ("config.json", "summary.json"))
+    assert doc["schema"] == summary["schema"] == rundir.SCHEMA and "hostname" not in doc["env"]
+    assert "best_top1" not in summary and summary["lowest_loss_epoch"] in (1, 2)
     assert main(["report", str(out), "--format", "md"]) == 0
     assert "| resnet9(width=8) |" in (out / "report.md").read_text()
 

@@ -52,11 +52,18 @@ RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "inter
 STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
 NEW = "new"  # no summary.json yet: not started (only returned by run_status, never written)
 
+# The run-directory schema, written as "schema" in config.json and summary.json (files without it are 1).
+# 2: summary.json's figures of the lowest-validation-loss epoch are named for that (lowest_loss_top1,
+# lowest_loss_epoch; 1 called them best_top1, best_epoch) and config.json's env has no hostname.
+# Reading upgrades a file of an earlier schema; upgrade_run rewrites a run directory in this one.
+SCHEMA = 2
+SUMMARY_RENAMED = {"best_top1": "lowest_loss_top1", "best_epoch": "lowest_loss_epoch"}
+
 # The kinds of the figures in summary.json and metrics.jsonl (None is allowed for each).
 SUMMARY_KINDS: dict[str, tuple[type, ...]] = {
     "status": (str,), "model": (str,), "label": (str,), "params": (int,), "macs": (int,), "img_size": (int,),
     "epochs": (int,), "epochs_done": (int,), "final_top1": (int, float), "final_top5": (int, float),
-    "final_val_loss": (int, float), "best_top1": (int, float), "best_epoch": (int,),
+    "final_val_loss": (int, float), "lowest_loss_top1": (int, float), "lowest_loss_epoch": (int,),
     "wall_time_s": (int, float), "train_images_per_s": (int, float), "infer_images_per_s": (int, float),
     "epochs_time_s": (int, float), "device": (str,), "world_size": (int,), "error": (str,), "patch_size": (int,),
     "eval_split": (str,),
@@ -327,10 +334,53 @@ def append_metrics(path: str | os.PathLike, row: dict) -> None:
 
 def read_summary(path: str | os.PathLike) -> dict:
     path = Path(path)
-    doc = check_fields(read_json(path), SUMMARY_KINDS, str(path))
+    doc = upgrade_summary(check_fields(read_json(path), SUMMARY_KINDS, str(path)), path)
     if doc.get("status") not in STATUSES:
         raise RunFileError(f"{path}: status is {json.dumps(doc.get('status'))}, not one of {', '.join(STATUSES)}")
     return doc
+
+
+def _schema(doc: dict, path: Path) -> int:
+    version = doc.get("schema", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RunFileError(f"{path}: schema is {json.dumps(version)}, not a version number")
+    if version > SCHEMA:
+        raise RunFileError(f"{path} was written in run-directory schema {version}, newer than this patchbench's "
+                           f"({SCHEMA}); upgrade patchbench to read it")
+    return version
+
+
+def upgrade_summary(doc: dict, path: Path) -> dict:
+    """summary.json's document in the current schema (the same object when it already is)."""
+    if _schema(doc, path) == SCHEMA:
+        return doc
+    return {"schema": SCHEMA, **{SUMMARY_RENAMED.get(k, k): v for k, v in doc.items() if k != "schema"}}
+
+
+def upgrade_config(doc: dict, path: Path) -> dict:
+    """config.json's document in the current schema (the same object when it already is)."""
+    if _schema(doc, path) == SCHEMA:
+        return doc
+    env = doc.get("env")
+    if isinstance(env, dict):
+        env = {k: v for k, v in env.items() if k != "hostname"}
+    return {"schema": SCHEMA, **{k: env if k == "env" else v for k, v in doc.items() if k != "schema"}}
+
+
+def upgrade_run(run_dir: str | os.PathLike) -> list[Path]:
+    """Rewrite a run directory's config.json and summary.json in the current schema (atomically, each
+    only when it is of an earlier one); the files rewritten."""
+    run_dir, done = Path(run_dir), []
+    for name, read, upgrade in ((CONFIG, read_json, upgrade_config), (SUMMARY, read_json, upgrade_summary)):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        doc = read(path)
+        new = upgrade(doc, path)
+        if new is not doc:
+            atomic_write_json(path, new)
+            done.append(path)
+    return done
 
 
 def run_status(run_dir: str | os.PathLike) -> str:
@@ -342,7 +392,8 @@ def run_status(run_dir: str | os.PathLike) -> str:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
-    return read_json(Path(run_dir) / CONFIG)
+    path = Path(run_dir) / CONFIG
+    return upgrade_config(read_json(path), path)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

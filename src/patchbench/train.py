@@ -400,6 +400,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
                             f"on; resume with the run's own data, or start a new run with another --out")
         if ctx.main:
             remove_leftovers(out / rundir.CHECKPOINT)
+            rundir.upgrade_run(out)  # a run of an earlier schema goes on in this one
         state = restore(out / rundir.CHECKPOINT, classes, model, optimizer, scaler, ema,
                         lambda msg: log(s, progress, msg))
         s.epoch, s.start_batch, s.step = state["epoch"], state["batch"], state["step"]
@@ -413,7 +414,7 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         if overwrite:
             clear_run_dir(out)
         rundir.make_dir(out)
-        doc = {**cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
+        doc = {"schema": rundir.SCHEMA, **cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
                "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": len(train_loader),
                            "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
                            "num_eval": len(eval_split), "eval_split": split_name, "steps": steps.steps,
@@ -569,7 +570,7 @@ def save(s: Session, name: str, batch: int, sums: list[float] | None) -> None:
 
 
 def write_summary(s: Session, status: str, error: str | None = None) -> dict:
-    summary = {"status": status, **s.summary_base, **summarise(s.rows, s.wall(), s.cfg.train.batch_size)}
+    summary = {"schema": rundir.SCHEMA, "status": status, **s.summary_base, **summarise(s.rows, s.wall(), s.cfg.train.batch_size)}
     if error:
         summary["error"] = error
     if s.ctx.main:
@@ -581,13 +582,14 @@ def summarise(rows: list[dict], wall: float, batch_size: int) -> dict:
     """summary.json's figures from the metrics rows (accuracies as fractions).
 
     The best epoch is the one with the lowest validation loss, the same rule that picks
-    checkpoint/best; best_top1 is that epoch's top-1 (an optimistic figure: chosen on the split it is
-    measured on)."""
+    checkpoint/best; lowest_loss_top1 is that epoch's top-1 (an optimistic figure: chosen on the split it
+    is measured on)."""
     out = {"epochs_done": len(rows), "wall_time_s": round(wall, 2)}
     if rows:
         best = min(rows, key=lambda r: r["val_loss"])
         out.update(final_top1=rows[-1]["val_top1"], final_top5=rows[-1]["val_top5"],
-                   final_val_loss=rows[-1]["val_loss"], best_top1=best["val_top1"], best_epoch=best["epoch"],
+                   final_val_loss=rows[-1]["val_loss"], lowest_loss_top1=best["val_top1"],
+                   lowest_loss_epoch=best["epoch"],
                    train_images_per_s=rows[-1]["train_images_per_s"],
                    infer_images_per_s=rows[-1]["infer_images_per_s"],
                    epochs_time_s=round(sum(r["epoch_time_s"] for r in rows), 2),

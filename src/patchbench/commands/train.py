@@ -160,6 +160,7 @@ def run(args):
             print(f"patchbench train: {e or 'interrupted'}", file=sys.stderr)
         return 130
     if s.get("epochs_done") and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{s.get('label', s['model'])}: final top-1 {s['final_top1']:.4f} (best {s['best_top1']:.4f} at epoch "
-              f"{s['best_epoch']}), {s['params']:,} params, {s['wall_time_s']:.1f}s -> {out}")
+        print(f"{s.get('label', s['model'])}: final top-1 {s['final_top1']:.4f} (lowest-loss epoch "
+              f"{s['lowest_loss_epoch']}: {s['lowest_loss_top1']:.4f}), {s['params']:,} params, "
+              f"{s['wall_time_s']:.1f}s -> {out}")
     return 0

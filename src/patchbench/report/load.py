@@ -118,7 +118,7 @@ def _read(run: Run, name: str, reader):
 def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     run = Run(name=path.name, path=path)
-    run.config = _read(run, rundir.CONFIG, rundir.read_json)
+    run.config = _read(run, rundir.CONFIG, lambda p: rundir.read_config(p.parent))
     run.metrics = _read(run, rundir.METRICS, lambda p: rundir.read_metrics(p, on_torn=run.problems.append)) or []
     run.summary = _read(run, rundir.SUMMARY, rundir.read_summary)
     run.eval = _read(run, rundir.EVAL, rundir.read_json)

@@ -40,19 +40,19 @@ def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float] |
     return float(result.statistic), float(result.df), float(result.pvalue)
 
 
-def best_top1(run) -> float | None:
+def lowest_loss_top1(run) -> float | None:
     """Top-1 of the run's epoch with the lowest validation loss (the rule that picks checkpoint/best),
     read from metrics.jsonl, so runs written by any version agree; summary.json's when there are no metrics."""
     rows = [r for r in run.metrics if r.get("val_loss") is not None and r.get("val_top1") is not None]
     if rows:
         return min(rows, key=lambda r: r["val_loss"])["val_top1"]
-    return (run.summary or {}).get("best_top1")
+    return (run.summary or {}).get("lowest_loss_top1")
 
 
 def highest_top1(run) -> float | None:
-    """The highest per-epoch validation top-1 in the run's metrics.jsonl (summary.json's best_top1 without)."""
+    """The highest per-epoch validation top-1 in the run's metrics.jsonl (summary.json's lowest-loss top-1 without)."""
     accs = [r["val_top1"] for r in run.metrics if r.get("val_top1") is not None]
-    return max(accs) if accs else (run.summary or {}).get("best_top1")
+    return max(accs) if accs else (run.summary or {}).get("lowest_loss_top1")
 
 
 def results_rows(groups: list[Group]) -> list[dict]:
@@ -62,7 +62,7 @@ def results_rows(groups: list[Group]) -> list[dict]:
         done = g.done
         first = done[0].summary if done else {}
         final_mean, final_std = mean_std(g.finals())
-        best_mean, _ = mean_std([b for b in map(best_top1, done) if b is not None])
+        best_mean, _ = mean_std([b for b in map(lowest_loss_top1, done) if b is not None])
         wall, _ = mean_std([r.summary["wall_time_s"] for r in done if r.summary.get("wall_time_s") is not None])
         rows.append({
             "label": g.label, "params": first.get("params"), "macs": first.get("macs"),
@@ -130,7 +130,7 @@ def reference_rows(reference: dict | None, groups: list[Group]) -> list[dict]:
         done = [r for g in groups if g.model == model for r in g.done]
         finals = [r.summary["final_top1"] for r in done]
         mean, std = mean_std(finals)
-        # the notebook's "best epoch" is its highest val accuracy, so ours is too (not best_top1's lowest loss)
+        # the notebook's "best epoch" is its highest val accuracy, so ours is too (not the lowest-loss epoch's)
         best, _ = mean_std([b for b in map(highest_top1, done) if b is not None])
         row = {"model": model, "ref_final": ref.get("final"), "ref_best": ref.get("best"), "mean": mean, "std": std,
                "n": len(finals), "min": min(finals, default=None), "max": max(finals, default=None), "best": best}
