@@ -6,7 +6,7 @@ cache (a generated folder when ../shared is absent):
   (b) the same batch with the strongest recipe of patchbench: RandAugment (2 ops, magnitude 9),
       random erasing (p 0.25) and mixup/cutmix (the trainer's BatchMixer), everything the model
       gets to see made on the training device;
-  (c) a ConvMixer-256/12 (k7 p7) train step at 160px, bf16 + channels_last with patchbench's kernels
+  (c) a ConvMixer-256/12 (k7 p7) train step at 160px, bf16 + channels_last with patchbench's CPU operators
       (patchbench's fastest CPU settings; fp32 would make the fraction smaller).
 The printed ratios: `aug_ratio` = (b) / (c), the whole batch preparation against the step, and
 `extra_ratio` = ((b) - (a)) / (c), what the strong recipe adds.
@@ -27,9 +27,9 @@ from common import SHARED_ARCHIVE, generated_folder
 
 from patchbench.bench import Settings, make_step
 from patchbench.config import DataConfig
+from patchbench.cpu.layers import use_fast_kernels
 from patchbench.data import Loader, prepare
 from patchbench.data.mix import BatchMixer
-from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model
 
 

@@ -1,6 +1,6 @@
 """Training throughput on a quiet machine and beside one competing CPU-bound process, side by side.
 
-For each thread policy -- the default (adaptive: patchbench.threads.ThreadTuner picks 1 thread or all
+For each thread policy -- the default (adaptive: patchbench.cpu.threads.ThreadTuner picks 1 thread or all
 cores, whichever trains faster right now), a fixed 2 threads (the old default) and a fixed 1 thread --
 one epoch of the `seed` recipe's seed_resnet9 (32px, batch 16) is trained through `train_run`, first
 on the quiet machine, then with a busy-loop process started beside it. The table gives the training

@@ -1,4 +1,4 @@
-"""A/B of ConvMixer train steps: timm's and ours, plain and with patchbench.kernels, several settings.
+"""A/B of ConvMixer train steps: timm's and ours, plain and with patchbench.cpu's operators, several settings.
 
 Each variant is a train step (forward + cross-entropy + backward + AdamW) of ConvMixer-256/12, k7,
 p7 at 160px on a fixed random batch. All variants live in one process and are timed interleaved
@@ -21,7 +21,7 @@ import torch
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 
 from patchbench.bench import Settings, make_step, time_steps, warm_up
-from patchbench.kernels import use_fast_kernels
+from patchbench.cpu.layers import use_fast_kernels
 from patchbench.models import create_model
 
 

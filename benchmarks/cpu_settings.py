@@ -2,7 +2,7 @@
 
 For each model of the preset (sized to its parameter budget, as `compare` sizes it) a train step
 (forward, cross-entropy, backward, AdamW; a fixed random batch) is timed at every combination of
-precision {fp32, bf16} x layout {NCHW, channels_last} x patchbench's C kernels {off, on} (on only
+precision {fp32, bf16} x layout {NCHW, channels_last} x patchbench's CPU operators {off, on} (on only
 where a kernel fits the model). Each setting's first step screens it: one over --cap times the best
 first step is dropped (shown as "dropped"). The survivors are timed in --rounds interleaved rounds
 (median); the old preset's setting is always timed. Then:
@@ -23,7 +23,7 @@ bf16 (oneDNN), in GFLOP/s: on AMD CPUs MKL's sgemm does not use AVX-512, and one
     .venv/bin/python benchmarks/cpu_settings.py --emulate-avx2   # an AVX-512 CPU posing as AVX2-only
 
 --emulate-avx2 reruns the script with oneDNN and ATen capped at AVX2 (ONEDNN_MAX_CPU_ISA,
-ATEN_CPU_CAPABILITY), the C kernels built for x86-64-v3 (CFLAGS) and the CPU's AVX-512 and AMX
+ATEN_CPU_CAPABILITY), patchbench's operators on their AVX2 code (PATCHBENCH_CPU_ISA) and the CPU's AVX-512 and AMX
 flags hidden from patchbench (so amp=auto sees no native bf16). An emulation, not an AVX2 CPU: MKL
 (fp32 torch.mm) and the memory system stay this machine's.
 """
@@ -44,8 +44,8 @@ import patchbench.device
 from patchbench.autotune import resolve
 from patchbench.bench import Settings, make_step, screen, time_steps
 from patchbench.config import get_preset
+from patchbench.cpu.layers import use_fast_kernels
 from patchbench.device import NATIVE_BF16_FLAGS, cpu_name, resolve_amp
-from patchbench.kernels import use_fast_kernels
 from patchbench.models import create_model, describe
 from patchbench.study import match_budget
 
@@ -135,7 +135,7 @@ def main() -> int:
     p.add_argument("--emulate-avx2", action="store_true", help="pose as an AVX2-only CPU (see the docstring)")
     args = p.parse_args()
     if args.emulate_avx2:
-        emulated = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "CFLAGS": "-march=x86-64-v3"}
+        emulated = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "PATCHBENCH_CPU_ISA": "avx2"}
         if any(os.environ.get(k) != v for k, v in emulated.items()):  # torch reads these when it loads
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **emulated})
         real = patchbench.device.cpu_features()
@@ -168,7 +168,7 @@ def main() -> int:
         print(f"| {r['label']} | " + " | ".join(cell(r, k) for k in kinds) + f" | {shown_auto} | "
               + (f"{auto / best:.2f}" if auto else "–") + " | "
               + (f"{auto / old:.2f}" if auto and old else "old setting dropped" if auto else "–") + " |", flush=True)
-    print("\n+k: patchbench.kernels on (only where a kernel fits); CL: channels_last; old preset: bf16 CL +k for the "
+    print("\n+k: patchbench.cpu's operators on (only where a kernel fits); CL: channels_last; old preset: bf16 CL +k for the "
           "conv families, fp32 NCHW for the ViT")
     return 0
 

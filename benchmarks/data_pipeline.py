@@ -33,8 +33,9 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from patchbench.config import DataConfig
-from patchbench.data import Loader, crop_kernel, prepare, resolve_source
-from patchbench.device import keep_freed_memory
+from patchbench.cpu import ops
+from patchbench.cpu.memory import keep_freed_memory
+from patchbench.data import Loader, prepare, resolve_source
 
 
 def time_epoch(batches, device: torch.device, max_batches: int | None) -> tuple[int, float]:
@@ -110,8 +111,8 @@ def main(argv=None) -> None:
     print(f"data: {source} ({len(data.train):,} train images, {args.img_size}px, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, fastest of {args.repeat} epoch(s) each)")
     if device.type == "cpu":
-        print("patchbench's CPU path: " + ("the C crop kernel" if crop_kernel.library() is not None
-                                           else "torch's per-sample ops (no C compiler found)")
+        print("patchbench's CPU path: " + ("the crop operator" if ops.available()
+                                           else "torch's per-sample ops (the operator could not be built)")
               + f"; malloc reuse of freed batches: {'on' if keep_freed_memory() else 'off'}")
     print("| pipeline | device | images | seconds | images/s |")
     print("|---|---|---:|---:|---:|")

@@ -6,30 +6,14 @@
 (b) patchbench: the images decoded once into the uint8 cache (`prepare`, a one-off, reported
     separately), `Loader` cropping/flipping/normalising whole batches on the device, and the
     trainer's own pieces (`build_model`, `create_optimizer`, `lr_at`/`set_lr`, `autocast`), with
-    the fast settings below: bf16 autocast, channels_last, patchbench.kernels' C kernels.
+    the fast settings below: bf16 autocast, channels_last, patchbench.cpu's operators.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
-(c) with --against-previous: (b) as it ran before the residual gain was cast to the branch's dtype
-    (the previous best: under bf16 the fp32 gain promoted the trunk to fp32 in every block),
-    before the gain and the sum were folded into the GELU -> BatchNorm kernel and before that kernel
-    used AVX-512 intrinsics (the -DPB_GENERIC build, as (f)); the line
-    `ratio_vs_previous=<(c) / (b)>` follows.
-(e) with --against-unfused: (b) with the gained residual as its own ops again (the gain cast to the
-    branch's dtype, then a multiply and an add), not folded into the kernel (FusedGainResidual); the
-    line `ratio_fused=<(e) / (b)>` follows.
-(f) with --against-generic: (b) with the GELU -> BatchNorm kernel built without its three AVX-512
-    intrinsics (-DPB_GENERIC: still compiled for this CPU's vectors; the same values but bf16
-    subnormals); the line `ratio_intrinsics=<(f) / (b)>` follows.
-(d) with --fp32: (b) in fp32 (channels_last and the C kernels: the same function as the notebook's,
-    what the `seed` preset trains seed_convmixer with).
+(d) with --fp32: (b) in fp32 (channels_last and patchbench's CPU operators: the same function as the
+    notebook's, what the `seed` preset trains seed_convmixer with).
 
-(b)-(d) run with glibc's malloc keeping freed memory, as the trainer does on the CPU
-(`patchbench.device.keep_freed_memory`); `--malloc default` runs them with glibc's defaults. That
-setting is process-wide, so `--against-default-malloc R` compares the two in R rounds of child
-processes, one of each per round in alternating order, each running (b) (c) (d) on `--max-steps`
-steps; it prints their median epoch times and `ratio_malloc=<(b) default / (b) kept>` and
-`ratio_vs_issue=<(c) default / (b) kept>`: against the code as it stood when the seed_convmixer
-speed-up was asked for (fp32-promoting gain, default malloc; the gelu/BatchNorm kernel's loop order
-then is not reproduced here, see docs/PERFORMANCE-HISTORY.md).
+(b) and (d) run as the trainer does on the CPU, glibc's malloc keeping freed memory
+(`patchbench.cpu.memory.keep_freed_memory`). What each of patchbench's CPU measures gains on its
+own is measured by benchmarks/cpu_levers.py.
 
 Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
 160px images, 591 batches of 16 per epoch on Imagenette-160.
@@ -49,14 +33,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import re
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -66,13 +44,12 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from patchbench import kernels
 from patchbench.config import get_preset
+from patchbench.cpu.layers import use_fast_kernels
+from patchbench.cpu.memory import keep_freed_memory
 from patchbench.data import Loader, prepare, resolve_source
-from patchbench.device import autocast, keep_freed_memory
-from patchbench.kernels import FusedGainResidual, use_fast_kernels
+from patchbench.device import autocast
 from patchbench.models import create_model
-from patchbench.models.layers import Residual
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 from patchbench.train import build_model
 
@@ -131,43 +108,14 @@ def study_side(root: Path, cfg, num_classes: int, args):
     return loader, step, len(loader)
 
 
-def previous_residual(self, x):
-    """Residual.forward before this change: the fp32 gain multiplied into a bf16 branch (promoting it)."""
-    out = self.fn(x)
-    return x + self.drop_path(out if self.gain is None else self.gain * out)
-
-
-def unfuse_residuals(model) -> None:
-    """Turn each FusedGainResidual back into a plain Residual (same fn and gain): the multiply and the
-    add as their own ops."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, FusedGainResidual):
-                plain = Residual(child.fn)
-                plain.gain = child.gain
-                setattr(parent, name, plain)
-
-
-def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = False, generic: bool = False):
-    """(b): prepared cache + Loader + the trainer's pieces, fast settings; (c) `previous` residuals,
-    (e) `unfused` ones, (f) the `generic` build of the GELU -> BatchNorm kernel."""
+def patchbench_side(data, cfg, args):
+    """(b): prepared cache + Loader + the trainer's pieces, fast settings."""
     t = cfg.train
     device = torch.device(args.device)
     loader = Loader(data.train, cfg.data, batch_size=t.batch_size, train=True, device=device, seed=t.seed)
     model = build_model(cfg, len(data.classes))
-    generic = (generic or previous) and args.fast_kernels
     if args.fast_kernels:
         use_fast_kernels(model)
-    if generic:  # built (or loaded) here, before any timed step
-        generic_lib, native_lib = kernels._library("gelu_bn_generic"), kernels._library("gelu_bn")
-        if generic_lib is None or native_lib is None:
-            raise SystemExit("epoch_time.py: the GELU -> BatchNorm kernel could not be built (no C compiler?)")
-    if previous or unfused:
-        unfuse_residuals(model)
-    if previous:
-        for m in model.modules():
-            if type(m) is Residual:
-                m.forward = types.MethodType(previous_residual, m)
     model.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
     step_model = torch.compile(model) if t.compile else model
@@ -176,15 +124,6 @@ def patchbench_side(data, cfg, args, previous: bool = False, unfused: bool = Fal
     counter = iter(range(10**9))
 
     def step(x, y):
-        if generic:  # this side's steps call the -DPB_GENERIC build; the other sides' the native one
-            kernels._LIBS["gelu_bn"] = generic_lib
-            try:
-                return train_step(x, y)
-            finally:
-                kernels._LIBS["gelu_bn"] = native_lib
-        return train_step(x, y)
-
-    def train_step(x, y):
         lr, beta1 = lr_at(next(counter), total, t)
         set_lr(optimizer, lr, beta1)
         if t.channels_last:
@@ -209,36 +148,19 @@ def main(argv=None) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="(b)'s autocast dtype")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="(b) in NCHW")
     p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
-                   help="(b) without patchbench.kernels (use_fast_kernels)")
+                   help="(b) without patchbench.cpu's operators (use_fast_kernels)")
     p.add_argument("--compile", action="store_true", help="(b) with torch.compile")
     p.add_argument("--max-steps", type=int, default=None, help="time this many steps of each and "
                    "extrapolate to the epoch (default: the whole epoch)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
     p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
-    p.add_argument("--against-previous", action="store_true", help="also (c): (b) with the previous residual gain")
-    p.add_argument("--against-generic", action="store_true",
-                   help="also (f): (b) with the GELU -> BatchNorm kernel built without its AVX-512 intrinsics")
-    p.add_argument("--against-unfused", action="store_true",
-                   help="also (e): (b) with the gained residual not folded into the GELU -> BatchNorm kernel")
     p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
                    "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
-    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="glibc malloc: keep freed memory (the trainer's setting on the CPU) or its defaults")
-    p.add_argument("--against-default-malloc", type=int, default=0, metavar="ROUNDS",
-                   help="compare --malloc keep and default in ROUNDS rounds of child processes")
     args = p.parse_args(argv)
-    if args.against_generic and not args.fast_kernels:
-        p.error("--against-generic compares two builds of a C kernel: it needs the kernels (drop --no-fast-kernels)")
-    if args.against_default_malloc:
-        return against_default_malloc(args, argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()
-    else:  # the loader applies the policy too when it iterates: opt out for the whole process
-        os.environ["PATCHBENCH_MALLOC"] = "default"
-        keep_freed_memory.cache_clear()
+    keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         source, generated = args.data, False
@@ -260,12 +182,6 @@ def main(argv=None) -> None:
             sides["a"] = study_side(root, cfg, len(data.classes), args)
         if args.only != "a":
             sides["b"] = patchbench_side(data, cfg, args)
-        if args.against_previous:
-            sides["c"] = patchbench_side(data, cfg, args, previous=True)
-        if args.against_unfused:
-            sides["e"] = patchbench_side(data, cfg, args, unfused=True)
-        if args.against_generic:
-            sides["f"] = patchbench_side(data, cfg, args, generic=True)
         if args.fp32:
             sides["d"] = patchbench_side(data, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none")),
                                          args)
@@ -276,7 +192,7 @@ def main(argv=None) -> None:
            else "whole epoch") + ", steps of (a) and (b) interleaved"
     t = cfg.train
     settings_b = (f"{t.amp if t.amp != 'none' else 'fp32'}{', channels_last' if t.channels_last else ''}"
-                  f"{', C kernels' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
+                  f"{', CPU operators' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
     print(f"seed recipe: seed_convmixer, batch {t.batch_size}, {cfg.data.img_size}px crops of "
           f"{cfg.data.prepare_size}px images; {source} ({len(data.train):,} train images, {steps} steps/epoch); "
           f"{how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -284,58 +200,18 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|---:|")
     names = {"a": ("(a) the study's: ImageFolder + PIL, DataLoader 2 workers, plain loop", "fp32, NCHW"),
              "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b),
-             "c": ("(c) the issue's code: fp32-promoting gain, residual unfused, kernel without intrinsics", settings_b),
              "d": ("(d) (b) in fp32: the notebook's function, the seed preset's settings",
                    settings_b.replace(t.amp, "fp32")),
-             "e": ("(e) (b) with the gained residual not folded into the kernel", settings_b),
-             "f": ("(f) (b) with the GELU -> BatchNorm kernel without its AVX-512 intrinsics", settings_b)}
+}
     for key, r in rows.items():
         print(f"| {names[key][0]} | {names[key][1]} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['images_per_s']:.1f} | {r['epoch_s']:.0f} |")
     print(f"| patchbench prepare (one-off, {'cache reused' if data.reused else 'decoded now'}) | | | "
           f"{prep_s:.1f} | | |")
-    if "c" in rows:
-        print(f"ratio_vs_previous={rows['c']['epoch_s'] / rows['b']['epoch_s']:.2f}")
-    if "e" in rows:
-        print(f"ratio_fused={rows['e']['epoch_s'] / rows['b']['epoch_s']:.2f}")
-    if "f" in rows:
-        print(f"ratio_intrinsics={rows['f']['epoch_s'] / rows['b']['epoch_s']:.2f}")
     if "d" in rows and "a" in rows:
         print(f"ratio_fp32={rows['a']['epoch_s'] / rows['d']['epoch_s']:.2f}")
     if "a" in rows and "b" in rows:
         print(f"ratio={rows['a']['epoch_s'] / rows['b']['epoch_s']:.2f}")
-
-
-def against_default_malloc(args, argv: list[str]) -> None:
-    """Rounds of two child processes (--malloc default and keep, alternating which goes first), each
-    timing (b), (c) and (d); the medians over rounds and the ratios."""
-    rest, skip = [], False
-    for arg in argv:  # the parent's own flags, minus those that choose sides or the malloc
-        if skip:
-            skip = False
-        elif arg in ("--against-default-malloc", "--malloc", "--only"):
-            skip = True
-        elif not arg.startswith(("--against-default-malloc=", "--malloc=", "--only=")) and arg not in (
-                "--against-previous", "--fp32", "--against-unfused", "--against-generic"):
-            rest.append(arg)
-    epochs: dict[tuple[str, str], list[float]] = {}
-    for r in range(args.against_default_malloc):
-        for malloc in (("default", "keep") if r % 2 == 0 else ("keep", "default")):
-            cmd = [sys.executable, __file__, *rest, "--only", "b", "--against-previous", "--fp32", "--malloc", malloc]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            for side, epoch in re.findall(r"^\| \((b|c|d)\) .*\| ([0-9.]+) \|$", out, flags=re.MULTILINE):
-                epochs.setdefault((side, malloc), []).append(float(epoch))
-            print(f"round {r + 1}, --malloc {malloc}: " + ", ".join(
-                f"({side}) {epochs[side, malloc][-1]:.0f} s" for side in "bcd"), flush=True)
-    median = {key: statistics.median(v) for key, v in epochs.items()}
-    print("| side | malloc default: epoch (s) | malloc kept: epoch (s) |")
-    print("|---|---:|---:|")
-    for side, name in (("b", "(b) bf16, channels_last, C kernels"), ("c", "(c) the issue's code (see the docstring)"),
-                       ("d", "(d) (b) in fp32 (the seed preset's settings)")):
-        print(f"| {name} | {median[side, 'default']:.0f} | {median[side, 'keep']:.0f} |")
-    print(f"ratio_malloc={median['b', 'default'] / median['b', 'keep']:.2f}")
-    print(f"ratio_malloc_fp32={median['d', 'default'] / median['d', 'keep']:.2f}")
-    print(f"ratio_vs_issue={median['c', 'default'] / median['b', 'keep']:.2f}")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,8 @@ STUDIES = [("seed", 9, 130), ("study160", 9, 150), ("fair", 9, 110)]
 
 
 def md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+        h = hashlib.file_digest(f, "md5")
     return h.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""patchbench.device.keep_freed_memory, the one malloc policy: a CPU train step's tensors reuse mapped pages (glibc
+"""patchbench.cpu.memory.keep_freed_memory, the one malloc policy: a CPU train step's tensors reuse mapped pages (glibc
 only), unless opted out."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 STEPS = """
 import resource, sys, torch
 from patchbench.bench import Settings, make_step
-from patchbench.device import keep_freed_memory
+from patchbench.cpu.memory import keep_freed_memory
 from patchbench.models import create_model
 if sys.argv[1] == "keep":
     keep_freed_memory()

@@ -14,7 +14,7 @@ import runfixtures as fx
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "patchbench"
 HEAVY = ("torch", "patchbench.train", "patchbench.models", "patchbench.data", "patchbench.study",
-         "patchbench.evaluate", "patchbench.kernels", "patchbench.bench")
+         "patchbench.evaluate", "patchbench.cpu", "patchbench.bench")
 
 
 def loaded_by(code: str) -> list[str]:
@@ -51,7 +51,9 @@ def test_version_imports_no_torch_by_importtime():
 LAYERS = [
     {"errors", "values", "compute"},
     {"device", "rundir", "config"},
-    {"threads", "flops", "metrics", "checkpoint", "optim", "kernels", "models", "data", "report"},
+    {"flops", "metrics", "checkpoint", "optim", "models", "report"},
+    {"cpu"},  # CPU speed code: swaps models' layers, so models must never import it
+    {"data"},
     {"evaluate", "bench", "autotune"},
     {"train"},
     {"study"},
@@ -68,23 +70,46 @@ def _layer(module: str) -> int:
     raise AssertionError(f"{module} is in no layer of tests/test_imports.py")
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, src: Path = SRC) -> set[str]:
+    """The patchbench modules `path` imports: `import patchbench.x`, `from patchbench.x import y` and
+    `from patchbench import x` where x is a module of the package at `src`."""
     tree = ast.parse(path.read_text())
-    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module == "patchbench":
+            found |= {f"patchbench.{a.name}" for a in n.names
+                      if (src / a.name).is_dir() or (src / f"{a.name}.py").exists()}
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            found.add(n.module)
     return {m for m in found if m.startswith("patchbench.")}
 
 
-def test_imports_flow_downwards():
+def upward_imports(src: Path) -> list[str]:
+    """Every import in the package at `src` of a module of a higher layer than the importer's."""
     wrong = []
-    for path in sorted(SRC.rglob("*.py")):
-        module = "patchbench." + ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+    for path in sorted(src.rglob("*.py")):
+        module = "patchbench." + ".".join(path.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
         if module == "patchbench.__init__":
             continue
-        for imported in _imports(path):
+        for imported in _imports(path, src):
             if _layer(imported) > _layer(module):
                 wrong.append(f"{module} imports {imported}")
-    assert wrong == []
+    return wrong
+
+
+def test_imports_flow_downwards():
+    assert upward_imports(SRC) == []
+
+
+@pytest.mark.parametrize("line, imported", [("from patchbench.cpu.layers import use_fast_kernels", "patchbench.cpu.layers"),
+                                            ("from patchbench import cpu", "patchbench.cpu"),
+                                            ("import patchbench.cpu.ops", "patchbench.cpu.ops")])
+def test_the_layer_check_catches_models_importing_the_cpu_package(tmp_path, line, imported):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "convmixer.py").write_text(f"{line}\nfrom patchbench.config import RunConfig\n")
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "layers.py").write_text("from patchbench.models.layers import Residual\n")  # allowed
+    assert upward_imports(tmp_path) == [f"patchbench.models.convmixer imports {imported}"]
 
 
 def test_report_modules_import_one_way():

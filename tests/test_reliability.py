@@ -18,8 +18,8 @@ import torch
 from test_train import assert_same_run, make_image_folder, metrics, tiny_config
 
 from patchbench import checkpoint as ck
-from patchbench import kernels
 from patchbench.cli import main
+from patchbench.cpu import build, layers
 from patchbench.data import cache as cache_mod
 from patchbench.train import train_run
 
@@ -211,32 +211,44 @@ def test_a_split_with_no_readable_image_stops_before_training(tmp_path, capsys):
 # ----------------------------------------------------------------------------- foreign code, latent defects
 
 
-def test_a_planted_library_is_never_loaded(tmp_path, monkeypatch):
-    """A .so put in the kernel folder under the expected name, even with a matching digest file written by
-    someone else's tool, is rebuilt before anything is loaded: the marker its constructor would write
-    never appears."""
-    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_LIBS", {})
-    lib = kernels.build_library("dwconv_k3", "dwconv.c", ["-DKS=3"], kernels._SIGNATURES["dwconv"])
-    assert lib is not None
-    path = next((tmp_path / "cache" / "kernels").glob("dwconv_k3_*.so"))
-    marker = tmp_path / "planted-ran"
-    evil = tmp_path / "evil.c"
-    evil.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run(void) {{ '
-                    f'FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
-    subprocess.run(["cc", "-shared", "-fPIC", str(evil), "-o", str(path)], check=True)
-    assert kernels._load_verified(path) is None  # its digest is not the one recorded at build time
-    monkeypatch.setattr(kernels, "_LIBS", {})
-    assert kernels.build_library("dwconv_k3", "dwconv.c", ["-DKS=3"], kernels._SIGNATURES["dwconv"]) is not None
-    assert not marker.exists()
-
-
-def test_the_kernel_folder_is_made_private(tmp_path, monkeypatch):
+def test_the_build_folder_is_made_private(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "kernels"
     folder.mkdir(parents=True)
     os.chmod(folder, 0o777)
-    assert kernels.kernel_dir() == folder and (folder.stat().st_mode & 0o777) == 0o700
+    path = build.build_dir()
+    assert path == folder / build.build_key()
+    assert (folder.stat().st_mode & 0o777) == 0o700 and (path.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_build_folder_of_someone_elses_is_never_used(tmp_path, monkeypatch):
+    """A cache folder that belongs to another user (who could put a library in it), or where a file
+    sits in the folder's place: a fresh private folder for this process instead."""
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "kernels").mkdir(parents=True)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    other = build.build_dir()
+    assert not other.is_relative_to(tmp_path) and other.name.startswith("patchbench-kernels-")
+    monkeypatch.undo()
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache2"))
+    (tmp_path / "cache2").mkdir()
+    (tmp_path / "cache2" / "kernels").write_text("a file in the folder's place")
+    assert build.build_dir().name.startswith("patchbench-kernels-")
+
+
+LOAD = """
+from patchbench.cpu import build
+print(build.load(), build.FAILURE)
+"""
+
+
+@pytest.mark.skipif(not build.load(), reason="no C++ compiler: nothing is built")
+def test_a_lock_left_by_a_killed_build_is_not_waited_on():
+    """A lock file left in the build folder by a killed build (older versions of torch's builder waited forever
+    while one existed) does not stop the next process: it loads the library."""
+    (build.build_dir() / "lock").write_text("")
+    done = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, check=False, timeout=240)
+    assert done.stdout.split() == ["True", "None"], done.stderr
 
 
 def test_sync_batchnorm_refuses_the_fused_gelu_batchnorm():
@@ -245,7 +257,7 @@ def test_sync_batchnorm_refuses_the_fused_gelu_batchnorm():
     from patchbench.train import convert_sync_batchnorm
 
     model = create_model("convmixer_256_8", dim=32, depth=1)
-    assert kernels.use_fast_kernels(model) > 0
+    assert layers.use_fast_kernels(model) > 0
     with pytest.raises(UserError, match="--sync-bn cannot convert the fused GELU -> BatchNorm"):
         convert_sync_batchnorm(model)
     plain = convert_sync_batchnorm(create_model("resnet9", width=4))
@@ -270,29 +282,27 @@ def test_a_damaged_last_checkpoint_resumes_from_best_and_says_so(folder, tmp_pat
 
 
 def test_without_a_compiler_the_fallbacks_are_recorded_and_reported(folder, tmp_path, monkeypatch):
-    """No C compiler: the crops take torch's uint8 path and no kernel layer is swapped in; config.json's
-    derived section and the report say so, with the reason."""
-    from patchbench import kernels
-    from patchbench.data import crop_kernel
+    """No C++ compiler: the crops take torch's uint8 path and no layer is swapped for patchbench.cpu's;
+    config.json's derived section and the report say so, with the reason."""
     from patchbench.report import load, render
 
-    monkeypatch.setattr(crop_kernel, "_LIB", crop_kernel._UNSET)
-    monkeypatch.setattr(kernels, "_LIBS", {})
-    monkeypatch.setattr(kernels, "FAILURES", {})
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "_LOADED", False)
+    monkeypatch.setattr(build, "FAILURE", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(folder, tmp_path, "convmixer_256_8", epochs=1, fast_kernels=True,
                       model_args={"dim": 32})
     study = tmp_path / "study"
-    with pytest.warns(UserWarning, match="could not build"):
+    with pytest.warns(UserWarning, match="the CPU operators could not be built"):
         train_run(cfg, study / "runs" / "convmixer_256_8-s0", progress=False)
     derived = json.loads((study / "runs" / "convmixer_256_8-s0" / "config.json").read_text())["derived"]
-    assert derived["crop"].startswith("torch's uint8 antialiased resize") and "could not build it" in derived["crop"]
-    assert derived["kernels"].startswith("none: ") and "no-such-compiler could not build it" in derived["kernels"]
+    assert derived["crop"].startswith("torch's uint8 antialiased resize (rounded to uint8; the operator: the CPU "
+                                      "operators could not be built")
+    assert derived["kernels"].startswith("none: the CPU operators could not be built")
     assert metrics(study / "runs" / "convmixer_256_8-s0")[0]["fast_kernels"] is False
     (study / "study.json").write_text(json.dumps({"kind": "compare", "models": ["convmixer_256_8"], "seeds": [0]}))
     lines = render.model_lines({}, load.group_runs(load.load_study(study).runs))
-    assert any("computed with: precision fp32; crops: torch's uint8" in line and "patchbench.kernels: none: "
+    assert any("computed with: precision fp32; crops: torch's uint8" in line and "CPU operators: none: "
                in line for line in lines)
 
 
@@ -306,20 +316,3 @@ def test_resuming_on_other_data_is_refused(folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "its images or labels differ from those the run" in err and len(err.strip().splitlines()) == 1
     assert (out / "config.json").read_bytes() == before
-
-
-@pytest.mark.skipif(not (os.environ.get("CC") or __import__("shutil").which("cc")), reason="needs a C compiler")
-def test_a_folder_in_a_kernels_place_builds_it_in_a_private_folder(tmp_path, monkeypatch):
-    """The cache folder cannot take the library (a folder sits at its path): it is built into a private folder
-    instead of crashing the run."""
-    from patchbench import kernels
-
-    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
-    monkeypatch.setattr(kernels, "_PRIVATE", None)
-    assert kernels.build_library("gelu_bn", "gelu_bn.c", [], kernels._SIGNATURES["gelu_bn"]) is not None
-    (so,) = tmp_path.glob("gelu_bn_*.so")
-    so.unlink()
-    so.with_suffix(".sha256").unlink()
-    so.mkdir()
-    assert kernels.build_library("gelu_bn", "gelu_bn.c", [], kernels._SIGNATURES["gelu_bn"]) is not None
-    assert (kernels._PRIVATE / so.name).is_file() and so.is_dir()

@@ -306,7 +306,7 @@ def test_the_accelerator_data_path_trains_like_the_cpu_path(folder, tmp_path):
 
 def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
     """On a fake clock where one thread count is 3x slower, each trial keeps the faster one."""
-    from patchbench import threads
+    from patchbench.cpu import threads
 
     clock = {"now": 0.0, "slow": 2}
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])

@@ -184,7 +184,7 @@ def time_options(build: Callable[[], nn.Module], options: list[Choice], *, batch
                  ) -> tuple[dict[Choice, float], list[Choice], float]:
     """Median train-step seconds of `build()`'s model under each candidate (see `choose`)."""
     from patchbench.bench import Settings, make_step, time_steps, warm_up
-    from patchbench.kernels import use_fast_kernels
+    from patchbench.cpu.layers import use_fast_kernels
 
     dtype = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}[amp]
     steps, first = {}, {}
@@ -211,7 +211,7 @@ def resolve(build: Callable[[], nn.Module], *, channels_last: bool | str, fast_k
     """The layout and kernels a run trains with on this machine. `setting` identifies the model
     configuration in the cache key; `recorded` is what the run chose before (config.json): kept when it
     was decided on this same machine, so a resumed run continues as it started."""
-    from patchbench.kernels import use_fast_kernels
+    from patchbench.cpu.layers import use_fast_kernels
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         kernels_apply = device.type == "cpu" and fast_kernels is not False and use_fast_kernels(build()) > 0

@@ -38,9 +38,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from patchbench.cpu.layers import use_fast_kernels
 from patchbench.device import device_name, environment, resolve_device, synchronize
 from patchbench.errors import UserError
-from patchbench.kernels import use_fast_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "infer")
@@ -305,7 +305,7 @@ def run_bench(model_name: str, *, img_size: int, batch_size: int, settings: Sett
     ours = Measurement("ours", model_name, settings, count_params(model))
     ours.notes += resolved
     if swapped:
-        ours.notes.append(f"{swapped} layers swapped for patchbench.kernels' fast ones (depthwise conv, GELU -> BatchNorm, gained residual)")
+        ours.notes.append(f"{swapped} layers swapped for patchbench.cpu's (depthwise conv, GELU -> BatchNorm, gained residual)")
     step_args = {"mode": mode, "batch_size": batch_size, "img_size": img_size, "device": dev, "num_classes": num_classes}
     steps = {"ours": make_step(model, settings, **step_args)}
     log(f"ours: {model_name} [{settings}] warm-up {warm_up(steps['ours'], warmup, dev):.1f}s")

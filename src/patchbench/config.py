@@ -174,7 +174,7 @@ class TrainConfig:
     channels_last: Switch = setting("auto", "channels_last memory format: true | false | auto (whichever trains "
                                     "faster here, by a short cached probe)", resumable=True)
     compile: bool = setting(False, "torch.compile the model", resumable=True)
-    fast_kernels: Switch = setting("auto", "CPU: patchbench.kernels for ConvMixer's depthwise conv and GELU->BN "
+    fast_kernels: Switch = setting("auto", "CPU: patchbench.cpu's operators for ConvMixer's depthwise conv and GELU->BN "
                                    "(same function): true | false | auto (by the same probe)", resumable=True)
     sync_bn: bool = setting(False, "SyncBatchNorm across DDP ranks (GPU)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", resumable=True)

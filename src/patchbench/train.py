@@ -59,24 +59,24 @@ from patchbench.checkpoint import (
 )
 from patchbench.compute import StepPlan, plan_steps
 from patchbench.config import RunConfig, cache_root, fields_of
+from patchbench.cpu.layers import use_fast_kernels
+from patchbench.cpu.memory import keep_freed_memory
+from patchbench.cpu.threads import ThreadTuner
 from patchbench.device import (
     autocast,
     cpu_name,
     device_name,
     environment,
-    keep_freed_memory,
     resolve_amp,
     resolve_device,
 )
 from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
-from patchbench.kernels import use_fast_kernels
 from patchbench.metrics import Meter
 from patchbench.models import arguments, check_overrides, create_model, describe
 from patchbench.models.layers import kaiming_init_
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
-from patchbench.threads import ThreadTuner
 
 
 class TrainingDiverged(RuntimeError):
@@ -292,7 +292,7 @@ class Session:
     mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
     tuner: ThreadTuner | None
     speed: Resolution  # the layout and kernels this process trains with
-    kernel_layers: int  # layers patchbench.kernels swapped in (0: none, or none could be built)
+    kernel_layers: int  # layers patchbench.cpu swapped in (0: none, or none could be built)
     plan: StepPlan  # the steps of every epoch, and their sizes
     macs_at: dict[int, int]  # forward MACs of one image at each training size
     total_steps: int
@@ -448,15 +448,14 @@ def data_digest(*splits) -> str:
 
 
 def kernels_used(swapped: int, wanted: bool) -> str:
-    """What config.json says of patchbench.kernels: how many layers run them, or why none do."""
-    from patchbench.kernels import FAILURES
+    """What config.json says of patchbench.cpu's layers: how many run its operators, or why none do."""
+    from patchbench.cpu import build
 
     if swapped:
         return f"{swapped} layers (depthwise conv, GELU -> BatchNorm)"
     if not wanted:
         return "off"
-    why = "; ".join(f"{k}: {v}" for k, v in FAILURES.items() if k != "crop_resize")
-    return f"none: {why}" if why else "none: no layer of this model fits them"
+    return f"none: {build.FAILURE}" if build.FAILURE else "none: no layer of this model fits them"
 
 
 def resolve_speed(cfg: RunConfig, ctx: Dist, num_classes: int, per_rank: int, recorded: dict | None,
@@ -514,10 +513,10 @@ def resolve_config(cfg: RunConfig, progress: bool = False) -> tuple[RunConfig, l
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """nn.SyncBatchNorm for DDP on GPUs. Refuses models whose BatchNorms carry more than normalisation
     (the fused GELUBatchNorm2d would lose its GELU in torch's conversion)."""
-    from patchbench.kernels import GELUBatchNorm2d
+    from patchbench.cpu.layers import GELUBatchNorm2d
 
     if any(isinstance(m, GELUBatchNorm2d) for m in model.modules()):
-        raise UserError("--sync-bn cannot convert the fused GELU -> BatchNorm layers of patchbench.kernels; "
+        raise UserError("--sync-bn cannot convert the fused GELU -> BatchNorm layers of patchbench.cpu; "
                         "use --no-fast-kernels with --sync-bn")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

@@ -31,7 +31,7 @@ def add_parser(sub):
                    help="channels_last memory layout; auto: whichever trains faster here (the cached probe of "
                    "`train`)")
     p.add_argument("--fast-kernels", default="true", metavar="true|false|auto",
-                   help="patchbench.kernels' layers where they fit (CPU training; default true); auto: by the probe")
+                   help="patchbench.cpu's layers where they fit (CPU training; default true); auto: by the probe")
     p.add_argument("--cap", default="3", metavar="X", help="drop a reference setting whose first step takes over X "
                    "times the best first step (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (references are then tried compiled too)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from patchbench.config import DataConfig
+from patchbench.cpu.memory import keep_freed_memory
 from patchbench.data import autoaugment
 from patchbench.data.augment import (
     center_crop_boxes,
@@ -37,7 +38,6 @@ from patchbench.data.augment import (
     random_resized_crop_boxes,
 )
 from patchbench.data.cache import Split
-from patchbench.device import keep_freed_memory
 from patchbench.errors import UserError
 
 _PERMUTATION, _AUGMENT, _AUTOAUG, _ERASE = 0, 1, 3, 4  # independent random streams (2 is mixing's: data/mix.py)
@@ -53,7 +53,7 @@ class Loader:
     """Iterate (x, y) batches of one split: x float32 (B, 3, size, size) normalised, y int64 (B,),
     both on `device`. `batch_size` is per rank. `channels_last`: x in NHWC memory (same shape and
     values), what a channels_last model wants; on the CPU it is also the cheaper layout to write.
-    On the CPU, iterating applies patchbench's malloc policy (`device.keep_freed_memory`) once per process.
+    On the CPU, iterating applies patchbench's malloc policy (`cpu.memory.keep_freed_memory`) once per process.
 
     Two ways to make a batch, the same function within the documented tolerance (augment.py):
     - the CPU path: crops read straight from the memory-mapped split by the C kernel;
@@ -127,15 +127,13 @@ class Loader:
 
     def crop_path(self) -> str:
         """Which implementation crops this loader's batches (they differ in rounding: recorded per run)."""
-        from patchbench.data import crop_kernel
-        from patchbench.kernels import FAILURES
+        from patchbench.cpu import build, ops
 
         if self._held_on_device() is not None or self.device.type != "cpu":
             return "gather + roi_align on the device (float)"
-        if crop_kernel.library() is not None:
-            return "C kernel crop_resize (float)"
-        why = FAILURES.get("crop_resize", "unavailable")
-        return f"torch's uint8 antialiased resize (rounded to uint8; the C kernel: {why})"
+        if ops.available():
+            return "operator patchbench::crop_resize (float)"
+        return f"torch's uint8 antialiased resize (rounded to uint8; the operator: {build.FAILURE})"
 
     def _source(self, rows: np.ndarray) -> tuple[torch.Tensor, list[int] | None, bool]:
         """(uint8 images (N, S, S, 3) to crop from, the rows of this batch in them, accelerator path?).

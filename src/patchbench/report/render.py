@@ -145,7 +145,7 @@ def model_lines(meta: dict, groups: list[Group]) -> list[str]:
 
 
 def provenance_lines(groups: list[Group]) -> list[str]:
-    """How each model's runs computed: the precision, the crop implementation and patchbench.kernels'
+    """How each model's runs computed: the precision, the crop implementation and patchbench.cpu's
     layers, as their config.json records them (runs of earlier versions recorded none)."""
     lines = []
     for g in groups:
@@ -155,7 +155,7 @@ def provenance_lines(groups: list[Group]) -> list[str]:
             if "crop" in derived:
                 amp = ((run.config or {}).get("train") or {}).get("amp")
                 seen.add(f"precision {'fp32' if amp == 'none' else amp}; crops: {derived['crop']}; "
-                         f"patchbench.kernels: {derived.get('kernels', '?')}")
+                         f"CPU operators: {derived.get('kernels', '?')}")
         lines += [f"{g.label} computed with: {what}" for what in sorted(seen)]
     return lines
 

@@ -57,7 +57,7 @@ def _closest(params: Callable[[int], int], budget: int, start: int, limit: int) 
 def _aligned(count: Callable[[int], int], budget: int, w: int, tolerance: float,
              channels: Callable[[int], int], reach: int = 256) -> int:
     """Among the widths near `w` whose size is within `tolerance` of `budget`, the one whose channel count
-    is a multiple of 16, else of 8 (the widths oneDNN's vector kernels and patchbench.kernels run
+    is a multiple of 16, else of 8 (the widths oneDNN's vector kernels and patchbench.cpu's operators run
     fastest), else `w`; the closest to the budget among equals."""
     def within(v: int) -> bool:
         return v >= 1 and abs(count(v) - budget) <= tolerance * budget
@@ -98,7 +98,7 @@ def match_budget(model: str, budget: int, *, num_classes: int, img_size: int, ba
 
     if abs(count(base) - budget) <= tolerance * budget:
         return base, count(base)  # already within the budget: keep the model as designed (its width may be
-        # chosen for speed, e.g. a multiple of 16 channels for patchbench.kernels)
+        # chosen for speed, e.g. a multiple of 16 channels for patchbench.cpu's operators)
     w = _closest(lambda v: count(overrides_for(v)), budget, default, 1 << 14)
     w = _aligned(lambda v: count(overrides_for(v)), budget, w, tolerance, lambda v: overrides_for(v)[knob])
     overrides = overrides_for(w)

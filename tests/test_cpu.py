@@ -1,8 +1,12 @@
-"""The fast CPU paths compute the same function: the depthwise-gradient and fused GELU -> BatchNorm
-kernels against float64 references, and ConvMixer with them against the plain model and timm's
-(outputs, gradients and BatchNorm buffers)."""
+"""patchbench.cpu: the operators compute the same function (the depthwise gradient and fused GELU ->
+BatchNorm against float64 references, on every instruction set this CPU has; ConvMixer with them
+against the plain model and timm's: outputs, gradients and BatchNorm buffers), check their inputs by
+name, run on torch's threads, and give way to PyTorch's ops where they cannot be built."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,19 +14,32 @@ import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
-from patchbench import kernels
-from patchbench.device import cpu_features
-from patchbench.kernels import (
-    FastDepthwiseConv2d,
-    GELUBatchNorm2d,
-    depthwise_param_grads,
-    use_fast_kernels,
-)
+from patchbench.cpu import layers, ops
+from patchbench.cpu.layers import FastDepthwiseConv2d, GELUBatchNorm2d, use_fast_kernels
 from patchbench.models import create_model
 from patchbench.models.layers import Residual
 
-pytestmark = pytest.mark.skipif(not (kernels.fast_depthwise_available(7) and kernels.fast_gelu_bn_available()),
-                                reason="no C compiler here")
+needs_ops = pytest.mark.skipif(not ops.available(), reason="no C++ compiler here: the operators are not built")
+ISAS = ("generic", "avx2", "avx512", "avx512bf16")
+
+
+def isas_here() -> list[str]:
+    """The instruction sets the operators can use on this CPU, lowest first."""
+    if not ops.available():
+        return []
+    best = torch.ops.patchbench.cpu_isa()
+    return list(ISAS[:ISAS.index(best) + 1])
+
+
+@pytest.fixture
+def isa():
+    """Set the operators' instruction set for a test (the best this CPU has again after it)."""
+    yield lambda name: torch.ops.patchbench.cpu_isa(name)
+    torch.ops.patchbench.cpu_isa("avx512bf16")
+
+
+def depthwise_param_grads(x, g, k):
+    return torch.ops.patchbench.depthwise_param_grads(x, g.to(x.dtype), k)
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +52,14 @@ def reference_weight_grad(x, g, k):
                                        groups=x.shape[1])
 
 
-@pytest.mark.parametrize("k", [3, 5, 7])
+@needs_ops
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_weight_grad_matches_float64_fp32(k, channels_last):
+@pytest.mark.parametrize("name", ISAS)
+def test_weight_grad_matches_float64_fp32(k, channels_last, name, isa):
+    if name not in isas_here():
+        pytest.skip(f"this CPU has no {name}")
+    isa(name)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(3, 32, 9, 11).contiguous(memory_format=fmt)  # H != W catches swapped axes
     g = torch.randn(3, 32, 9, 11)
@@ -47,6 +69,7 @@ def test_weight_grad_matches_float64_fp32(k, channels_last):
     torch.testing.assert_close(bias.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
+@needs_ops
 def test_weight_grad_bf16_inputs_accumulate_in_fp32():
     x = torch.randn(4, 16, 12, 12).bfloat16().contiguous(memory_format=torch.channels_last)
     g = torch.randn(4, 16, 12, 12).bfloat16()
@@ -55,14 +78,27 @@ def test_weight_grad_bf16_inputs_accumulate_in_fp32():
     torch.testing.assert_close(ours.double(), reference_weight_grad(x, g, 7), rtol=1e-5, atol=1e-4)
 
 
-def test_weight_grad_is_usable_by_torch_library_checks():
-    x = torch.randn(2, 16, 6, 6)
-    g = torch.randn(2, 16, 6, 6)
-    torch.library.opcheck(depthwise_param_grads, (x, g, 5), test_utils=("test_schema", "test_faketensor"))
+@needs_ops
+def test_the_operators_pass_torch_library_checks():
+    x, g = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    z = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    y, w = torch.randn_like(z), torch.rand(16)
+    images, boxes = torch.randint(0, 255, (3, 12, 12, 3), dtype=torch.uint8), torch.tensor([[0, 0, 12, 12]] * 2)
+    pb, checks = torch.ops.patchbench, ("test_schema", "test_faketensor")
+    for op, args in [(pb.depthwise_param_grads, (x, g, 5)), (pb.gelu_stats, (z,)), (pb.bn_affine, (y, w, w, z)),
+                     (pb.bn_affine, (y, w, w, None)), (pb.bn_grad_stats, (y, z)), (pb.gelu_bn_grad, (z, y, y, w, w, w)),
+                     (pb.crop_resize, (images, torch.tensor([2, 0]), boxes, torch.tensor([True, False]),
+                                       torch.ones(3), torch.zeros(3), 5, True))]:
+        torch.library.opcheck(op, args, test_utils=checks)
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_gelu_batch_norm_matches_float64(dtype, tol):
+@pytest.mark.parametrize("name", ISAS)
+def test_gelu_batch_norm_matches_float64(dtype, tol, name, isa):
+    if name not in isas_here():
+        pytest.skip(f"this CPU has no {name}")
+    isa(name)
     z = (2 * torch.randn(4, 32, 7, 5)).to(dtype).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.rand(32) + 0.5, torch.randn(32)
     bn = GELUBatchNorm2d(32).train()
@@ -85,6 +121,7 @@ def test_gelu_batch_norm_matches_float64(dtype, tol):
     assert bn.num_batches_tracked.item() == 1
 
 
+@needs_ops
 def test_gelu_batch_norm_falls_back_off_the_fast_path():
     bn = GELUBatchNorm2d(16)
     x = torch.randn(2, 16, 4, 4)  # NCHW: the plain ops
@@ -117,6 +154,7 @@ def assert_as_close_as_pytorchs_bf16(truth, plain, fast):
         assert error(gf, gt) < 2 * error(gp, gt) + 1e-2
 
 
+@needs_ops
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_convmixer_is_the_same_function_fp32(channels_last):
     plain = small_convmixer()
@@ -136,6 +174,7 @@ def test_fast_convmixer_is_the_same_function_fp32(channels_last):
         torch.testing.assert_close(bf, bp, rtol=1e-5, atol=1e-6)
 
 
+@needs_ops
 def test_fast_convmixer_is_the_same_function_bf16_autocast():
     plain = small_convmixer().to(memory_format=torch.channels_last)
     fast = small_convmixer().to(memory_format=torch.channels_last)
@@ -152,6 +191,7 @@ def test_fast_convmixer_is_the_same_function_bf16_autocast():
     assert_as_close_as_pytorchs_bf16((out_t, grads_t), (out_p, grads_p), (out_f, grads_f))
 
 
+@needs_ops
 def test_fast_convmixer_matches_timm_convmixer():
     ours = create_model("convmixer_256_8", dim=32, depth=2, kernel_size=7, patch_size=4, img_size=32)
     timm_model = TimmConvMixer(dim=32, depth=2, kernel_size=7, patch_size=4, num_classes=10)
@@ -166,6 +206,7 @@ def test_fast_convmixer_matches_timm_convmixer():
         torch.testing.assert_close(go, gt, rtol=1e-4, atol=1e-5)
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
     z = (2 * torch.randn(4, 32, 7, 5)).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -193,41 +234,34 @@ def test_gelu_batch_norm_with_gain_and_residual_matches_float64(dtype, tol):
         bn(z.contiguous(), residual=x.contiguous(), gain=gain)
 
 
-@pytest.mark.skipif("avx512f" not in cpu_features().split(), reason="no AVX-512 here: both builds are the same code")
+@needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gelu_bn_kernel_gives_the_portable_codes_values(dtype, monkeypatch):
-    """Where the CPU has AVX-512 three of the kernel's steps use its intrinsics: the same values as the
-    build without them (-DPB_GENERIC), bit for bit, but bf16 values below 2^-126, which the bf16
+def test_avx512s_intrinsics_give_the_avx2_codes_values(dtype, isa):
+    """Where the CPU has AVX-512, three steps of GELU -> BatchNorm use its intrinsics: the same values as
+    the AVX2 build (both with FMA), bit for bit, but bf16 values below 2^-126, which the bf16
     conversion instruction flushes to zero."""
+    here = isas_here()
+    if "avx512" not in here:
+        pytest.skip("no AVX-512 here")
     z = (torch.randn(4, 32, 9, 7) * torch.tensor([0.1, 1.0, 5.0, 30.0]).repeat(8).view(1, 32, 1, 1))
     z = z.to(dtype).contiguous(memory_format=torch.channels_last)
     x = torch.randn_like(z)
     w, b, g = torch.rand(32) + 0.5, torch.randn(32), torch.tensor([0.3])
     dout = torch.randn_like(z)
     results = []
-    for name in ("gelu_bn", "gelu_bn_generic"):
-        monkeypatch.setitem(kernels._LIBS, "gelu_bn", kernels._library(name))
-        out, y, mean, rstd = kernels.gelu_batch_norm(z, w, b, 1e-5, x, g)
-        grads = kernels.gelu_batch_norm_backward(z, y, dout, w, b, mean, rstd, g)
+    for name in ("avx2", here[-1]):
+        isa(name)
+        out, y, mean, rstd = layers.gelu_batch_norm(z, w, b, 1e-5, x, g)
+        grads = layers.gelu_batch_norm_backward(z, y, dout, w, b, mean, rstd, g)
         results.append([out, y, mean, rstd, *grads])
     tiny = torch.finfo(torch.float32).tiny
-    for native, generic in zip(*results):
+    for native, portable in zip(*results):
         if native.dtype == torch.bfloat16:
-            native, generic = (torch.where(t.float().abs() < tiny, 0.0, t.float()) for t in (native, generic))
-        assert torch.equal(native, generic)
+            native, portable = (torch.where(t.float().abs() < tiny, 0.0, t.float()) for t in (native, portable))
+        assert torch.equal(native, portable)
 
 
-def test_fused_ops_pass_torch_library_checks():
-    z = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
-    x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
-    w, b, g = torch.rand(16) + 0.5, torch.randn(16), torch.tensor([0.3])
-    checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kernels.gelu_batch_norm, (z, w, b, 1e-5, x, g), test_utils=checks)
-    _, y, mean, rstd = kernels.gelu_batch_norm(z, w, b, 1e-5, x, g)
-    torch.library.opcheck(kernels.gelu_batch_norm_backward, (z, y, torch.randn_like(z), w, b, mean, rstd, g),
-                          test_utils=checks)
-
-
+@needs_ops
 def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
     plain = create_model("seed_convmixer", dim=32, depth=2)
     with torch.no_grad():  # non-zero gains, so the residual branches have gradients to compare
@@ -237,7 +271,7 @@ def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
     fast.load_state_dict(plain.state_dict())
     # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 2 gained residuals folded into their pair's kernel
     assert use_fast_kernels(fast) == 9
-    assert sum(isinstance(m, kernels.FusedGainResidual) for m in fast.modules()) == 2
+    assert sum(isinstance(m, layers.FusedGainResidual) for m in fast.modules()) == 2
     assert list(fast.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
     plain, fast = plain.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
@@ -255,6 +289,7 @@ def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
         torch.testing.assert_close(fast(x), plain(x))
 
 
+@needs_ops
 def test_seed_convmixer_fused_residuals_under_bf16_autocast():
     """As close to the fp32 function as PyTorch's own bf16 run of the plain model is."""
     models = [create_model("seed_convmixer", dim=32, depth=2) for _ in range(3)]
@@ -267,7 +302,7 @@ def test_seed_convmixer_fused_residuals_under_bf16_autocast():
         m.to(memory_format=torch.channels_last)
     truth, plain, fast = models
     use_fast_kernels(fast)
-    assert sum(isinstance(m, kernels.FusedGainResidual) for m in fast.modules()) == 2
+    assert sum(isinstance(m, layers.FusedGainResidual) for m in fast.modules()) == 2
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     out_t, grads_t = grads(truth, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -277,13 +312,14 @@ def test_seed_convmixer_fused_residuals_under_bf16_autocast():
     assert_as_close_as_pytorchs_bf16((out_t, grads_t), (out_p, grads_p), (out_f, grads_f))
 
 
+@needs_ops
 def test_only_gained_residuals_without_drop_path_are_fused():
     dropped = create_model("seed_convmixer", dim=32, depth=2, drop_path=0.1)  # rates 0 and 0.1 (timm's rule)
     assert use_fast_kernels(dropped) == 8  # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 1 residual
-    assert [type(block[0]) for block in dropped.blocks] == [kernels.FusedGainResidual, Residual]
+    assert [type(block[0]) for block in dropped.blocks] == [layers.FusedGainResidual, Residual]
     plain = create_model("convmixer_256_8", dim=32, depth=2)  # residuals without a gain
     use_fast_kernels(plain)
-    assert not any(isinstance(m, kernels.FusedGainResidual) for m in plain.modules())
+    assert not any(isinstance(m, layers.FusedGainResidual) for m in plain.modules())
 
 
 class _ToChannelsLastFloat(nn.Module):
@@ -291,6 +327,7 @@ class _ToChannelsLastFloat(nn.Module):
         return x.float().contiguous(memory_format=torch.channels_last)
 
 
+@needs_ops
 @pytest.mark.parametrize("case", ["eval", "dtype", "layout"])
 def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
     """Where the kernel cannot run (eval mode, a residual whose dtype or layout differs from the
@@ -301,7 +338,7 @@ def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
     wrapped = nn.Sequential(copy.deepcopy(plain))
     assert use_fast_kernels(wrapped) == 2  # the GELU -> BatchNorm pair, then the residual
     fused = wrapped[0]
-    assert type(fused) is kernels.FusedGainResidual
+    assert type(fused) is layers.FusedGainResidual
     x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
     if case == "eval":
         plain.eval(), fused.eval()
@@ -323,18 +360,20 @@ def test_fused_residual_falls_back_when_the_kernel_cannot_take_it(case):
         assert norm.fused(h, residual=h.clone())
 
 
+@needs_ops
 def test_only_fitting_layers_are_swapped():
     model = nn.Sequential(
         nn.Conv2d(32, 32, 7, padding=3, groups=32),  # fits
         nn.Conv2d(32, 32, 7, padding=3, groups=32, stride=2),  # strided
         nn.Conv2d(24, 24, 5, padding=2, groups=24),  # 24 channels: not whole vectors of 16
         nn.Conv2d(32, 32, 4, padding="same", groups=32),  # even kernel
+        nn.Conv2d(32, 32, 11, padding=5, groups=32),  # a size the operator is not compiled for
         nn.Conv2d(32, 32, 3, padding=0, groups=32),  # not 'same'
         nn.Conv2d(32, 32, 1),  # pointwise
     )
     assert use_fast_kernels(model) == 1
     assert isinstance(model[0], FastDepthwiseConv2d)
-    assert [type(m) for m in model[1:]] == [nn.Conv2d] * 5
+    assert [type(m) for m in model[1:]] == [nn.Conv2d] * 6
     model = nn.Sequential(nn.GELU(), nn.BatchNorm2d(32), nn.GELU(approximate="tanh"), nn.BatchNorm2d(32),
                           nn.ReLU(), nn.BatchNorm2d(32), nn.GELU(), nn.BatchNorm2d(24))
     assert use_fast_kernels(model) == 1  # only exact GELU -> BatchNorm2d with whole vectors of channels
@@ -350,6 +389,7 @@ def test_vit_and_resnet_paths_are_untouched(name):
     assert [type(m) for m in model.modules()] == before
 
 
+@needs_ops
 def test_swapped_layer_shares_parameters_and_eval_is_plain():
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16))
     weight = model[0].weight
@@ -360,11 +400,119 @@ def test_swapped_layer_shares_parameters_and_eval_is_plain():
         torch.testing.assert_close(model(x), F.conv2d(x, weight, model[0].bias, padding=1, groups=16))
 
 
-def test_without_a_compiler_nothing_is_swapped(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_LIBS", {})
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path))
-    model = small_convmixer()
-    with pytest.warns(UserWarning, match="could not build"):
-        assert use_fast_kernels(model) == 0
-    assert not any(isinstance(m, FastDepthwiseConv2d) for m in model.modules())
+WITHOUT_A_COMPILER = """
+import warnings, torch
+from patchbench.cpu import build, layers
+from patchbench.models import create_model
+from patchbench.data import augment
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = create_model("convmixer_256_8", dim=32, depth=2, kernel_size=5, img_size=16)
+    swapped = layers.use_fast_kernels(model)
+images = torch.randint(0, 255, (2, 12, 12, 3), dtype=torch.uint8)
+out = augment._crop_resize_cpu(images, torch.tensor([[0, 0, 12, 12], [2, 2, 8, 10]]), None, 6)
+print(swapped, any(isinstance(m, layers.FastDepthwiseConv2d) for m in model.modules()), tuple(out.shape))
+print(build.FAILURE)
+print(str(caught[0].message) if caught else "no warning")
+"""
+
+
+def test_without_a_compiler_nothing_is_swapped_and_the_crops_take_torchs_ops(tmp_path):
+    """A fresh interpreter whose C++ compiler does not exist: no layer is swapped, the crop runs on torch's
+    ops, and why is said once."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PATCHBENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_A_COMPILER], env=env, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    swapped, failure, warning = done.stdout.strip().splitlines()
+    assert swapped == "0 False (2, 3, 6, 6)"
+    assert failure.startswith("the CPU operators could not be built")
+    assert warning.startswith("patchbench.cpu: the CPU operators could not be built") and "PyTorch's" in warning
+
+
+# ------------------------------------------------------------------------------------ the operators' checks
+
+def _cl(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _u8(*shape, device="cpu"):
+    return torch.zeros(*shape, dtype=torch.uint8, device=device)
+
+
+PB = "torch.ops.patchbench."
+BAD_CALLS = [
+    ("gelu_stats(torch.randn(2, 16, 3, 3))", "gelu_stats: z must be contiguous in channels_last memory format"),
+    ("gelu_stats(_cl(2, 16, 3, 3, dtype=torch.float64))", "gelu_stats: z must be float32 or bfloat16, got Double"),
+    ("gelu_stats(_cl(2, 24, 3, 3))", "gelu_stats: z must have a multiple of 16 channels, got 24"),
+    ("gelu_stats(torch.randn(16, 3, 3))", "gelu_stats: z must be 4-D"),
+    ("gelu_stats(_cl(2, 16, 3, 3).to('meta'))", "gelu_stats: z must be a CPU tensor, got one on meta"),
+    ("bn_affine(_cl(2, 16, 3, 3), torch.ones(16).double(), torch.zeros(16), None)",
+     "bn_affine: scale must be Float, got Double"),
+    ("bn_affine(_cl(2, 16, 3, 3), torch.ones(16), torch.zeros(8), None)",
+     "bn_affine: shift must be a contiguous vector of 16"),
+    ("bn_affine(_cl(2, 16, 3, 3), torch.ones(16), torch.zeros(16), torch.randn(2, 16, 3, 3))",
+     "bn_affine: residual must be contiguous in channels_last memory format, like y"),
+    ("bn_affine(_cl(2, 16, 3, 3), torch.ones(16), torch.zeros(16), _cl(2, 16, 3, 3, dtype=torch.bfloat16))",
+     "bn_affine: residual must have y's dtype"),
+    ("bn_grad_stats(_cl(2, 16, 3, 3), _cl(2, 16, 3, 4))", "bn_grad_stats: grad_out must have y's shape"),
+    ("bn_grad_stats(_cl(2, 16, 3, 3), _cl(2, 16, 3, 3).to('meta'))", "bn_grad_stats: grad_out must be a CPU tensor"),
+    (("gelu_bn_grad(_cl(2, 16, 3, 3), _cl(2, 16, 3, 3), torch.randn(2, 16, 3, 3), torch.ones(16), torch.ones(16), "
+     "torch.ones(16))"), "gelu_bn_grad: grad_out must be contiguous in channels_last"),
+    (("gelu_bn_grad(_cl(2, 16, 3, 3), _cl(2, 16, 3, 3), _cl(2, 16, 3, 3), torch.ones(16), torch.ones(16, 1), "
+     "torch.ones(16))"), "gelu_bn_grad: kb must be a contiguous vector of 16"),
+    ("depthwise_param_grads(torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5), 4)",
+     "depthwise_param_grads: kernel_size must be 3, 5, 7 or 9, got 4"),
+    ("depthwise_param_grads(torch.randn(2, 16, 5, 5).half(), torch.randn(2, 16, 5, 5).half(), 3)",
+     "depthwise_param_grads: x must be float32 or bfloat16, got Half"),
+    ("depthwise_param_grads(torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5).double(), 3)",
+     "depthwise_param_grads: grad_out must have x's dtype and shape"),
+    ("depthwise_param_grads(torch.randn(2, 16, 5, 5, device='meta'), torch.randn(2, 16, 5, 5, device='meta'), 3)",
+     "depthwise_param_grads: x must be a CPU tensor"),
+    (("crop_resize(torch.zeros(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), None, torch.ones(3), "
+     "torch.zeros(3), 4, False)"), r"crop_resize: images must be contiguous \(N, S, S, 3\) uint8, got Float"),
+    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 9, 8]]), None, torch.ones(3), "
+     "torch.zeros(3), 4, False)"),
+     r"crop_resize: boxes\[0\] \(x0, y0, x1, y1\) = \(0, 0, 9, 8\) is empty or outside the 8x8 image"),
+    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([2]), torch.tensor([[0, 0, 8, 8]]), None, torch.ones(3), "
+     "torch.zeros(3), 4, False)"), r"crop_resize: rows\[0\] is 2, outside the 2 images"),
+    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), torch.tensor([1]), "
+     "torch.ones(3), torch.zeros(3), 4, False)"), "crop_resize: flips must be a contiguous bool vector of 1"),
+    (("crop_resize(_u8(2, 8, 8, 3, device='meta'), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), None, "
+     "torch.ones(3), torch.zeros(3), 4, False)"), "crop_resize: images must be a CPU tensor"),
+    ("cpu_isa('sse9')", "cpu_isa: cap is 'sse9', not one of generic, avx2, avx512, avx512bf16"),
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("call, message", BAD_CALLS, ids=[c.split("(")[0] + str(i) for i, (c, _) in enumerate(BAD_CALLS)])
+def test_each_operator_names_the_argument_it_cannot_take(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        eval(PB + call)
+
+
+def test_every_operator_has_a_bad_call_case():
+    schemas = ("gelu_stats", "bn_affine", "bn_grad_stats", "gelu_bn_grad", "depthwise_param_grads", "crop_resize",
+               "cpu_isa")
+    assert {call.split("(")[0] for call, _ in BAD_CALLS} == set(schemas)
+
+
+@needs_ops
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core")
+def test_torchs_thread_count_governs_the_operators():
+    z = _cl(4, 64, 6, 6)  # 4 blocks of 16 channels to share out
+    x, g = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
+    images = torch.randint(0, 255, (8, 16, 16, 3), dtype=torch.uint8)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for call in (lambda: torch.ops.patchbench.gelu_stats(z),
+                         lambda: torch.ops.patchbench.depthwise_param_grads(x, g, 3),
+                         lambda: torch.ops.patchbench.crop_resize(images, torch.arange(8),
+                                                                  torch.tensor([[0, 0, 16, 16]] * 8), None,
+                                                                  torch.ones(3), torch.zeros(3), 8, False)):
+                call()
+                assert torch.ops.patchbench.threads_used() == threads
+    finally:
+        torch.set_num_threads(before)
