@@ -19,4 +19,7 @@ if ! .venv/bin/python -c "import torch, torchvision.ops as o; o.nms(torch.zeros(
     pip install -q $TORCH_SPEC
 fi
 pip install -q -e ".$extras"
+# build patchbench's CPU operators now (once per source and torch version, into the user's cache), not in
+# the first run; where they cannot be built (no C++ compiler) patchbench runs PyTorch's own ops
+.venv/bin/python -c "from patchbench.cpu import build; build.load() or print(f'setup: {build.FAILURE}; patchbench will use PyTorch ops')" 2>&1 | grep -v "^W[0-9]" || true
 .venv/bin/python -c "import torch, torchvision, patchbench; print(f'setup: ok (torch {torch.__version__}, torchvision {torchvision.__version__}, patchbench {patchbench.__version__})')"
