@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import SHARED_ARCHIVE, generated_folder
 
-from patchbench.config import get_preset
+from patchbench.recipes import get_preset
 from patchbench.train import train_run
 
 POLICIES = {"adaptive (default)": None, "fixed 2 threads": 2, "fixed 1 thread": 1}

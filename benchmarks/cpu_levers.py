@@ -62,19 +62,20 @@ def child(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from patchbench.config import get_preset
     from patchbench.data import Loader, augment, prepare
     from patchbench.device import autocast, resolve_amp
     from patchbench.optim import create_optimizer
     from patchbench.train import build_model
-    try:  # this source tree, or one from before patchbench.cpu
+    try:  # this source tree, or one from before patchbench.cpu and patchbench.recipes
         from patchbench.cpu.layers import use_fast_kernels
         from patchbench.cpu.memory import keep_freed_memory
         from patchbench.cpu.threads import ThreadTuner
+        from patchbench.recipes import get_preset
     except ImportError:
         from patchbench.kernels import use_fast_kernels
         from patchbench.threads import ThreadTuner
 
+        from patchbench.config import get_preset
         from patchbench.device import keep_freed_memory
 
     off = set(args.off.split(",")) if args.off else set()

@@ -43,10 +43,10 @@ import torch
 import patchbench.device
 from patchbench.autotune import resolve
 from patchbench.bench import Settings, make_step, screen, time_steps
-from patchbench.config import get_preset
 from patchbench.cpu.layers import use_fast_kernels
 from patchbench.device import NATIVE_BF16_FLAGS, cpu_name, resolve_amp
 from patchbench.models import create_model, describe
+from patchbench.recipes import get_preset
 from patchbench.study import match_budget
 
 CPU = torch.device("cpu")

@@ -44,13 +44,13 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from patchbench.config import get_preset
 from patchbench.cpu.layers import use_fast_kernels
 from patchbench.cpu.memory import keep_freed_memory
 from patchbench.data import Loader, prepare, resolve_source
 from patchbench.device import autocast
 from patchbench.models import create_model
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
+from patchbench.recipes import get_preset
 from patchbench.train import build_model
 
 

@@ -11,8 +11,8 @@ from test_compare import fake_work, ran, tiny_study
 
 from patchbench import study as cp
 from patchbench.cli import main
-from patchbench.config import get_preset
 from patchbench.errors import UserError
+from patchbench.recipes import get_preset
 from patchbench.report import load, render, stats
 
 # final top-1 of two seeds per cell: (mixer, stem) -> [seed 0, seed 1]

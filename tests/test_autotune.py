@@ -12,10 +12,11 @@ import patchbench
 from patchbench import autotune as at
 from patchbench import device as dv
 from patchbench import study as cp
-from patchbench.config import Switch, get_preset
+from patchbench.config import Switch
 from patchbench.errors import UserError
 from patchbench.models import create_model
-from patchbench.values import parse_text
+from patchbench.recipes import get_preset
+from patchbench.values import coerce
 
 CPU = torch.device("cpu")
 NCHW, CL, CL_K = at.Choice(False, False), at.Choice(True, False), at.Choice(True, True)
@@ -35,9 +36,9 @@ def test_amp_auto_is_bf16_only_where_the_cpu_computes_it_natively(flags, expecte
 
 
 def test_switch_values_parse_from_flags_and_files():
-    assert [parse_text(t, Switch, "--channels-last") for t in ("auto", "true", "off")] == ["auto", True, False]
+    assert [coerce(t, Switch, "--channels-last") for t in ("auto", "true", "off")] == ["auto", True, False]
     with pytest.raises(UserError, match="--channels-last 'maybe': need true or false or auto"):
-        parse_text("maybe", Switch, "--channels-last")
+        coerce("maybe", Switch, "--channels-last")
 
 
 def test_candidates_offer_both_values_only_for_auto():

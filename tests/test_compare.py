@@ -19,8 +19,8 @@ from patchbench import rundir
 from patchbench import study as cp
 from patchbench.cli import main
 from patchbench.commands import parse
-from patchbench.config import get_preset
 from patchbench.errors import UserError
+from patchbench.recipes import get_preset
 from patchbench.study import budget as sb
 from patchbench.train import TrainingDiverged
 

@@ -11,9 +11,9 @@ import patchbench.train as train_mod
 from patchbench import study as cp
 from patchbench.cli import main
 from patchbench.compute import plan_steps
-from patchbench.config import build_config, get_preset
 from patchbench.errors import UserError
 from patchbench.optim import lr_at
+from patchbench.recipes import build_config, get_preset
 from patchbench.train import check_sizes, train_run
 
 

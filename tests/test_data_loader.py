@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig, get_preset
+from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
 from patchbench.cpu import ops as cpu_ops
 from patchbench.data import Loader, Split, augment
 from patchbench.data.augment import (
@@ -23,6 +23,7 @@ from patchbench.data.augment import (
     random_resized_crop_boxes,
 )
 from patchbench.errors import UserError
+from patchbench.recipes import get_preset
 
 S = 24
 THREADS = torch.get_num_threads()

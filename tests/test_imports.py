@@ -50,7 +50,7 @@ def test_version_imports_no_torch_by_importtime():
 # The layers, lowest first; a module may import patchbench modules of its own layer or below only.
 LAYERS = [
     {"errors", "values", "compute"},
-    {"device", "rundir", "config"},
+    {"device", "rundir", "config", "recipes"},
     {"flops", "metrics", "checkpoint", "optim", "models", "report"},
     {"cpu"},  # CPU speed code: swaps models' layers, so models must never import it
     {"data"},
@@ -113,7 +113,8 @@ def test_the_layer_check_catches_models_importing_the_cpu_package(tmp_path, line
 
 
 def test_report_modules_import_one_way():
-    allowed = {"load": {"patchbench.rundir", "patchbench.config", "patchbench.errors", "patchbench.compute"},
+    allowed = {"load": {"patchbench.rundir", "patchbench.config", "patchbench.errors", "patchbench.compute",
+                        "patchbench.values"},
                "stats": {"patchbench.report.load"},
                "figures": {"patchbench.report.load"},
                "render": {"patchbench.rundir", "patchbench.errors", "patchbench.compute", "patchbench.report.figures",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from patchbench.config import TrainConfig, get_preset
+from patchbench.config import TrainConfig
 from patchbench.models import create_model
 from patchbench.optim import (
     create_optimizer,
@@ -13,6 +13,7 @@ from patchbench.optim import (
     piecewise,
     total_steps,
 )
+from patchbench.recipes import get_preset
 
 
 def names_of(model, group):

@@ -256,7 +256,7 @@ def test_reference_section_sets_the_published_numbers_against_our_seeds(study):
 
 
 def test_seed_preset_carries_the_notebooks_numbers():
-    from patchbench.config import get_preset
+    from patchbench.recipes import get_preset
 
     ref = get_preset("seed").reference
     assert {m: (r["final"], r["best"]) for m, r in ref.items() if m != "source"} == {
@@ -265,8 +265,8 @@ def test_seed_preset_carries_the_notebooks_numbers():
 
 @pytest.mark.parametrize("entry", [{"final": "80%"}, {"final": 0.8, "worst": 0.5}, 0.8])
 def test_a_bad_reference_entry_is_refused_with_its_name(entry):
-    from patchbench.config import parse_recipe
     from patchbench.errors import UserError
+    from patchbench.recipes import parse_recipe
 
     assert parse_recipe({"reference": {"m": {"final": 0.8, "best": 0.81}}}, "r.toml").reference["m"]["best"] == 0.81
     with pytest.raises(UserError, match=r"r.toml: \[reference.m\] holds final and best top-1 fractions"):

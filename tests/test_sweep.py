@@ -8,8 +8,8 @@ from test_compare import fake_work, ran, tiny_study
 from patchbench import study as cp
 from patchbench.cli import main
 from patchbench.commands import parse
-from patchbench.config import get_preset
 from patchbench.errors import UserError
+from patchbench.recipes import get_preset
 
 
 def test_parse_grid_values_and_errors():

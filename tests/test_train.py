@@ -268,8 +268,8 @@ def test_list_presets(capsys):
 
 @pytest.mark.parametrize("preset", ["seed", "study160", "quick", "smoke"])
 def test_every_preset_model_builds_at_its_size(preset):
-    from patchbench.config import get_preset
     from patchbench.optim import create_optimizer
+    from patchbench.recipes import get_preset
     from patchbench.train import build_model
 
     p = get_preset(preset)

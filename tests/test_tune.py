@@ -10,8 +10,8 @@ import pytest
 import runfixtures as fx
 from test_compare import image_folder
 
-from patchbench.config import load_recipe
 from patchbench.errors import UserError
+from patchbench.recipes import load_recipe
 from patchbench.study import search as tn
 
 SEARCH = """

@@ -4,14 +4,14 @@ Public API (kept small, imported on first use so that `import patchbench` and `-
     create_model, list_models     -- the model registry (patchbench.models)
     train_run                     -- train one model into a run directory (patchbench.train)
     evaluate_run, predict         -- score a run/checkpoint on a val split; classify image files (patchbench.evaluate)
-    get_preset, build_config      -- recipes and run configs (patchbench.config)
+    get_preset, build_config      -- recipes and run configs (patchbench.recipes)
 """
 
 __version__ = "0.2.0"
 
 _API = {"create_model": "patchbench.models", "list_models": "patchbench.models", "train_run": "patchbench.train",
-        "evaluate_run": "patchbench.evaluate", "predict": "patchbench.evaluate", "get_preset": "patchbench.config",
-        "build_config": "patchbench.config"}
+        "evaluate_run": "patchbench.evaluate", "predict": "patchbench.evaluate", "get_preset": "patchbench.recipes",
+        "build_config": "patchbench.recipes"}
 
 __all__ = [
     "__version__",

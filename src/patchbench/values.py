@@ -1,6 +1,6 @@
 """Values checked against a type, from text (flags, `--model-arg`, `--grid`) or from TOML/JSON.
 
-One parser per kind of value, used by every way a setting can arrive: the config dataclasses'
+One function, `coerce`, for every way a setting can arrive: the config dataclasses'
 fields (`config.py`), the model constructors' signatures (`models.check_overrides`) and the
 command line (`commands/options.py`). A bad value raises `UserError` naming where it came from
 (`what`: the flag, the TOML key or the model argument) and what it needs, on one line.
@@ -105,136 +105,101 @@ def _jsonable(value) -> bool:
         return False
 
 
-def parse_text(text: str, kind, what: str):
-    """Text from the command line -> a value of `kind` (UserError naming `what` when it does not fit)."""
-    text = text.strip()
+def coerce(value, kind, what: str):
+    """A value of `kind` from text (a flag, `--model-arg`, `--grid`) or from TOML/JSON, or UserError
+    naming `what`. Text is parsed as the kind needs (a typed value is checked, int -> float, list ->
+    tuple), so a setting reads the same whichever way it arrives."""
+    text = isinstance(value, str)
+    if text:
+        value = value.strip()
     if kind is Any or kind is typing.Any:
-        return guess(text)
+        return guess(value) if text else value
     if _is_optional(kind):
-        return None if text.lower() in NONE_WORDS else parse_text(text, _strip_none(kind), what)
-    if _is_union(kind):
-        return _first_fit(parse_text, text, kind, what)
-    origin = _origin(kind)
-    if origin is Literal:
-        if text not in _args(kind):
-            raise _fail(what, text, kind)
-        return text
-    if origin in (tuple, list):
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError:
-                raise _fail(what, text, kind) from None
-            return check_value(items, kind, what)
-        parts = [p.strip() for p in text.split(",")] if text else []
-        args = _args(kind)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis) and len(parts) != len(args):
-            raise _fail(what, text, kind)
-        item_kinds = [args[0]] * len(parts) if (origin is list or args[1:] == (Ellipsis,)) else list(args)
-        try:
-            values = [parse_text(p, k, what) for p, k in zip(parts, item_kinds)]
-        except UserError:
-            raise _fail(what, text, kind) from None
-        return tuple(values) if origin is tuple else values
-    if kind is SI:
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]?)", text)
-        if not m or float(m.group(1)) * SI_SUFFIXES[m.group(2)] <= 0:
-            raise _fail(what, text, kind)
-        return float(m.group(1)) * SI_SUFFIXES[m.group(2)]
-    if kind is bool:
-        low = text.lower()
-        if low in TRUE_WORDS or low in FALSE_WORDS:
-            return low in TRUE_WORDS
-        raise _fail(what, text, kind)
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise _fail(what, text, kind) from None
-    if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise _fail(what, text, kind) from None
-        if not math.isfinite(value):
-            raise _fail(what, text, kind)
-        return value
-    if kind is str:
-        return text
-    if kind is dict or origin is dict:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise _fail(what, text, kind) from None
-        return check_value(value, kind, what)
-    raise TypeError(f"values.parse_text: no parser for {kind!r} ({what})")  # a bug of ours, not the user's
-
-
-def check_value(value, kind, what: str):
-    """An already-typed value (from TOML or JSON) -> the same value as `kind` (int -> float, list ->
-    tuple), or UserError naming `what`. Text given where a number or a flag belongs is parsed as
-    on the command line (`"none"` for an unset optional setting)."""
-    if kind is Any or kind is typing.Any:
-        return value
-    if _is_optional(kind):
-        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
+        if value is None or (text and value.lower() in NONE_WORDS):
             return None
-        return check_value(value, _strip_none(kind), what)
+        return coerce(value, _strip_none(kind), what)
     if _is_union(kind):
-        return _first_fit(check_value, value, kind, what)
+        return _first_fit(coerce, value, kind, what)
     origin = _origin(kind)
     if origin is Literal:
         if value not in _args(kind):
             raise _fail(what, value, kind)
         return value
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            if isinstance(value, str):
-                return parse_text(value, kind, what)
+        items = value
+        if text and value.startswith("["):
+            try:
+                items = json.loads(value)
+            except ValueError:
+                raise _fail(what, value, kind) from None
+        elif text:
+            items = [p.strip() for p in value.split(",")] if value else []
+        if not isinstance(items, (list, tuple)):
             raise _fail(what, value, kind)
         args = _args(kind)
         if origin is list or args[1:] == (Ellipsis,):
-            kinds = [args[0] if args else Any] * len(value)
+            kinds = [args[0] if args else Any] * len(items)
+        elif len(items) != len(args):
+            raise _fail(what, value, kind)
         else:
-            if len(value) != len(args):
-                raise _fail(what, value, kind)
             kinds = list(args)
         try:
-            items = [check_value(v, k, what) for v, k in zip(value, kinds)]
+            out = [coerce(v, k, what) for v, k in zip(items, kinds)]
         except UserError:
             raise _fail(what, value, kind) from None
-        return tuple(items) if origin is tuple else items
-    if kind is SI:
-        if isinstance(value, str):
-            return parse_text(value, kind, what)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return float(value)
-        raise _fail(what, value, kind)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(what, value, kind)
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-            return int(value)
-        raise _fail(what, value, kind)
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise _fail(what, value, kind)
-            return float(value)
-        raise _fail(what, value, kind)
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(what, value, kind)
+        return tuple(out) if origin is tuple else out
     if kind is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
+        doc = value
+        if text:
+            try:
+                doc = json.loads(value)
+            except ValueError:
+                raise _fail(what, value, kind) from None
+        if not isinstance(doc, dict):
+            raise _fail(what, value, kind)
+        return dict(doc)
+    if kind is str:
+        if not text:
+            raise _fail(what, value, kind)
+        return value
+    scalar = _scalar(value, kind) if text else _typed_scalar(value, kind)
+    if scalar is None:
         raise _fail(what, value, kind)
-    raise TypeError(f"values.check_value: no checker for {kind!r} ({what})")
+    return scalar
+
+
+def _scalar(text: str, kind):
+    """A number or a flag from text (None when it is not one)."""
+    if kind is bool:
+        low = text.lower()
+        return (low in TRUE_WORDS) if low in TRUE_WORDS or low in FALSE_WORDS else None
+    if kind is SI:
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]?)", text)
+        value = float(m.group(1)) * SI_SUFFIXES[m.group(2)] if m else 0.0
+        return value if value > 0 else None
+    if kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+    raise TypeError(f"values.coerce: no parser for {kind!r}")  # a bug of ours, not the user's
+
+
+def _typed_scalar(value, kind):
+    """A number or a flag from TOML/JSON (None when it is not one): no bool as a number, ints as floats,
+    whole floats as ints."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    if kind is SI:
+        return float(value) if value > 0 else None
+    if kind is float:
+        return float(value)
+    if kind is int:
+        return value if isinstance(value, int) else int(value) if value.is_integer() else None
+    raise TypeError(f"values.coerce: no checker for {kind!r}")
 
 
 def guess(text: str):
@@ -258,3 +223,15 @@ def guess(text: str):
         except ValueError:
             pass
     return text
+
+
+def model_label(name: str, overrides: dict[str, Any]) -> str:
+    """A model's name with the constructor arguments that make it what it is, e.g.
+    `convmixer_256_8(dim=128, depth=6)`; the image size (a property of the data) is left out."""
+    shown = {k: v for k, v in overrides.items() if k != "img_size"}
+    if not shown:
+        return name
+    def short(v):
+        return "(" + ",".join(map(str, v)) + ")" if isinstance(v, (list, tuple)) else f"{v:g}" \
+            if isinstance(v, float) else str(v)
+    return f"{name}(" + ", ".join(f"{k}={short(v)}" for k, v in shown.items()) + ")"

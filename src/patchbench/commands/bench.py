@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.values import coerce
 
 DTYPES, MODES, AGAINST = ("fp32", "bf16", "fp16", "auto"), ("train", "infer"), ("timm", "torchvision")
 AMP_DTYPES = {"none": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": "auto"}  # train's --amp spelling
@@ -62,7 +62,7 @@ def command_line(args) -> str:
 
 def _count(args, name: str, lo: int, hi: int) -> int:
     flag = "--" + name.replace("_", "-")
-    value = parse_text(getattr(args, name), int, flag)
+    value = coerce(getattr(args, name), int, flag)
     if not lo <= value <= hi:
         raise UserError(f"{flag} {value}: need a whole number in [{lo}, {hi}]")
     setattr(args, name, value)
@@ -82,9 +82,9 @@ def run(args) -> int:
     if args.dtype is not None and args.amp is not None and args.dtype != AMP_DTYPES[args.amp]:
         raise UserError(f"--dtype {args.dtype} and --amp {args.amp} disagree; give one of them")
     args.dtype = args.dtype or AMP_DTYPES[args.amp or "none"]
-    args.channels_last = parse_text(args.channels_last, Switch, "--channels-last")
-    args.fast_kernels = parse_text(args.fast_kernels, Switch, "--fast-kernels")
-    args.cap = parse_text(args.cap, float, "--cap")
+    args.channels_last = coerce(args.channels_last, Switch, "--channels-last")
+    args.fast_kernels = coerce(args.fast_kernels, Switch, "--fast-kernels")
+    args.cap = coerce(args.cap, float, "--cap")
     if args.cap < 1:
         raise UserError(f"--cap {args.cap:g}: need a ratio of at least 1")
     out = rundir.check_output_file(args.out, "--out")  # before minutes of timing, not after

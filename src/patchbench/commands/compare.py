@@ -14,9 +14,9 @@ from patchbench.commands.options import (
     config_file,
     recipe_changes,
 )
-from patchbench.config import get_preset
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.recipes import get_preset
+from patchbench.values import coerce
 
 
 def add_parser(sub):
@@ -60,7 +60,7 @@ def study_inputs(args) -> dict:
     """The recipe layers and study options common to compare, sweep and ablate, parsed and checked."""
     from patchbench.commands.parse import parse_seeds
 
-    lock_timeout = parse_text(args.lock_timeout, float, "--lock-timeout")
+    lock_timeout = coerce(args.lock_timeout, float, "--lock-timeout")
     if lock_timeout <= 0:
         raise UserError(f"--lock-timeout {args.lock_timeout}: need a positive number of seconds")
     config = config_file(args)

@@ -7,7 +7,7 @@ import time
 from patchbench.commands.options import add_progress_flag
 from patchbench.config import MAX_SIZE, DataConfig
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.values import coerce
 
 
 def add_parser(sub):
@@ -71,10 +71,10 @@ def run_download(args):
 def run_prepare(args):
     from patchbench.data import prepare
 
-    workers = parse_text(args.workers, int, "--workers") if args.workers is not None else None
+    workers = coerce(args.workers, int, "--workers") if args.workers is not None else None
     if workers is not None and not 1 <= workers <= 1024:
         raise UserError(f"--workers {workers}: need a whole number in [1, 1024]")
-    size = parse_text(args.prepare_size, int, "--img-size")
+    size = coerce(args.prepare_size, int, "--img-size")
     if not 1 <= size <= MAX_SIZE:
         raise UserError(f"--img-size {size}: need a whole number of pixels in [1, {MAX_SIZE}]")
     cfg = DataConfig(source=args.data, md5=_md5(args.md5), cache_dir=args.cache_dir, prepare_size=size)

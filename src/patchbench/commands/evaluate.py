@@ -10,7 +10,7 @@ import json
 import sys
 
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.values import coerce
 
 
 def add_parser(sub):
@@ -35,7 +35,7 @@ def run(args):
     from patchbench.device import check_device_name
     from patchbench.evaluate import evaluate_run
 
-    batch_size = parse_text(args.batch_size, int, "--batch-size")
+    batch_size = coerce(args.batch_size, int, "--batch-size")
     if not 1 <= batch_size <= 65536:
         raise UserError(f"--batch-size {batch_size}: need a whole number in [1, 65536]")
     check_device_name(args.device)

@@ -12,7 +12,7 @@ import json
 
 from patchbench.config import MAX_SIZE
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.values import coerce
 
 
 def add_parser(sub):
@@ -27,7 +27,7 @@ def add_parser(sub):
 
 
 def parse_img_size(text: str) -> int:
-    size = parse_text(text, int, "--img-size")
+    size = coerce(text, int, "--img-size")
     if not 1 <= size <= MAX_SIZE:
         raise UserError(f"--img-size must be between 1 and {MAX_SIZE} pixels, got {size}")
     return size

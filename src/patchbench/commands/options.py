@@ -18,10 +18,10 @@ from patchbench.config import (
     check_setting,
     describe_setting,
     fields_of,
-    load_recipe,
 )
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.recipes import load_recipe
+from patchbench.values import coerce
 
 
 def _dest(section: str, name: str) -> str:
@@ -68,7 +68,7 @@ def recipe_changes(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -
             if value is None:
                 continue
             if isinstance(value, str):
-                value = parse_text(value, f.kind, f.flag)
+                value = coerce(value, f.kind, f.flag)
             changes[section][f.name] = check_setting(f, value)
     if {"epochs", "compute_budget"} <= set(changes["train"]) and changes["train"]["compute_budget"]:
         raise UserError("--epochs and --compute-budget both given; a run is as long as one of them says: drop one")

@@ -53,8 +53,8 @@ def parse_grid(text: str) -> dict[str, list[str]]:
 
 def parse_budgets(text: str | None) -> list[float] | None:
     """'5T,10T,20T' -> [5e12, 1e13, 2e13]; [] for 'none' (no budgets, not even a preset's); None when not given."""
-    from patchbench.values import SI, parse_text
+    from patchbench.values import SI, coerce
 
     if text is None:
         return None
-    return [] if text.strip().lower() == "none" else sorted(set(parse_text(text, list[SI], "--budgets")))
+    return [] if text.strip().lower() == "none" else sorted(set(coerce(text, list[SI], "--budgets")))

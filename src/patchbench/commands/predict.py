@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from patchbench.errors import UserError
-from patchbench.values import parse_text
+from patchbench.values import coerce
 
 
 def add_parser(sub):
@@ -27,7 +27,7 @@ def run(args):
     from patchbench.device import check_device_name
     from patchbench.evaluate import predict
 
-    topk = parse_text(args.topk, int, "--topk")
+    topk = coerce(args.topk, int, "--topk")
     if not 1 <= topk <= 100_000:
         raise UserError(f"--topk {topk}: need a whole number >= 1")
     check_device_name(args.device)

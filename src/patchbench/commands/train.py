@@ -1,7 +1,7 @@
 """`patchbench train --model NAME --data SRC [--preset P] [--config FILE.toml] [flags] --out RUN_DIR`.
 
 The config is built in layers: the dataclass defaults, the preset (with its per-model settings), the
-config file, then the flags given (see patchbench.config). `--dump-config` prints the resolved
+config file, then the flags given (see patchbench.recipes). `--dump-config` prints the resolved
 config as TOML, which `--config` reads back to the same run. `--resume RUN_DIR` continues a run
 from its last checkpoint. Runs under torchrun as well: `torchrun --nproc_per_node N -m patchbench train ...`.
 """
@@ -18,15 +18,9 @@ from patchbench.commands.options import (
     config_file,
     recipe_changes,
 )
-from patchbench.config import (
-    RunConfig,
-    build_config,
-    fields_of,
-    get_preset,
-    list_presets,
-    to_toml,
-)
+from patchbench.config import RunConfig, fields_of
 from patchbench.errors import UserError
+from patchbench.recipes import build_config, get_preset, list_presets, to_toml
 
 
 def add_parser(sub):

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from patchbench.config import model_label
 from patchbench.errors import UserError
-from patchbench.values import check_value, parse_text
+from patchbench.values import coerce, model_label
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,7 @@ def check_overrides(name: str, overrides: dict[str, Any], what: str = "--model-a
         if key not in args:
             raise UserError(f"{what} {key}: {name} takes no argument {key!r}; it takes {', '.join(args)}")
         kind = args[key][0]
-        out[key] = parse_text(value, kind, f"{what} {key}") if isinstance(value, str) and kind is not str \
-            else check_value(value, kind, f"{what} {key}")
+        out[key] = coerce(value, kind, f"{what} {key}")
     return out
 
 

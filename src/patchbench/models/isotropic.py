@@ -21,6 +21,7 @@ Registered as `iso_<mixer>_<stem>`; `dim` is the width that matched budgets chan
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import torch
@@ -30,8 +31,9 @@ from patchbench.models import register_model
 from patchbench.models.layers import DropPath, Width, check_img_size, drop_path_rates
 from patchbench.models.vit import MLP, Attention
 
-MIXERS = ("conv", "attention", "mlp", "pool", "identity")
-STEMS = ("patch", "conv")
+Mixer = Literal["conv", "attention", "mlp", "pool", "identity"]
+Stem = Literal["patch", "conv"]
+MIXERS, STEMS = typing.get_args(Mixer), typing.get_args(Stem)
 
 
 class ConvMixing(nn.Module):
@@ -124,8 +126,8 @@ class Isotropic(nn.Module):
     def __init__(
         self,
         *,
-        mixer: Literal["conv", "attention", "mlp", "pool", "identity"],
-        stem: Literal["patch", "conv"],
+        mixer: Mixer,
+        stem: Stem,
         dim: int = 128,
         depth: int = 8,
         patch_size: int = 8,

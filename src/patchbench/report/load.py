@@ -16,8 +16,8 @@ import numpy as np
 
 from patchbench import rundir
 from patchbench.compute import macs_tag
-from patchbench.config import model_label
 from patchbench.errors import UserError
+from patchbench.values import model_label
 
 
 @dataclass

@@ -8,9 +8,10 @@ import itertools
 from dataclasses import dataclass
 
 from patchbench.compute import macs_tag
-from patchbench.config import Recipe, RunConfig, build_config
+from patchbench.config import RunConfig
 from patchbench.errors import UserError
 from patchbench.models import check_overrides
+from patchbench.recipes import Recipe, build_config
 from patchbench.study.budget import model_params
 
 

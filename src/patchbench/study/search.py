@@ -34,9 +34,9 @@ import os
 from pathlib import Path
 
 from patchbench import rundir
-from patchbench.config import Recipe
 from patchbench.errors import UserError
 from patchbench.models import arguments, describe
+from patchbench.recipes import Recipe
 from patchbench.study.budget import match_budget, model_params
 from patchbench.study.files import study_amp, write_samples, write_study_json
 from patchbench.study.plan import Layers, PlannedRun
@@ -74,7 +74,7 @@ def widen(ranges: dict[str, list[float]], best: dict) -> dict[str, list[float]]:
 
 def check_space(space: dict, where: str) -> dict:
     """The recipe's [tune] table, checked: log-ranges, patch sizes, trials, budget, holdout."""
-    from patchbench.values import SI, check_value
+    from patchbench.values import SI, coerce
 
     known = {"lr", "weight_decay", "patch_size", "trials", "compute_budget", "holdout", "holdout_seed", "seed",
              "shared"}
@@ -83,21 +83,21 @@ def check_space(space: dict, where: str) -> dict:
         raise UserError(f"{where}: unknown [tune] key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     out = {}
     for key in ("lr", "weight_decay"):
-        lo, hi = check_value(space.get(key), tuple[float, float], f"{where}: [tune] {key}")
+        lo, hi = coerce(space.get(key), tuple[float, float], f"{where}: [tune] {key}")
         if not 0 < lo < hi:
             raise UserError(f"{where}: [tune] {key} = [{lo:g}, {hi:g}]: need 0 < low < high (a log-range)")
         out[key] = [lo, hi]
-    out["patch_size"] = check_value(space.get("patch_size", []), list[int], f"{where}: [tune] patch_size")
-    out["trials"] = check_value(space.get("trials", 8), int, f"{where}: [tune] trials")
+    out["patch_size"] = coerce(space.get("patch_size", []), list[int], f"{where}: [tune] patch_size")
+    out["trials"] = coerce(space.get("trials", 8), int, f"{where}: [tune] trials")
     if not 2 <= out["trials"] <= 64:
         raise UserError(f"{where}: [tune] trials = {out['trials']}: need 2 to 64 trials per family")
-    out["compute_budget"] = check_value(space.get("compute_budget", "10T"), SI, f"{where}: [tune] compute_budget")
-    out["holdout"] = check_value(space.get("holdout", 0.15), float, f"{where}: [tune] holdout")
+    out["compute_budget"] = coerce(space.get("compute_budget", "10T"), SI, f"{where}: [tune] compute_budget")
+    out["holdout"] = coerce(space.get("holdout", 0.15), float, f"{where}: [tune] holdout")
     if not 0.05 <= out["holdout"] <= 0.5:
         raise UserError(f"{where}: [tune] holdout = {out['holdout']:g}: need a fraction of train in [0.05, 0.5]")
-    out["holdout_seed"] = check_value(space.get("holdout_seed", 0), int, f"{where}: [tune] holdout_seed")
-    out["seed"] = check_value(space.get("seed", 0), int, f"{where}: [tune] seed")
-    out["shared"] = check_value(space.get("shared", False), bool, f"{where}: [tune] shared")
+    out["holdout_seed"] = coerce(space.get("holdout_seed", 0), int, f"{where}: [tune] holdout_seed")
+    out["seed"] = coerce(space.get("seed", 0), int, f"{where}: [tune] seed")
+    out["shared"] = coerce(space.get("shared", False), bool, f"{where}: [tune] shared")
     if out["shared"] and out["patch_size"]:
         raise UserError(f"{where}: [tune] shared = true chooses one learning rate and weight decay for every model; "
                         f"it searches no patch size (drop patch_size)")

@@ -11,9 +11,10 @@ import torch
 
 from patchbench import rundir
 from patchbench.compute import macs_tag
-from patchbench.config import Recipe, RunConfig
+from patchbench.config import RunConfig
 from patchbench.errors import UserError
 from patchbench.models import describe
+from patchbench.recipes import Recipe
 from patchbench.study.budget import (
     match_budget,
     model_macs,
