@@ -34,10 +34,11 @@ import sys
 from pathlib import Path
 
 # workload -> (preset, model, model overrides, train overrides)
+OLD_NAMES = {"notebook": "seed", "notebook_convmixer": "seed_convmixer"}  # in source trees before the renaming
 WORKLOADS = {
     "budget": ("budget", "convmixer_256_12", {"dim": 240, "patch_size": 8, "kernel_size": 7},
                {"amp": "none", "channels_last": True}),
-    "notebook": ("seed", "seed_convmixer", {}, {"amp": "auto", "channels_last": True}),
+    "notebook": ("notebook", "notebook_convmixer", {}, {"amp": "auto", "channels_last": True}),
 }
 MEASURES = ("operators", "crop", "malloc", "tuner")
 SIDES = {  # name -> (key of its ratio line, measures off, environment, use --against's source)
@@ -79,7 +80,11 @@ def child(args) -> None:
         from patchbench.device import keep_freed_memory
 
     off = set(args.off.split(",")) if args.off else set()
+    from patchbench.models import list_models
+
     preset, model_name, model_args, train_args = WORKLOADS[args.workload]
+    if model_name not in list_models():
+        preset, model_name = OLD_NAMES.get(preset, preset), OLD_NAMES.get(model_name, model_name)
     cfg = get_preset(preset).config_for(model_name, **model_args)
     amp = resolve_amp(train_args["amp"], torch.device("cpu")) if train_args["amp"] == "auto" else train_args["amp"]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=args.data),

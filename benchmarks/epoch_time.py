@@ -1,21 +1,21 @@
-"""One training epoch of the `seed` recipe: the study's pipeline vs patchbench's, end to end.
+"""One training epoch of the `notebook` recipe: the study's pipeline vs patchbench's, end to end.
 
 (a) the study's notebook: torchvision ImageFolder + PIL RandomResizedCrop(32, scale=(0.8, 0.99),
     ratio=(1, 1)) + flip + ToTensor + Normalize (CIFAR-10 statistics), DataLoader with 2 worker
-    processes, batch 16, seed_convmixer in fp32 (NCHW), AdamW + OneCycleLR, a plain loop.
+    processes, batch 16, notebook_convmixer in fp32 (NCHW), AdamW + OneCycleLR, a plain loop.
 (b) patchbench: the images decoded once into the uint8 cache (`prepare`, a one-off, reported
     separately), `Loader` cropping/flipping/normalising whole batches on the device, and the
     trainer's own pieces (`build_model`, `create_optimizer`, `lr_at`/`set_lr`, `autocast`), with
     the fast settings below: bf16 autocast, channels_last, patchbench.cpu's operators.
     The step is train.train_one_epoch's: forward, cross-entropy, zero_grad, backward, AdamW step.
 (d) with --fp32: (b) in fp32 (channels_last and patchbench's CPU operators: the same function as the
-    notebook's, what the `seed` preset trains seed_convmixer with).
+    notebook's, what the `notebook` preset trains notebook_convmixer with).
 
 (b) and (d) run as the trainer does on the CPU, glibc's malloc keeping freed memory
 (`patchbench.cpu.memory.keep_freed_memory`). What each of patchbench's CPU measures gains on its
 own is measured by benchmarks/cpu_levers.py.
 
-Both train the same model (seed_convmixer, 961,814 parameters) on the same 32px crops of the same
+Both train the same model (notebook_convmixer, 961,814 parameters) on the same 32px crops of the same
 160px images, 591 batches of 16 per epoch on Imagenette-160.
 
     .venv/bin/python benchmarks/epoch_time.py                   # whole epoch of each (minutes)
@@ -92,7 +92,7 @@ def study_side(root: Path, cfg, num_classes: int, args):
     folder = datasets.ImageFolder(str(root / "train"), transform=tf)
     loader = DataLoader(folder, batch_size=cfg.train.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=False)
-    model = create_model("seed_convmixer", num_classes=num_classes)
+    model = create_model("notebook_convmixer", num_classes=num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, epochs=100,
                                                     steps_per_epoch=len(loader))
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
                    "extrapolate to the epoch (default: the whole epoch)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before --max-steps")
     p.add_argument("--only", choices=["a", "b"], default=None, help="run one side only (no ratio)")
-    p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the seed preset's own settings)")
+    p.add_argument("--fp32", action="store_true", help="also (d): (b) in fp32 (the notebook preset's own settings)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training process, both "
                    "sides (default: torch's); (a)'s 2 DataLoader workers come on top")
     args = p.parse_args(argv)
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
         if source is None:
             generated = not SHARED_ARCHIVE.exists()
             source = str(generated_folder(Path(tmp) / "gen", train=40, val=4) if generated else SHARED_ARCHIVE.resolve())
-        cfg = get_preset("seed").config_for("seed_convmixer")
+        cfg = get_preset("notebook").config_for("notebook_convmixer")
         cache_dir = args.cache_dir or (tmp if generated else None)
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, source=source, cache_dir=cache_dir),
@@ -193,14 +193,14 @@ def main(argv=None) -> None:
     t = cfg.train
     settings_b = (f"{t.amp if t.amp != 'none' else 'fp32'}{', channels_last' if t.channels_last else ''}"
                   f"{', CPU operators' if args.fast_kernels else ''}{', compile' if t.compile else ''}")
-    print(f"seed recipe: seed_convmixer, batch {t.batch_size}, {cfg.data.img_size}px crops of "
+    print(f"notebook recipe: notebook_convmixer, batch {t.batch_size}, {cfg.data.img_size}px crops of "
           f"{cfg.data.prepare_size}px images; {source} ({len(data.train):,} train images, {steps} steps/epoch); "
           f"{how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| pipeline | settings | timed steps | seconds | images/s | epoch (s) |")
     print("|---|---|---:|---:|---:|---:|")
     names = {"a": ("(a) the study's: ImageFolder + PIL, DataLoader 2 workers, plain loop", "fp32, NCHW"),
              "b": ("(b) patchbench: uint8 cache + Loader + trainer pieces", settings_b),
-             "d": ("(d) (b) in fp32: the notebook's function, the seed preset's settings",
+             "d": ("(d) (b) in fp32: the notebook's function, the notebook preset's settings",
                    settings_b.replace(t.amp, "fp32")),
 }
     for key, r in rows.items():

@@ -6,7 +6,7 @@ checkpointed and resumable, and their reports list what did not finish):
   2. the tests that need a device (`pytest -m device` with PATCHBENCH_TEST_DEVICE=cuda);
   3. `patchbench bench`: ConvMixer-256/12 at 160px against timm, with the fraction of a matmul measured
      in the same run (the bench's "of ceiling": a measured MFU);
-  4. the studies `seed` (3 models x 3 seeds), `study160` (3 x 3) and `fair` (3 x 3), each run by
+  4. the studies `notebook` (3 models x 3 seeds), `study160` (3 x 3) and `fair` (3 x 3), each run by
      several `compare` workers sharing the study folder (the GPU is mostly idle with batch 16), then
      `patchbench report`;
   5. the small files of every study (never checkpoints) packed into OUT/studies.tar.gz, beside
@@ -42,7 +42,7 @@ SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "stu
                "report.md", "report.html")
 
 # (preset, parallel workers, seconds) on a GPU; the dry run uses the smoke preset for each, one worker
-STUDIES = [("seed", 9, 130), ("study160", 9, 150), ("fair", 9, 110)]
+STUDIES = [("notebook", 9, 130), ("study160", 9, 150), ("fair", 9, 110)]
 
 
 def md5(path: Path) -> str:

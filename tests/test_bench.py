@@ -68,7 +68,7 @@ def test_vit_reference_computes_our_function():
         torch.testing.assert_close(ref(x), ours(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, against", [("seed_convmixer", "timm"), ("resnet9", "torchvision"),
+@pytest.mark.parametrize("name, against", [("notebook_convmixer", "timm"), ("resnet9", "torchvision"),
                                            ("resnet18", "timm"), ("vit_tiny_6l8h", "torchvision")])
 def test_unmapped_references_are_user_errors(name, against):
     with torch.device("meta"):

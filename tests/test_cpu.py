@@ -263,11 +263,11 @@ def test_avx512s_intrinsics_give_the_avx2_codes_values(dtype, isa):
 
 @needs_ops
 def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
-    plain = create_model("seed_convmixer", dim=32, depth=2)
+    plain = create_model("notebook_convmixer", dim=32, depth=2)
     with torch.no_grad():  # non-zero gains, so the residual branches have gradients to compare
         for i, block in enumerate(plain.blocks):
             block[0].gain.fill_(0.5 + i)
-    fast = create_model("seed_convmixer", dim=32, depth=2)
+    fast = create_model("notebook_convmixer", dim=32, depth=2)
     fast.load_state_dict(plain.state_dict())
     # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 2 gained residuals folded into their pair's kernel
     assert use_fast_kernels(fast) == 9
@@ -292,7 +292,7 @@ def test_seed_convmixer_gets_the_kernels_and_keeps_its_gradients():
 @needs_ops
 def test_seed_convmixer_fused_residuals_under_bf16_autocast():
     """As close to the fp32 function as PyTorch's own bf16 run of the plain model is."""
-    models = [create_model("seed_convmixer", dim=32, depth=2) for _ in range(3)]
+    models = [create_model("notebook_convmixer", dim=32, depth=2) for _ in range(3)]
     with torch.no_grad():
         for i, block in enumerate(models[0].blocks):
             block[0].gain.fill_(0.5 + i)
@@ -314,7 +314,7 @@ def test_seed_convmixer_fused_residuals_under_bf16_autocast():
 
 @needs_ops
 def test_only_gained_residuals_without_drop_path_are_fused():
-    dropped = create_model("seed_convmixer", dim=32, depth=2, drop_path=0.1)  # rates 0 and 0.1 (timm's rule)
+    dropped = create_model("notebook_convmixer", dim=32, depth=2, drop_path=0.1)  # rates 0 and 0.1 (timm's rule)
     assert use_fast_kernels(dropped) == 8  # 2 depthwise convs, 5 GELU -> BatchNorm pairs, 1 residual
     assert [type(block[0]) for block in dropped.blocks] == [layers.FusedGainResidual, Residual]
     plain = create_model("convmixer_256_8", dim=32, depth=2)  # residuals without a gain
@@ -381,7 +381,7 @@ def test_only_fitting_layers_are_swapped():
                                         nn.ReLU, nn.BatchNorm2d, nn.GELU, nn.BatchNorm2d]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_6l8h", "resnet18", "resnet9", "seed_vit", "seed_resnet9"])
+@pytest.mark.parametrize("name", ["vit_tiny_6l8h", "resnet18", "resnet9", "notebook_vit", "notebook_resnet9"])
 def test_vit_and_resnet_paths_are_untouched(name):
     model = create_model(name, img_size=32)
     before = [type(m) for m in model.modules()]

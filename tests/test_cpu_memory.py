@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-# page faults over 5 train steps (after 3 to warm up) of a 2-block seed_convmixer, batch 16, fp32, 1 thread
+# page faults over 5 train steps (after 3 to warm up) of a 2-block notebook_convmixer, batch 16, fp32, 1 thread
 STEPS = """
 import resource, sys, torch
 from patchbench.bench import Settings, make_step
@@ -17,7 +17,7 @@ from patchbench.models import create_model
 if sys.argv[1] == "keep":
     keep_freed_memory()
 torch.set_num_threads(1)
-step = make_step(create_model("seed_convmixer", depth=2), Settings("fp32", False, False), mode="train",
+step = make_step(create_model("notebook_convmixer", depth=2), Settings("fp32", False, False), mode="train",
                  batch_size=16, img_size=32, device=torch.device("cpu"), num_classes=10)
 for _ in range(3):
     step()

@@ -259,7 +259,7 @@ def test_flips_are_about_half_and_are_mirror_images():
 
 
 def test_seed_preset_transform_works():
-    cfg = get_preset("seed").data_config
+    cfg = get_preset("notebook").data_config
     split = make_split(40, size=cfg.prepare_size // 4)  # a 40px stand-in for the 160px cache
     train = Loader(split, cfg, batch_size=16, train=True, device="cpu", seed=0)
     x, y = next(iter(train))

@@ -35,7 +35,7 @@ def test_dry_run_goes_end_to_end_and_brings_back_four_files(tmp_path):
     assert all(r["status"] == "finished" for r in summary["runs"].values())
     with tarfile.open(out / "studies.tar.gz") as tar:
         names = tar.getnames()
-    for study in ("seed", "study160", "fair"):
+    for study in ("notebook", "study160", "fair"):
         assert f"{study}/report.md" in names and f"{study}/study.json" in names
     assert not any("checkpoint" in n or n.endswith(".safetensors") for n in names)
     assert json.loads((out / "bench.json").read_text())["results"][0]["images_per_s"] > 0

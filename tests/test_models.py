@@ -110,7 +110,7 @@ def test_vit_matches_timm():
 def test_seed_vit_matches_timm():
     # Linear(48, 128) on (p1 p2 c)-flattened patches == a 4x4/4 conv with the weight reordered;
     # nn.MultiheadAttention's packed in_proj == timm's qkv; LayerNorm eps is PyTorch's default.
-    ours = randomize(create_model("seed_vit"))
+    ours = randomize(create_model("notebook_vit"))
     ref = TimmViT(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=8, mlp_ratio=2.0,
                   num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-5))
 
@@ -135,7 +135,7 @@ CASES = [(name, size) for name in list_models() for size in sizes_for(name)]
 def test_every_model_shape_finite_and_gradients(name, img_size):
     model = create_model(name, num_classes=7, img_size=img_size).train()
     for p_name, p in model.named_parameters():
-        if p_name.endswith("gain"):  # seed_convmixer's residual gains start at 0, which would zero the
+        if p_name.endswith("gain"):  # notebook_convmixer's residual gains start at 0, which would zero the
             nn.init.constant_(p, 0.5)  # depthwise branch's gradient; any other value reaches every parameter
     x = torch.randn(2, 3, img_size, img_size)
     out = model(x)
@@ -159,7 +159,7 @@ def test_every_model_records_its_natural_size_and_no_decay_names(name):
 
 def test_vits_exclude_cls_token_and_pos_embed_from_weight_decay():
     assert create_model("vit_tiny_6l8h").no_weight_decay() == {"cls_token", "pos_embed"}
-    assert create_model("seed_vit").no_weight_decay() == {"cls_token", "pos_embed"}
+    assert create_model("notebook_vit").no_weight_decay() == {"cls_token", "pos_embed"}
 
 
 def test_unknown_model_lists_closest_names():
@@ -175,9 +175,9 @@ def test_unknown_override_is_a_user_error_naming_it():
 # --- the study's notebook models and exact counts ----------------------------------------------
 
 @pytest.mark.parametrize("name,params", [
-    ("seed_convmixer", 961_814),
-    ("seed_vit", 811_146),
-    ("seed_resnet9", 1_647_242),
+    ("notebook_convmixer", 961_814),
+    ("notebook_vit", 811_146),
+    ("notebook_resnet9", 1_647_242),
     ("resnet18", 11_181_642),
 ])
 def test_exact_parameter_counts(name, params):
@@ -201,8 +201,8 @@ def test_resnet18_width_scales_every_stage():
 
 
 def test_seed_resnet9_runs_at_160_with_the_same_parameters_and_matches_maxpool4_at_32():
-    model = create_model("seed_resnet9").eval()
-    assert count_params(create_model("seed_resnet9", img_size=160)) == 1_647_242
+    model = create_model("notebook_resnet9").eval()
+    assert count_params(create_model("notebook_resnet9", img_size=160)) == 1_647_242
     assert model(torch.randn(2, 3, 160, 160)).shape == (2, 10)
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
@@ -212,14 +212,14 @@ def test_seed_resnet9_runs_at_160_with_the_same_parameters_and_matches_maxpool4_
 
 
 def test_seed_convmixer_quirks():
-    model = create_model("seed_convmixer")
+    model = create_model("notebook_convmixer")
     assert model.stem(torch.randn(1, 3, 32, 32)).shape == (1, 256, 31, 31)  # stride 1: no patching
     gains = [p for n, p in model.named_parameters() if n.endswith("gain")]
     assert len(gains) == 12 and all(g.shape == (1,) and g.item() == 0 for g in gains)
     assert model.head[2].p == 0.3
 
 
-@pytest.mark.parametrize("name", ["seed_convmixer", "seed_vit", "seed_resnet9"])
+@pytest.mark.parametrize("name", ["notebook_convmixer", "notebook_vit", "notebook_resnet9"])
 def test_seed_models_use_the_notebooks_kaiming_init(name):
     model = create_model(name)
     linears = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -230,7 +230,7 @@ def test_seed_models_use_the_notebooks_kaiming_init(name):
 
 
 def test_seed_vit_position_embedding_is_standard_normal():
-    pos = create_model("seed_vit").pos_embed
+    pos = create_model("notebook_vit").pos_embed
     assert pos.shape == (1, 65, 128)
     assert pos.std().item() == pytest.approx(1.0, rel=0.1)
 
@@ -241,11 +241,11 @@ def test_seed_vit_position_embedding_is_standard_normal():
     ("vit_tiny_6l8h", {"img_size": 150}, "multiple of patch_size=16"),
     ("vit_tiny_6l8h", {"img_size": 8}, "multiple of patch_size=16"),
     ("vit_tiny_6l8h", {"num_heads": 5}, "multiple of num_heads"),
-    ("seed_vit", {"img_size": 64}, "fixed at 32px"),
+    ("notebook_vit", {"img_size": 64}, "fixed at 32px"),
     ("convmixer_256_12", {"activation": "tanh"}, "activation"),
     ("convmixer_256_12", {"img_size": 5}, "img_size >= 7"),
     ("resnet9", {"img_size": 4}, "img_size >= 8"),
-    ("seed_resnet9", {"img_size": 0}, "img_size >= 8"),
+    ("notebook_resnet9", {"img_size": 0}, "img_size >= 8"),
     ("resnet18", {"img_size": -1}, "img_size >= 1"),
     ("resnet18", {"img_size": 0}, "img_size >= 1"),
     ("resnet18", {"width": 0}, "positive width"),
@@ -282,7 +282,7 @@ def test_text_overrides_are_typed_by_the_signature():
 @pytest.mark.parametrize("name,shape,match", [
     ("vit_tiny_6l8h", (1, 3, 64, 64), "create it with img_size=64"),
     ("vit_tiny_6l8h", (1, 3, 160, 144), "square"),
-    ("seed_vit", (1, 3, 64, 64), "built for 32x32"),
+    ("notebook_vit", (1, 3, 64, 64), "built for 32x32"),
 ])
 def test_vits_refuse_inputs_they_were_not_built_for(name, shape, match):
     with pytest.raises(ValueError, match=match):
@@ -312,7 +312,7 @@ def test_vit_macs_count_attention():
     assert count_macs(m, 16) == expected
 
 
-@pytest.mark.parametrize("name", ["seed_vit", "seed_convmixer", "vit_tiny_6l8h", "resnet18"])
+@pytest.mark.parametrize("name", ["notebook_vit", "notebook_convmixer", "vit_tiny_6l8h", "resnet18"])
 def test_macs_on_cpu_equal_macs_on_meta_and_mode_is_restored(name):
     cpu = create_model(name, img_size=32).train()
     with torch.device("meta"):
@@ -341,7 +341,7 @@ def test_residual_gain_keeps_the_branch_dtype_and_the_fp32_function():
     assert torch.equal(res(x), x + res.gain * res.fn(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert res(x.bfloat16()).dtype == torch.bfloat16
-    assert torch.equal(create_model("seed_convmixer")(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=bool))
+    assert torch.equal(create_model("notebook_convmixer")(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=bool))
 
 
 def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):

@@ -27,7 +27,7 @@ def test_no_decay_on_norms_biases_gains_and_tokens():
     assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.norm1.weight"} <= no_decay
     assert {"patch_embed.weight", "head.weight", "blocks.0.attn.qkv.weight"} <= decay
     assert not decay & no_decay and len(decay | no_decay) == len(list(vit.parameters()))
-    mixer = create_model("seed_convmixer")
+    mixer = create_model("notebook_convmixer")
     decay, no_decay = (names_of(mixer, g) for g in param_groups(mixer, 0.05))
     gains = {n for n in no_decay if n.endswith(".gain")}
     assert len(gains) == 12 and all(n.endswith(("bias", "weight", "gain")) for n in no_decay)
@@ -35,12 +35,12 @@ def test_no_decay_on_norms_biases_gains_and_tokens():
 
 
 def test_notebook_rule_decays_only_conv_and_linear_weights():
-    vit = create_model("seed_vit")
+    vit = create_model("notebook_vit")
     decay = names_of(vit, param_groups(vit, 0.3)[0])
     nb_decay = names_of(vit, param_groups(vit, 0.3, conv_linear_only=True)[0])
     assert "blocks.0.attn.in_proj_weight" in decay - nb_decay  # nn.MultiheadAttention's packed projection
     assert "blocks.0.attn.out_proj.weight" in nb_decay  # a Linear subclass
-    opt = create_optimizer(vit, get_preset("seed").config_for("seed_vit").train)
+    opt = create_optimizer(vit, get_preset("notebook").config_for("notebook_vit").train)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
     assert names_of(vit, opt.param_groups[0]) == nb_decay
 
@@ -67,7 +67,7 @@ def test_piecewise_is_the_convmixer_shape():
 
 
 def test_seed_schedule_is_sized_for_100_epochs_and_never_anneals():
-    t = get_preset("seed").config_for("seed_convmixer").train
+    t = get_preset("notebook").config_for("notebook_convmixer").train
     steps = 591  # 9,469 // 16
     total = total_steps(t, steps)
     assert total == 100 * steps and t.epochs == 30 and t.cycle_momentum

@@ -258,9 +258,9 @@ def test_reference_section_sets_the_published_numbers_against_our_seeds(study):
 def test_seed_preset_carries_the_notebooks_numbers():
     from patchbench.recipes import get_preset
 
-    ref = get_preset("seed").reference
+    ref = get_preset("notebook").reference
     assert {m: (r["final"], r["best"]) for m, r in ref.items() if m != "source"} == {
-        "seed_convmixer": (0.808, 0.813), "seed_resnet9": (0.764, 0.785), "seed_vit": (0.613, 0.635)}
+        "notebook_convmixer": (0.808, 0.813), "notebook_resnet9": (0.764, 0.785), "notebook_vit": (0.613, 0.635)}
 
 
 @pytest.mark.parametrize("entry", [{"final": "80%"}, {"final": 0.8, "worst": 0.5}, 0.8])

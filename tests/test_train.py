@@ -261,12 +261,12 @@ def test_cli_trains_resumes_and_rejects_bad_input(folder, tmp_path, capsys):
 def test_list_presets(capsys):
     code, out, _ = cli(capsys, "--list-presets")
     assert code == 0
-    for name in ("seed", "study160", "quick", "smoke"):
+    for name in ("notebook", "study160", "quick", "smoke"):
         assert f"{name}:" in out
     assert "sized for 100 epochs" in out
 
 
-@pytest.mark.parametrize("preset", ["seed", "study160", "quick", "smoke"])
+@pytest.mark.parametrize("preset", ["notebook", "study160", "quick", "smoke"])
 def test_every_preset_model_builds_at_its_size(preset):
     from patchbench.optim import create_optimizer
     from patchbench.recipes import get_preset
@@ -281,11 +281,11 @@ def test_every_preset_model_builds_at_its_size(preset):
         create_optimizer(model, cfg.train)
     if preset == "seed":  # SEED.md's exact parameter counts and recipe
         counts = {n: sum(q.numel() for q in build_model(p.config_for(n), 10).parameters()) for n in p.models}
-        assert counts == {"seed_convmixer": 961_814, "seed_vit": 811_146, "seed_resnet9": 1_647_242}
-        t, d = p.config_for("seed_vit").train, p.data_config
+        assert counts == {"notebook_convmixer": 961_814, "notebook_vit": 811_146, "notebook_resnet9": 1_647_242}
+        t, d = p.config_for("notebook_vit").train, p.data_config
         assert (t.batch_size, t.lr, t.weight_decay, t.epochs, t.schedule_epochs) == (16, 1e-3, 0.3, 30, 100)
         assert (d.img_size, d.scale, d.ratio, d.mean) == (32, (0.8, 0.99), (1.0, 1.0), (0.4914, 0.4822, 0.4465))
-        assert p.config_for("seed_convmixer").train.weight_decay == 0.0 and p.quirks
+        assert p.config_for("notebook_convmixer").train.weight_decay == 0.0 and p.quirks
 
 
 def test_the_accelerator_data_path_trains_like_the_cpu_path(folder, tmp_path):

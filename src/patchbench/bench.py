@@ -195,7 +195,7 @@ def reference_for(model: nn.Module, against: str) -> tuple[str, Callable[[], nn.
         residual, act = block[0], type(model.stem[1])
         if stem.stride != stem.kernel_size or residual.gain is not None:
             raise UserError("--against timm: this ConvMixer has an overlapping stem or residual gains "
-                            "(the study's seed_convmixer), which timm's ConvMixer has not; bench a convmixer_* model")
+                            "(the study's notebook_convmixer), which timm's ConvMixer has not; bench a convmixer_* model")
         from timm.models.convmixer import ConvMixer as TimmConvMixer
 
         args = {"dim": stem.out_channels, "depth": len(model.blocks), "kernel_size": residual.fn[0].kernel_size[0],

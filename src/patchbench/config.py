@@ -19,6 +19,7 @@ import json
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # what the study's notebook normalised with
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+# Names of the previous release, still read (run directories, config files) and accepted with a
+# warning until the next one: the study notebook's preset and models were called "seed".
+RENAMED = {"seed": "notebook", "seed_convmixer": "notebook_convmixer", "seed_vit": "notebook_vit",
+           "seed_resnet9": "notebook_resnet9"}
+
+
+def current_name(name, what: str | None = None):
+    """The current name for `name` (a preset or model name); with `what` ("preset", "model") a renamed
+    one is accepted with a FutureWarning saying the new name."""
+    if not isinstance(name, str) or name not in RENAMED:
+        return name
+    if what:
+        warnings.warn(f"the {what} {name!r} is now called {RENAMED[name]!r}; the old name still works in this "
+                      f"release only", FutureWarning, stacklevel=3)
+    return RENAMED[name]
+
 
 MAX_SIZE = 4096  # pixels: larger is a typo, not an image
 
@@ -271,8 +289,9 @@ class RunConfig:
             if not isinstance(values, dict):
                 raise UserError(f"{where}: {section} must be an object, got {type(values).__name__}")
             sections[section] = apply_changes(cls_(), values, section, where)
-        return cls(model=ModelConfig(name=model.get("name", ModelConfig.name), overrides=dict(model.get("overrides", {}))),
-                   data=sections["data"], train=sections["train"], preset=d.get("preset"),
+        return cls(model=ModelConfig(name=current_name(model.get("name", ModelConfig.name)),
+                                     overrides=dict(model.get("overrides", {}))),
+                   data=sections["data"], train=sections["train"], preset=current_name(d.get("preset")),
                    quirks=list(d.get("quirks") or []))
 
     def to_json(self) -> str:

@@ -31,6 +31,7 @@ from patchbench.config import (
     TrainConfig,
     apply_changes,
     check_setting,
+    current_name,
     fields_of,
 )
 from patchbench.errors import UserError
@@ -170,7 +171,7 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(doc, str(path))
 
 
-PRESET_ORDER = ("seed", "study160", "quick", "smoke", "fair")
+PRESET_ORDER = ("notebook", "study160", "quick", "smoke", "fair")
 _PRESETS: dict[str, Recipe] = {}
 
 
@@ -188,6 +189,7 @@ def _load_presets() -> dict[str, Recipe]:
 
 
 def get_preset(name: str) -> Recipe:
+    name = current_name(name, "preset")
     presets = _load_presets()
     if name not in presets:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
@@ -211,7 +213,7 @@ def build_config(model: str | None, *, preset: Recipe | None = None, config: Rec
     named = (config.model or {}).get("name") if config is not None else None
     if model and named and model != named:
         raise UserError(f"--model {model}, but --config {config.where} is a config of {named}; drop one of them")
-    name = model or named
+    name = current_name(model or named, "model")
     if not name:
         raise UserError("--model is required (see `patchbench models`), or a [model] name in --config")
     cfg = RunConfig(model=ModelConfig(name=name))

@@ -116,10 +116,11 @@ def print_plan(result) -> None:
 def study_models(args, inputs: dict) -> list[str]:
     """--models, else the config file's models, else its (or --preset's) preset's."""
     from patchbench.commands.parse import parse_names
+    from patchbench.config import current_name
 
     preset, config = inputs["preset"], inputs["config"]
     base = preset or (get_preset(config.preset) if config and config.preset else None)
-    models = parse_names(args.models, "--models") if args.models else \
+    models = [current_name(m, "model") for m in parse_names(args.models, "--models")] if args.models else \
         list((config.models if config and config.models else None) or (base.models if base else []))
     if not models:
         raise UserError("no models: pass --models a,b,c (the recipe lists none)")

@@ -202,7 +202,7 @@ def use_fast_kernels(model: nn.Module) -> int:
     """Swap fitting layers of `model` for the fast ones, in place; returns how many were swapped.
 
     Depthwise convs become FastDepthwiseConv2d; each GELU -> BatchNorm2d pair inside an nn.Sequential
-    becomes nn.Identity -> GELUBatchNorm2d; a gained Residual (seed_convmixer's) whose branch then ends
+    becomes nn.Identity -> GELUBatchNorm2d; a gained Residual (notebook_convmixer's) whose branch then ends
     in one becomes FusedGainResidual. Parameters and buffers are shared, not copied, so the
     state_dict is unchanged. Models without such layers (ViT, ResNet) are left exactly as they were,
     and so is everything where the operators cannot be built (no C++ compiler). Call it before building the optimizer or

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from patchbench.config import current_name
 from patchbench.errors import UserError
 from patchbench.values import coerce, model_label
 
@@ -51,6 +52,7 @@ def list_models() -> list[str]:
 
 
 def spec(name: str) -> ModelSpec:
+    name = current_name(name, "model")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_models())}"

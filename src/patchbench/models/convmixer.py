@@ -8,7 +8,7 @@ Deviation from the paper: none in `ConvMixer` with its defaults. Inputs whose si
 `patch_size` lose the last `side % patch_size` rows/columns to the strided stem, as in the paper's
 224px / patch 7 models (e.g. 160px with patch 7 sees a 22x22 grid of patches covering 154 pixels).
 
-`seed_convmixer` is the study notebook's model, flaws included (see its docstring).
+`notebook_convmixer` is the study notebook's model, flaws included (see its docstring).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def convmixer_1536_20(**kw) -> ConvMixer:
 
 @register_model(dim=256, depth=12, kernel_size=7, patch_size=2, stem_stride=1, residual_gain=True, drop_rate=0.3,
                 img_size=32)
-def seed_convmixer(**kw) -> ConvMixer:
+def notebook_convmixer(**kw) -> ConvMixer:
     """The study notebook's ConvMixer, exactly (961,814 parameters at 10 classes), for 32px images.
 
     Flaws kept on purpose: the "patch embedding" is Conv2d(3, 256, kernel=2, stride=1), an overlapping

@@ -7,7 +7,7 @@
 - `ResNet9` / `resnet9`: the 9-layer residual net of Myrtle.ai's DAWNBench CIFAR-10 entry (David Page,
   "How to train your ResNet", 2018), widths 64-128-256-512, without its 0.125 output scale. Global max
   pooling makes it run at any input size of at least 8 pixels.
-- `seed_resnet9`: the study notebook's ResNet-9 (width 32, conv biases, dropout 0.2), see its docstring.
+- `notebook_resnet9`: the study notebook's ResNet-9 (width 32, conv biases, dropout 0.2), see its docstring.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def resnet9(**kw) -> ResNet9:
 
 
 @register_model(width=32, conv_bias=True, drop_rate=0.2, img_size=32)
-def seed_resnet9(**kw) -> ResNet9:
+def notebook_resnet9(**kw) -> ResNet9:
     """The study notebook's ResNet-9, exactly (1,647,242 parameters at 10 classes), for 32px images.
 
     Width 32 (channels 32-64-128-256), conv biases before every BN, dropout 0.2 before the classifier,

@@ -18,7 +18,7 @@ embedding resampled bicubically to its grid as timm's `resample_abs_pos_embed` d
 size nothing changes. `drop_path` is stochastic depth on both residual branches of every block,
 rising linearly over the blocks (timm's schedule).
 
-`seed_vit` is the study notebook's ViT, flaws included (see `SeedViT`).
+`notebook_vit` is the study notebook's ViT, flaws included (see `NotebookViT`).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def vit_tiny_6l8h(**kw) -> ViT:
     return ViT(**kw)
 
 
-class SeedViT(nn.Module):
+class NotebookViT(nn.Module):
     """The study notebook's ViT, exactly: 811,146 parameters at 10 classes, 32px images, patch 4.
 
     Patches are flattened (4*4*3 = 48 values, order (p1 p2 c)) and projected by Linear(48, 128); a cls
@@ -231,10 +231,10 @@ class SeedViT(nn.Module):
         super().__init__()
         if img_size != 32 or patch_size != 4:
             got = f"img_size={img_size}" + (f", patch_size={patch_size}" if patch_size != 4 else "")
-            raise ValueError(f"seed_vit is fixed at 32px, patch 4 (65 position embeddings), got {got}; "
+            raise ValueError(f"notebook_vit is fixed at 32px, patch 4 (65 position embeddings), got {got}; "
                              f"use vit_tiny_6l8h for other sizes")
         if dim % num_heads:
-            raise ValueError(f"seed_vit dim={dim} must be a multiple of num_heads={num_heads}")
+            raise ValueError(f"notebook_vit dim={dim} must be a multiple of num_heads={num_heads}")
         self.default_img_size = img_size
         self.patch_size = patch_size
         self.patch_embed = nn.Linear(patch_size * patch_size * in_chans, dim)
@@ -257,7 +257,7 @@ class SeedViT(nn.Module):
                      fine="mlp_dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.default_img_size, "seed_vit")
+        _check_input(x, self.default_img_size, "notebook_vit")
         B, C, H, W = x.shape
         p = self.patch_size
         x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p1, p2, C)
@@ -284,6 +284,6 @@ class SeedBlock(nn.Module):
 
 
 @register_model
-def seed_vit(**kw) -> SeedViT:
-    """The study notebook's ViT (6 layers, 8 heads, dim 128, patch 4, 32px): see `SeedViT`."""
-    return SeedViT(**kw)
+def notebook_vit(**kw) -> NotebookViT:
+    """The study notebook's ViT (6 layers, 8 heads, dim 128, patch 4, 32px): see `NotebookViT`."""
+    return NotebookViT(**kw)
