@@ -4,7 +4,7 @@ Three things are timed in one process, interleaved (A, B, C, A, B, C, ...), on t
 cache (a generated folder when ../shared is absent):
   (a) a training batch of the Loader with the plain recipe: random-resized-crop + flip + normalise;
   (b) the same batch with the strongest recipe of patchbench: RandAugment (2 ops, magnitude 9),
-      random erasing (p 0.25) and mixup/cutmix (the trainer's BatchMixer), everything the model
+      random erasing (p 0.25) and mixup/cutmix (the trainer's MixupCutmix), everything the model
       gets to see made on the training device;
   (c) a ConvMixer-256/12 (k7 p7) train step at 160px, bf16 + channels_last with patchbench's CPU operators
       (patchbench's fastest CPU settings; fp32 would make the fraction smaller).
@@ -29,7 +29,7 @@ from patchbench.bench import Settings, make_step
 from patchbench.config import DataConfig
 from patchbench.cpu.layers import use_fast_kernels
 from patchbench.data import Loader, prepare
-from patchbench.data.mix import BatchMixer
+from patchbench.data.mix import MixupCutmix
 from patchbench.models import create_model
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     data = prepare(plain_cfg, progress=False)
     plain = Loader(data.train, plain_cfg, batch_size=args.batch_size, train=True, channels_last=True)
     strong = Loader(data.train, strong_cfg, batch_size=args.batch_size, train=True, channels_last=True)
-    mixer = BatchMixer(strong_cfg, len(data.classes), 0.1, seed=0)
+    mixer = MixupCutmix(strong_cfg, len(data.classes), 0.1, seed=0)
     batches = {"plain": iter(plain), "strong": iter(strong)}
 
     def batch(kind: str):

@@ -45,7 +45,7 @@ from patchbench.autotune import resolve
 from patchbench.bench import Settings, make_step, screen, time_steps
 from patchbench.cpu.layers import use_fast_kernels
 from patchbench.device import NATIVE_BF16_FLAGS, cpu_name, resolve_amp
-from patchbench.models import create_model, describe
+from patchbench.models import create_model, label
 from patchbench.recipes import get_preset
 from patchbench.study import match_budget
 
@@ -114,7 +114,7 @@ def bench_model(name: str, overrides: dict, args) -> dict:
                         img_size=args.img_size, amp=amp, num_classes=10, setting={"model": name, **overrides},
                         cache_dir=Path(cache))
     auto = (Settings("bf16" if amp == "bf16" else "fp32", speed.choice.channels_last), speed.choice.fast_kernels)
-    return {"label": describe(name, overrides), "grid": grid, "rate": rate, "dropped": dropped, "auto": auto,
+    return {"label": label(name, overrides), "grid": grid, "rate": rate, "dropped": dropped, "auto": auto,
             "old": old, "choice": speed.choice}
 
 

@@ -119,7 +119,7 @@ def test_mixup_and_cutmix_equal_torchvisions_transforms():
 
 def test_batch_mixer_is_seeded_and_keeps_the_labels_sum():
     cfg = DataConfig(mixup=0.5, cutmix=1.0)
-    mixer = mix.BatchMixer(cfg, num_classes=4, smoothing=0.1, seed=7)
+    mixer = mix.MixupCutmix(cfg, num_classes=4, smoothing=0.1, seed=7)
     y = torch.tensor([0, 1, 2, 3])
     a, b = images(4), images(4)
     ta, tb = mixer(a, y, epoch=2, batch=5), mixer(b, y, epoch=2, batch=5)

@@ -93,7 +93,7 @@ def test_budget_that_no_width_reaches_is_refused():
 
 
 def test_plan_compare_is_seed_major_with_overrides_and_source():
-    layers = cp.Layers(get_preset("quick"), changes={"data": {"source": "/data/x.tgz"}})
+    layers = cp.RecipeLayers(get_preset("quick"), changes={"data": {"source": "/data/x.tgz"}})
     plan = cp.plan_compare(["convmixer_256_8", "resnet9"], [0, 1], layers, chosen={"resnet9": {"width": 12}})
     assert [p.name for p in plan] == ["convmixer_256_8-s0", "resnet9-s0", "convmixer_256_8-s1", "resnet9-s1"]
     assert plan[1].config.model.overrides == {"width": 12} and plan[3].config.train.seed == 1
@@ -119,7 +119,7 @@ def ran(log: Path) -> list[str]:
 
 
 def small_plan(n_seeds=2):
-    return cp.plan_compare(["convmixer_256_8", "resnet9"], list(range(n_seeds)), cp.Layers(get_preset("smoke")))
+    return cp.plan_compare(["convmixer_256_8", "resnet9"], list(range(n_seeds)), cp.RecipeLayers(get_preset("smoke")))
 
 
 def test_run_study_skips_finished_and_failed_and_resumes_the_rest(tmp_path):

@@ -31,7 +31,7 @@ def test_parse_grid_values_and_errors():
 
 def test_plan_sweep_names_every_cell_and_seed():
     plan = cp.plan_sweep("convmixer_256_8", {"patch_size": [2, 4], "kernel_size": [3, 5]}, [0, 1],
-                         cp.Layers(get_preset("smoke")))
+                         cp.RecipeLayers(get_preset("smoke")))
     assert len(plan) == 8 and plan[0].name == "convmixer_256_8-patch_size=2-kernel_size=3-s0"
     assert plan[-1].name == "convmixer_256_8-patch_size=4-kernel_size=5-s1"
     assert plan[1].config.model.overrides == {"dim": 32, "depth": 2, "patch_size": 2, "kernel_size": 5}  # over the preset's

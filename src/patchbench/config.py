@@ -27,7 +27,7 @@ from typing import Any, Literal
 from patchbench.compute import split_sizes
 from patchbench.device import check_device_name
 from patchbench.errors import UserError
-from patchbench.values import SI, coerce, describe
+from patchbench.values import SI, coerce, describe_kind
 
 Schedule = Literal["onecycle", "piecewise", "constant"]
 SCHEDULES = typing.get_args(Schedule)
@@ -330,4 +330,4 @@ def describe_setting(f: Field) -> str:
     """Help text with the type and the default, for --help and docs."""
     default = f.default
     shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
-    return f"{f.help} ({describe(f.kind)}; default {shown})".replace("%", "%%")
+    return f"{f.help} ({describe_kind(f.kind)}; default {shown})".replace("%", "%%")

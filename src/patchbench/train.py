@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -74,7 +74,7 @@ from patchbench.errors import UserError
 from patchbench.evaluate import evaluate_model
 from patchbench.flops import count_macs, count_params
 from patchbench.metrics import Meter
-from patchbench.models import arguments, check_overrides, create_model, describe
+from patchbench.models import arguments, check_overrides, create_model, label
 from patchbench.models.layers import kaiming_init_
 from patchbench.optim import create_optimizer, lr_at, set_lr, total_steps
 
@@ -99,7 +99,7 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            torch_dist.barrier()
 
 
 def setup_distributed(device: str) -> Dist:
@@ -110,10 +110,10 @@ def setup_distributed(device: str) -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
     owns = False
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         owns = True
     return Dist(rank, world, local, dev, owns)
 
@@ -146,8 +146,8 @@ class StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -155,8 +155,8 @@ class StopFlag:
         signal.signal(signum, self._old[signum])
 
     def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -208,7 +208,7 @@ def plan_run(cfg: RunConfig, steps_per_epoch: int, macs_at: dict[int, int]) -> S
     plan = plan_steps(budget=t.compute_budget, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
                       batch_size=t.batch_size, train_sizes=d.train_sizes, img_size=d.img_size, macs_at=macs_at)
     if len(d.train_sizes) > plan.steps:
-        raise UserError(f"--compute-budget {t.compute_budget:.3g} buys {plan.steps} step(s) of {cfg.model.name}, "
+        raise UserError(f"--compute-budget {t.compute_budget:.3g} buys {plan.steps} step(trainer) of {cfg.model.name}, "
                         f"fewer than the {len(d.train_sizes)} --train-sizes; raise the budget or give fewer sizes")
     return plan
 
@@ -273,12 +273,12 @@ def clear_run_dir(out: Path) -> None:
 
 
 @dataclass
-class Session:
+class Trainer:
     """One process's training run: what `setup` builds, and the state the loops move forward."""
 
     cfg: RunConfig
     out: Path
-    ctx: Dist
+    dist: Dist
     classes: list[str]
     eval_split: str  # "val", or "holdout" (carved out of train: --holdout)
     train_loader: object
@@ -289,7 +289,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: EMA | None
-    mixer: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
+    mix: object | None  # mixup/cutmix of train batches (patchbench.data.mix)
     tuner: ThreadTuner | None
     speed: Resolution  # the layout and kernels this process trains with
     kernel_layers: int  # layers patchbench.cpu swapped in (0: none, or none could be built)
@@ -311,7 +311,7 @@ class Session:
 
     @property
     def processor(self) -> str:
-        return cpu_name() if self.ctx.device.type == "cpu" else device_name(self.ctx.device)
+        return cpu_name() if self.dist.device.type == "cpu" else device_name(self.dist.device)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -321,20 +321,20 @@ class Session:
         return self.wall_before + time.perf_counter() - self.started
 
 
-def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, progress: bool,
-          amp_why: str = "given") -> Session:
+def setup(cfg: RunConfig, out: Path, dist: Dist, plan: str, overwrite: bool, progress: bool,
+          amp_why: str = "given") -> Trainer:
     """Data, model, optimizer and the run directory; the state from checkpoint/last when resuming."""
     from patchbench.data import Loader, holdout_split, prepare
-    from patchbench.data.mix import BatchMixer
+    from patchbench.data.mix import MixupCutmix
 
     t = cfg.train
-    if ctx.device.type == "cpu":
+    if dist.device.type == "cpu":
         keep_freed_memory()  # each step's activations reuse mapped pages instead of faulting in fresh ones
     # data: the first process on each node decodes (once), the others then load its cache
-    if ctx.local_rank == 0:
-        data = prepare(cfg.data, progress=progress and ctx.main)
-    ctx.barrier()
-    if ctx.local_rank != 0:
+    if dist.local_rank == 0:
+        data = prepare(cfg.data, progress=progress and dist.main)
+    dist.barrier()
+    if dist.local_rank != 0:
         data = prepare(cfg.data, progress=False)
     train_split, eval_split, split_name = data.train, data.val, "val"
     if cfg.data.holdout:
@@ -344,11 +344,11 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         if len(split) == 0:
             raise UserError(f"the {name} split of {cfg.data.source} has no usable images ({len(data.skipped)} "
                             f"unreadable); check the dataset")
-    classes, per_rank = data.classes, t.batch_size // ctx.world_size
+    classes, per_rank = data.classes, t.batch_size // dist.world_size
     macs_at = check_sizes(cfg, len(classes))  # a model that cannot take a training size fails before the probe
     recorded = rundir.read_config(out).get("derived", {}).get("speed") if plan == "resume" else None
-    speed = resolve_speed(cfg, ctx, len(classes), per_rank, recorded, progress)
-    loader_args = {"device": ctx.device, "seed": t.seed, "rank": ctx.rank, "world_size": ctx.world_size,
+    speed = resolve_speed(cfg, dist, len(classes), per_rank, recorded, progress)
+    loader_args = {"device": dist.device, "seed": t.seed, "rank": dist.rank, "world_size": dist.world_size,
                        "channels_last": speed.choice.channels_last,  # batches arrive in the model's memory format
                        "hold_on_device": {"auto": None, "yes": True, "no": False}[t.data_on_device]}
     train_loader = Loader(train_split, cfg.data, batch_size=per_rank, train=True, **loader_args)
@@ -363,31 +363,31 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
     seed_everything(t.seed, t.deterministic)
     model = build_model(cfg, len(classes))
     swapped = use_fast_kernels(model) if speed.choice.fast_kernels else 0  # same function, faster CPU step
-    if t.sync_bn and ctx.world_size > 1:
+    if t.sync_bn and dist.world_size > 1:
         model = convert_sync_batchnorm(model)
-    model.to(ctx.device, memory_format=torch.channels_last if speed.choice.channels_last else torch.preserve_format)
+    model.to(dist.device, memory_format=torch.channels_last if speed.choice.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, t)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=t.amp == "fp16")
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     step_model = model
-    if ctx.world_size > 1:
+    if dist.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if t.compile:
         step_model = torch.compile(step_model)
-    adaptive = t.threads is None and not t.deterministic and ctx.device.type == "cpu"
-    s = Session(
-        cfg=cfg, out=out, ctx=ctx, classes=classes, eval_split=split_name, train_loader=train_loader,
+    adaptive = t.threads is None and not t.deterministic and dist.device.type == "cpu"
+    trainer = Trainer(
+        cfg=cfg, out=out, dist=dist, classes=classes, eval_split=split_name, train_loader=train_loader,
         val_loader=val_loader, fit_loader=fit_loader, model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, ema=ema,
-        mixer=BatchMixer(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
+        mix=MixupCutmix(cfg.data, len(classes), t.label_smoothing, t.seed) if cfg.data.mixup or cfg.data.cutmix
         else None,
         tuner=ThreadTuner() if adaptive else None, speed=speed, kernel_layers=swapped, plan=steps, macs_at=macs_at,
         total_steps=steps.steps if t.compute_budget else total_steps(t, len(train_loader)),
-        summary_base={"model": cfg.model.name, "label": describe(cfg.model.name, cfg.model.overrides),
+        summary_base={"model": cfg.model.name, "label": label(cfg.model.name, cfg.model.overrides),
                       "params": count_params(model), "macs": macs_at[cfg.data.img_size], "img_size": cfg.data.img_size,
                       "patch_size": getattr(model, "patch_size", None), "epochs": steps.epochs,
                       "steps": steps.steps, "budget_macs": t.compute_budget,
-                      "eval_split": split_name, "device": str(ctx.device), "world_size": ctx.world_size},
+                      "eval_split": split_name, "device": str(dist.device), "world_size": dist.world_size},
         info={"model": {"name": cfg.model.name, "overrides": cfg.model.overrides, "img_size": cfg.data.img_size},
               "classes": classes, "config": cfg.to_dict(),
               "eval_transform": {k: getattr(cfg.data, k) for k in ("prepare_size", "img_size", "eval_crop", "mean",
@@ -398,38 +398,38 @@ def setup(cfg: RunConfig, out: Path, ctx: Dist, plan: str, overwrite: bool, prog
         if before is not None and before != digest:
             raise UserError(f"--data {cfg.data.source}: its images or labels differ from those the run in {out} trained "
                             f"on; resume with the run's own data, or start a new run with another --out")
-        if ctx.main:
+        if dist.main:
             remove_leftovers(out / rundir.CHECKPOINT)
             rundir.upgrade_run(out)  # a run of an earlier schema goes on in this one
         state = restore(out / rundir.CHECKPOINT, classes, model, optimizer, scaler, ema,
-                        lambda msg: log(s, progress, msg))
-        s.epoch, s.start_batch, s.step = state["epoch"], state["batch"], state["step"]
-        s.wall_before, s.best_loss = state["wall_time_s"], state["best_val_loss"]
-        s.partial_sums = state.get("train_sums")
+                        lambda msg: log(trainer, progress, msg))
+        trainer.epoch, trainer.start_batch, trainer.step = state["epoch"], state["batch"], state["step"]
+        trainer.wall_before, trainer.best_loss = state["wall_time_s"], state["best_val_loss"]
+        trainer.partial_sums = state.get("train_sums")
         torn = []
-        s.rows = [r for r in rundir.read_metrics(out / rundir.METRICS, on_torn=torn.append) if r["epoch"] <= s.epoch]
-        log(s, progress, *torn, f"resuming {out} at epoch {s.epoch + 1}, batch {s.start_batch} (step {s.step}); "
+        trainer.rows = [r for r in rundir.read_metrics(out / rundir.METRICS, on_torn=torn.append) if r["epoch"] <= trainer.epoch]
+        log(trainer, progress, *torn, f"resuming {out} at epoch {trainer.epoch + 1}, batch {trainer.start_batch} (step {trainer.step}); "
             f"{speed.choice} ({speed.how})")
-    elif ctx.main:
+    elif dist.main:
         if overwrite:
             clear_run_dir(out)
         rundir.make_dir(out)
-        doc = {"schema": rundir.SCHEMA, **cfg.to_dict(), "env": environment(ctx.device, ctx.world_size),
+        doc = {"schema": rundir.SCHEMA, **cfg.to_dict(), "env": environment(dist.device, dist.world_size),
                "derived": {"per_rank_batch_size": per_rank, "steps_per_epoch": len(train_loader),
-                           "schedule_steps": s.total_steps, "classes": classes, "num_train": len(train_split),
+                           "schedule_steps": trainer.total_steps, "classes": classes, "num_train": len(train_split),
                            "num_eval": len(eval_split), "eval_split": split_name, "steps": steps.steps,
                            "epochs": steps.epochs, "size_phases": [list(p) for p in steps.phases],
                            "planned_train_macs": steps.train_macs, "amp": amp_why, "speed": speed.record(),
                            "data_digest": digest, "crop": train_loader.crop_path(),
-                           "kernels": kernels_used(swapped, t.fast_kernels is not False and ctx.device.type == "cpu")}}
+                           "kernels": kernels_used(swapped, t.fast_kernels is not False and dist.device.type == "cpu")}}
         rundir.atomic_write_json(out / rundir.CONFIG, doc)
-    ctx.barrier()
-    if ctx.main:  # drop lines of epochs after the checkpoint (written just before a crash)
-        rundir.write_metrics(out / rundir.METRICS, s.rows)
+    dist.barrier()
+    if dist.main:  # drop lines of epochs after the checkpoint (written just before a crash)
+        rundir.write_metrics(out / rundir.METRICS, trainer.rows)
         from torch.utils.tensorboard import SummaryWriter
 
-        s.writer = SummaryWriter(str(out / rundir.TB), purge_step=s.step)
-    return s
+        trainer.writer = SummaryWriter(str(out / rundir.TB), purge_step=trainer.step)
+    return trainer
 
 
 def data_digest(*splits) -> str:
@@ -458,23 +458,23 @@ def kernels_used(swapped: int, wanted: bool) -> str:
     return f"none: {build.FAILURE}" if build.FAILURE else "none: no layer of this model fits them"
 
 
-def resolve_speed(cfg: RunConfig, ctx: Dist, num_classes: int, per_rank: int, recorded: dict | None,
+def resolve_speed(cfg: RunConfig, dist: Dist, num_classes: int, per_rank: int, recorded: dict | None,
                   progress: bool) -> Resolution:
     """The layout and kernels to train with here (`auto`: probed or cached, see patchbench.autotune);
     decided by rank 0 and shared, so that every rank's parameters have the same memory format."""
     t = cfg.train
-    if ctx.main:
+    if dist.main:
         say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
         speed = resolve(lambda: build_model(cfg, num_classes), channels_last=t.channels_last,
-                        fast_kernels=t.fast_kernels, device=ctx.device, batch_size=per_rank,
+                        fast_kernels=t.fast_kernels, device=dist.device, batch_size=per_rank,
                         img_size=max(cfg.data.train_sizes or (cfg.data.img_size,)), amp=t.amp,
                         num_classes=num_classes, setting={"model": cfg.model.name, "overrides": cfg.model.overrides,
                                                           "init": t.init},
                         cache_dir=cache_root(cfg.data.cache_dir), recorded=recorded,
                         deterministic=t.deterministic, log=say)
-    if ctx.world_size > 1:
-        shared = [speed.record() if ctx.main else None]
-        dist.broadcast_object_list(shared, src=0)
+    if dist.world_size > 1:
+        shared = [speed.record() if dist.main else None]
+        torch_dist.broadcast_object_list(shared, src=0)
         speed = Resolution.from_record(shared[0])
     return speed
 
@@ -547,33 +547,33 @@ def restore(folder: Path, classes: list[str], model: nn.Module, optimizer, scale
     return state
 
 
-def log(s: Session, progress: bool, *messages: str) -> None:
-    if progress and s.ctx.main:
+def log(trainer: Trainer, progress: bool, *messages: str) -> None:
+    if progress and trainer.dist.main:
         for msg in messages:
             tqdm.write(msg, file=sys.stderr)
 
 
-def save(s: Session, name: str, batch: int, sums: list[float] | None) -> None:
+def save(trainer: Trainer, name: str, batch: int, sums: list[float] | None) -> None:
     """Checkpoint `name`; every rank takes part (metric sums are reduced), rank 0 writes."""
-    opt_doc, opt_tensors = optimizer_to_parts(s.optimizer)
+    opt_doc, opt_tensors = optimizer_to_parts(trainer.optimizer)
     rng_doc, rng_tensors = rng_to_parts()
     tensors = {**opt_tensors, **rng_tensors}
-    if s.ema is not None:
-        tensors.update({f"model.{k}": v for k, v in s.model.state_dict().items()})
-    if s.ctx.main:
-        state = {**s.info, "epoch": s.epoch, "batch": batch, "step": s.step, "world_size": s.ctx.world_size,
-                 "optimizer": opt_doc, "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
-                 "rng": rng_doc, "train_sums": sums, "wall_time_s": s.wall(), "best_val_loss": s.best_loss,
-                 "eval_weights": "ema" if s.ema is not None else "model"}
-        save_checkpoint(s.out / rundir.CHECKPOINT, name, s.eval_model.state_dict(), state, tensors)
+    if trainer.ema is not None:
+        tensors.update({f"model.{k}": v for k, v in trainer.model.state_dict().items()})
+    if trainer.dist.main:
+        state = {**trainer.info, "epoch": trainer.epoch, "batch": batch, "step": trainer.step, "world_size": trainer.dist.world_size,
+                 "optimizer": opt_doc, "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+                 "rng": rng_doc, "train_sums": sums, "wall_time_s": trainer.wall(), "best_val_loss": trainer.best_loss,
+                 "eval_weights": "ema" if trainer.ema is not None else "model"}
+        save_checkpoint(trainer.out / rundir.CHECKPOINT, name, trainer.eval_model.state_dict(), state, tensors)
 
 
-def write_summary(s: Session, status: str, error: str | None = None) -> dict:
-    summary = {"schema": rundir.SCHEMA, "status": status, **s.summary_base, **summarise(s.rows, s.wall(), s.cfg.train.batch_size)}
+def write_summary(trainer: Trainer, status: str, error: str | None = None) -> dict:
+    summary = {"schema": rundir.SCHEMA, "status": status, **trainer.summary_base, **summarise(trainer.rows, trainer.wall(), trainer.cfg.train.batch_size)}
     if error:
         summary["error"] = error
-    if s.ctx.main:
-        rundir.atomic_write_json(s.out / rundir.SUMMARY, summary)
+    if trainer.dist.main:
+        rundir.atomic_write_json(trainer.out / rundir.SUMMARY, summary)
     return summary
 
 
@@ -599,67 +599,67 @@ def summarise(rows: list[dict], wall: float, batch_size: int) -> dict:
 # ----------------------------------------------------------------------------- the loops
 
 
-def epoch_batches(s: Session):
-    """(batch index, x, y) of the current epoch from batch `s.start_batch`, each part of it at the size the
+def epoch_batches(trainer: Trainer):
+    """(batch index, x, y) of the current epoch from batch `trainer.start_batch`, each part of it at the size the
     plan gives it (progressive resizing may change the size inside an epoch of a budgeted run)."""
-    for first, end, size in s.plan.segments(s.epoch):
-        if end <= s.start_batch:
+    for first, end, size in trainer.plan.segments(trainer.epoch):
+        if end <= trainer.start_batch:
             continue
-        begin = max(first, s.start_batch)
-        s.train_loader.set_epoch(s.epoch, img_size=size, start_batch=begin)
-        for b, (x, y) in enumerate(s.train_loader, start=begin):
+        begin = max(first, trainer.start_batch)
+        trainer.train_loader.set_epoch(trainer.epoch, img_size=size, start_batch=begin)
+        for b, (x, y) in enumerate(trainer.train_loader, start=begin):
             yield b, x, y
             if b == end - 1:
                 break
 
 
-def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None:
-    """Train the current epoch from batch `s.start_batch`. Returns None when done, or the next batch
+def train_one_epoch(trainer: Trainer, meter: Meter, stop: StopFlag, bar) -> int | None:
+    """Train the current epoch from batch `trainer.start_batch`. Returns None when done, or the next batch
     when a stop signal cut it short. Raises TrainingDiverged on a NaN/inf loss."""
-    t, ctx = s.cfg.train, s.ctx
-    s.model.train()
-    last = s.plan.steps_in(s.epoch) - 1  # a compute budget may end the last epoch early
+    t, dist = trainer.cfg.train, trainer.dist
+    trainer.model.train()
+    last = trainer.plan.steps_in(trainer.epoch) - 1  # a compute budget may end the last epoch early
     since, images, tick = 0, 0, time.perf_counter()
-    for b, x, y in epoch_batches(s):
-        if s.tuner is not None:
-            s.tuner.step_begins()
-        lr, beta1 = lr_at(s.step, s.total_steps, t)
-        set_lr(s.optimizer, lr, beta1)
-        target = s.mixer(x, y, s.epoch, b) if s.mixer is not None else y  # x is mixed in place
-        with autocast(ctx.device, t.amp):
-            logits = s.step_model(x).float()  # (B, num_classes)
+    for b, x, y in epoch_batches(trainer):
+        if trainer.tuner is not None:
+            trainer.tuner.step_begins()
+        lr, beta1 = lr_at(trainer.step, trainer.total_steps, t)
+        set_lr(trainer.optimizer, lr, beta1)
+        target = trainer.mix(x, y, trainer.epoch, b) if trainer.mix is not None else y  # x is mixed in place
+        with autocast(dist.device, t.amp):
+            logits = trainer.step_model(x).float()  # (B, num_classes)
         # soft targets (mixup/cutmix) carry their own smoothing; top-1 is counted against the hard label y
-        loss = F.cross_entropy(logits, target, label_smoothing=0.0 if s.mixer is not None else t.label_smoothing)
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
+        loss = F.cross_entropy(logits, target, label_smoothing=0.0 if trainer.mix is not None else t.label_smoothing)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.scaler.scale(loss).backward()
         if t.grad_clip:
-            s.scaler.unscale_(s.optimizer)
-            nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        if s.ema is not None:
-            s.ema.update(s.model)
+            trainer.scaler.unscale_(trainer.optimizer)
+            nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.model)
         meter.update(logits.detach(), y, loss.detach() * len(y))
-        s.step, since, images = s.step + 1, since + 1, images + len(y) * ctx.world_size
-        if s.tuner is not None:
-            s.tuner.step_ends()
-        stop_now = stop.signum is not None and ctx.world_size == 1  # under DDP, ranks agree at log points
-        if s.step % t.log_every and b != last and not stop_now:
+        trainer.step, since, images = trainer.step + 1, since + 1, images + len(y) * dist.world_size
+        if trainer.tuner is not None:
+            trainer.tuner.step_ends()
+        stop_now = stop.signum is not None and dist.world_size == 1  # under DDP, ranks agree at log points
+        if trainer.step % t.log_every and b != last and not stop_now:
             continue
         # every log_every steps: one sync for the progress bar, the NaN check and the stop signal
         flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(meter.sums[0]))])
-        if ctx.world_size > 1:
-            flags = flags.to(ctx.device)
-            dist.all_reduce(flags)
+        if dist.world_size > 1:
+            flags = flags.to(dist.device)
+            torch_dist.all_reduce(flags)
         if flags[1] > 0:
-            raise TrainingDiverged(f"loss became {meter.sums[0].item()} at epoch {s.epoch + 1}, step {s.step}; "
+            raise TrainingDiverged(f"loss became {meter.sums[0].item()} at epoch {trainer.epoch + 1}, step {trainer.step}; "
                                    f"lower --lr, set --grad-clip, or use --amp bf16 instead of fp16")
         rate = images / (time.perf_counter() - tick)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(since)
-        if s.writer is not None:
-            s.writer.add_scalar("train/loss", loss.item(), s.step)
-            s.writer.add_scalar("train/lr", lr, s.step)
+        if trainer.writer is not None:
+            trainer.writer.add_scalar("train/loss", loss.item(), trainer.step)
+            trainer.writer.add_scalar("train/lr", lr, trainer.step)
         since, images, tick = 0, 0, time.perf_counter()
         if flags[0] > 0 and b != last:
             return b + 1
@@ -668,73 +668,73 @@ def train_one_epoch(s: Session, meter: Meter, stop: StopFlag, bar) -> int | None
     return None
 
 
-def validate(s: Session) -> dict:
-    val = evaluate_model(s.eval_model, s.val_loader, len(s.classes), amp=s.cfg.train.amp,
-                         channels_last=s.speed.choice.channels_last)
+def validate(trainer: Trainer) -> dict:
+    val = evaluate_model(trainer.eval_model, trainer.val_loader, len(trainer.classes), amp=trainer.cfg.train.amp,
+                         channels_last=trainer.speed.choice.channels_last)
     if not math.isfinite(val["loss"]):
-        raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {s.epoch}; lower --lr or set --grad-clip")
-    if s.fit_loader is not None:
-        fit = evaluate_model(s.eval_model, s.fit_loader, len(s.classes), amp=s.cfg.train.amp,
-                             channels_last=s.speed.choice.channels_last, confusion=False)
+        raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {trainer.epoch}; lower --lr or set --grad-clip")
+    if trainer.fit_loader is not None:
+        fit = evaluate_model(trainer.eval_model, trainer.fit_loader, len(trainer.classes), amp=trainer.cfg.train.amp,
+                             channels_last=trainer.speed.choice.channels_last, confusion=False)
         val["fit"] = {"loss": fit["loss"], "top1": fit["top1"]}
     return val
 
 
-def run_epochs(s: Session, stop: StopFlag, progress: bool) -> dict | None:
+def run_epochs(trainer: Trainer, stop: StopFlag, progress: bool) -> dict | None:
     """Epochs from where the session stands to the end; returns the final weights' validation, or
     None when a stop signal ended it early (the run is then checkpointed)."""
-    t, ctx = s.cfg.train, s.ctx
+    t, dist = trainer.cfg.train, trainer.dist
     val = None
-    while s.epoch < s.plan.epochs:
-        size, steps = s.plan.size_at_end(s.epoch), s.plan.steps_in(s.epoch)
-        meter = Meter(len(s.classes), ctx.device)
-        if s.partial_sums is not None and ctx.main:  # the part of this epoch trained before a stop
-            meter.sums += torch.tensor(s.partial_sums, dtype=torch.float64, device=ctx.device)
-        s.partial_sums = None
-        trained = (steps - s.start_batch) * t.batch_size  # images trained by this process
-        threads_before = dict(s.tuner.steps_at) if s.tuner is not None else None
+    while trainer.epoch < trainer.plan.epochs:
+        size, steps = trainer.plan.size_at_end(trainer.epoch), trainer.plan.steps_in(trainer.epoch)
+        meter = Meter(len(trainer.classes), dist.device)
+        if trainer.partial_sums is not None and dist.main:  # the part of this epoch trained before a stop
+            meter.sums += torch.tensor(trainer.partial_sums, dtype=torch.float64, device=dist.device)
+        trainer.partial_sums = None
+        trained = (steps - trainer.start_batch) * t.batch_size  # images trained by this process
+        threads_before = dict(trainer.tuner.steps_at) if trainer.tuner is not None else None
         tick = time.perf_counter()
-        with tqdm(total=steps, initial=s.start_batch, desc=f"epoch {s.epoch + 1}/{s.plan.epochs}",
-                  disable=not (progress and ctx.main), leave=False, file=sys.stderr, unit="step") as bar:
-            cut = train_one_epoch(s, meter, stop, bar)
+        with tqdm(total=steps, initial=trainer.start_batch, desc=f"epoch {trainer.epoch + 1}/{trainer.plan.epochs}",
+                  disable=not (progress and dist.main), leave=False, file=sys.stderr, unit="step") as bar:
+            cut = train_one_epoch(trainer, meter, stop, bar)
         train_time = time.perf_counter() - tick
         sums = meter.all_reduce().sums.tolist()
         if cut is not None:
-            save(s, "last", cut, sums)
+            save(trainer, "last", cut, sums)
             return None
         train = meter.result()
-        s.epoch, s.start_batch = s.epoch + 1, 0
-        val = validate(s)
-        s.rows.append({"epoch": s.epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
+        trainer.epoch, trainer.start_batch = trainer.epoch + 1, 0
+        val = validate(trainer)
+        trainer.rows.append({"epoch": trainer.epoch, "step": trainer.step, "lr": trainer.optimizer.param_groups[0]["lr"],
                        "train_loss": train["loss"], "train_top1": train["top1"], "val_loss": val["loss"],
                        "val_top1": val["top1"], "val_top5": val["top5"], "img_size": size,
                        **({"fit_loss": val["fit"]["loss"], "fit_top1": val["fit"]["top1"]} if "fit" in val else {}),
-                       "train_macs": sum(s.plan.epoch_macs(e, t.batch_size, s.macs_at) for e in range(s.epoch)),
+                       "train_macs": sum(trainer.plan.epoch_macs(e, t.batch_size, trainer.macs_at) for e in range(trainer.epoch)),
                        "epoch_time_s": round(train_time + val["time_s"], 3),
                        "train_images_per_s": round(trained / train_time, 1),
                        "infer_images_per_s": round(val["images"] / val["time_s"], 1),
-                       "threads": round(s.tuner.mean_threads(threads_before), 2) if s.tuner is not None
-                       else torch.get_num_threads(), "channels_last": s.speed.choice.channels_last,
-                       "fast_kernels": s.kernel_layers > 0, "processor": s.processor})
-        if ctx.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
-            rundir.append_metrics(s.out / rundir.METRICS, s.rows[-1])
+                       "threads": round(trainer.tuner.mean_threads(threads_before), 2) if trainer.tuner is not None
+                       else torch.get_num_threads(), "channels_last": trainer.speed.choice.channels_last,
+                       "fast_kernels": trainer.kernel_layers > 0, "processor": trainer.processor})
+        if dist.main:  # the metrics line first: a crash before the checkpoint redoes the epoch
+            rundir.append_metrics(trainer.out / rundir.METRICS, trainer.rows[-1])
             for k in ("train_loss", "val_loss", "val_top1", "val_top5", "train_images_per_s"):
-                s.writer.add_scalar(f"epoch/{k}", s.rows[-1][k], s.step)
-            s.writer.flush()
-        if val["loss"] < s.best_loss:
-            s.best_loss = val["loss"]
-            save(s, "best", 0, None)
-        save(s, "last", 0, None)
-        r = s.rows[-1]
-        log(s, progress, f"epoch {s.epoch}/{s.plan.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
+                trainer.writer.add_scalar(f"epoch/{k}", trainer.rows[-1][k], trainer.step)
+            trainer.writer.flush()
+        if val["loss"] < trainer.best_loss:
+            trainer.best_loss = val["loss"]
+            save(trainer, "best", 0, None)
+        save(trainer, "last", 0, None)
+        r = trainer.rows[-1]
+        log(trainer, progress, f"epoch {trainer.epoch}/{trainer.plan.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
             f"top1 {r['val_top1']:.4f}  top5 {r['val_top5']:.4f}  {r['epoch_time_s']:.1f}s  "
-            f"{r['train_images_per_s']:.0f} img/s" + (f"  {size}px" if size != s.cfg.data.img_size else ""))
-        write_summary(s, rundir.RUNNING)
+            f"{r['train_images_per_s']:.0f} img/s" + (f"  {size}px" if size != trainer.cfg.data.img_size else ""))
+        write_summary(trainer, rundir.RUNNING)
         if stop.signum is not None:
             break
-    if s.epoch < s.plan.epochs:
+    if trainer.epoch < trainer.plan.epochs:
         return None
-    return val if val is not None else validate(s)  # validate: a resumed run whose epochs were all done
+    return val if val is not None else validate(trainer)  # validate: a resumed run whose epochs were all done
 
 
 def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
@@ -752,63 +752,63 @@ def train_run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device)
     try:
         t = cfg.train
-        if t.batch_size % ctx.world_size:
-            raise UserError(f"--batch-size {t.batch_size} (global) does not split over {ctx.world_size} processes; "
-                            f"use a multiple of {ctx.world_size}")
-        if t.sync_bn and ctx.device.type != "cuda":
+        if t.batch_size % dist.world_size:
+            raise UserError(f"--batch-size {t.batch_size} (global) does not split over {dist.world_size} processes; "
+                            f"use a multiple of {dist.world_size}")
+        if t.sync_bn and dist.device.type != "cuda":
             raise UserError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it for CPU runs")
-        amp, amp_why = resolve_run_amp(cfg, out, ctx.device, fresh=overwrite)
+        amp, amp_why = resolve_run_amp(cfg, out, dist.device, fresh=overwrite)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=amp))
         plan = plan_run_dir(out, cfg, resume, overwrite)
-        ctx.barrier()  # every rank checks before anyone writes (rank 0's probe file below would look like a foreign one)
+        dist.barrier()  # every rank checks before anyone writes (rank 0's probe file below would look like a foreign one)
         if plan == "finished":
             return rundir.read_summary(out / rundir.SUMMARY)
-        if ctx.main:  # before the data is prepared: a folder that cannot be written fails now
+        if dist.main:  # before the data is prepared: a folder that cannot be written fails now
             rundir.check_writable_dir(out, "--resume" if resume else "--out")
-        ctx.barrier()
-        s = setup(cfg, out, ctx, plan, overwrite, progress, amp_why)
+        dist.barrier()
+        trainer = setup(cfg, out, dist, plan, overwrite, progress, amp_why)
         try:
-            return _run(s, progress)
+            return _run(trainer, progress)
         except rundir.OutputError as e:  # a full disk mid-run: the checkpoint on disk is intact
             raise rundir.OutputError(f"{e}; the run goes on from its last checkpoint with "
                                      f"`patchbench train --resume {out}`") from None
     finally:
         torch.set_num_threads(threads)
-        if ctx.owns_group:
-            dist.destroy_process_group()
+        if dist.owns_group:
+            torch_dist.destroy_process_group()
 
 
-def _run(s: Session, progress: bool) -> dict:
+def _run(trainer: Trainer, progress: bool) -> dict:
     """run_epochs with the run directory kept truthful: a summary saying how it ended, eval.json at the end."""
     with StopFlag() as stop:
         try:
-            write_summary(s, rundir.RUNNING)
-            val = run_epochs(s, stop, progress)
+            write_summary(trainer, rundir.RUNNING)
+            val = run_epochs(trainer, stop, progress)
         except TrainingDiverged as e:
-            write_summary(s, rundir.FAILED, str(e))
+            write_summary(trainer, rundir.FAILED, str(e))
             raise
         except BaseException as e:  # a crash, a full disk, Ctrl-C twice: the run can be resumed
-            if s.ctx.main:
+            if trainer.dist.main:
                 try:
-                    write_summary(s, rundir.INTERRUPTED, f"stopped by {type(e).__name__}: {str(e)[:200]}")
+                    write_summary(trainer, rundir.INTERRUPTED, f"stopped by {type(e).__name__}: {str(e)[:200]}")
                 except (OSError, UserError):
                     pass  # the disk that failed may refuse this too; the checkpoint is what resume needs
             raise
         finally:
-            if s.writer is not None:
-                s.writer.close()
-    if s.epoch < s.plan.epochs:
-        write_summary(s, rundir.INTERRUPTED, f"stopped by signal {stop.signum}")
-        s.ctx.barrier()
+            if trainer.writer is not None:
+                trainer.writer.close()
+    if trainer.epoch < trainer.plan.epochs:
+        write_summary(trainer, rundir.INTERRUPTED, f"stopped by signal {stop.signum}")
+        trainer.dist.barrier()
         raise KeyboardInterrupt(f"stopped by signal {stop.signum}; checkpoint saved, continue with "
-                                f"`patchbench train --resume {s.out}`")
-    if s.ctx.main:
-        result = {"classes": s.classes, "split": s.eval_split,
+                                f"`patchbench train --resume {trainer.out}`")
+    if trainer.dist.main:
+        result = {"classes": trainer.classes, "split": trainer.eval_split,
                   **{k: val[k] for k in ("loss", "top1", "top5", "per_class_top1", "confusion", "images")}}
-        rundir.atomic_write_json(s.out / rundir.EVAL, result, indent=1)
-    summary = write_summary(s, rundir.FINISHED)
-    s.ctx.barrier()
+        rundir.atomic_write_json(trainer.out / rundir.EVAL, result, indent=1)
+    summary = write_summary(trainer, rundir.FINISHED)
+    trainer.dist.barrier()
     return summary

@@ -66,21 +66,21 @@ def _strip_none(kind):
     return rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)
 
 
-def describe(kind) -> str:
+def describe_kind(kind) -> str:
     """What a value of `kind` looks like, for error messages and help."""
     if kind is Any or kind is typing.Any:
         return "a value"
     if _is_optional(kind):
-        return f"{describe(_strip_none(kind))} or none"
+        return f"{describe_kind(_strip_none(kind))} or none"
     if _is_union(kind):
-        return " or ".join(describe(a) for a in _args(kind))
+        return " or ".join(describe_kind(a) for a in _args(kind))
     if _origin(kind) is Literal:
         args = [str(a) for a in _args(kind)]
         return args[0] if len(args) == 1 else "one of " + ", ".join(args)
     if _origin(kind) is tuple:
         args = _args(kind)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a comma-separated list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+            return f"a comma-separated list of {describe_kind(args[0]).removeprefix('a ').removeprefix('an ')}s"
         return f"{len(args)} comma-separated numbers" if all(a in (int, float) for a in args) else \
             f"{len(args)} comma-separated values"
     if _origin(kind) is list:
@@ -93,8 +93,8 @@ def describe(kind) -> str:
 
 def _fail(what: str, value, kind) -> UserError:
     shown = value if isinstance(value, str) else json.dumps(value) if _jsonable(value) else repr(value)
-    return UserError(f"{what} {shown!r}: need {describe(kind)}" if isinstance(value, str)
-                     else f"{what} = {shown}: need {describe(kind)}")
+    return UserError(f"{what} {shown!r}: need {describe_kind(kind)}" if isinstance(value, str)
+                     else f"{what} = {shown}: need {describe_kind(kind)}")
 
 
 def _jsonable(value) -> bool:

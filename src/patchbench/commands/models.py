@@ -33,7 +33,7 @@ def parse_img_size(text: str) -> int:
     return size
 
 
-def describe(name: str, img_size: int) -> dict:
+def model_row(name: str, img_size: int) -> dict:
     """Params and MACs of `name` built for `img_size`; `error` says why when it cannot run at that size."""
     import torch
 
@@ -80,7 +80,7 @@ def run(args) -> int:
     img_size = parse_img_size(args.img_size)
     for name in args.names:
         spec(name)  # an unknown name: UserError with the closest names
-    rows = [describe(name, img_size) for name in (args.names or list_models())]
+    rows = [model_row(name, img_size) for name in (args.names or list_models())]
     if args.json:
         print(json.dumps({"img_size": img_size, "num_classes": 10, "models": rows}, indent=2))
     else:

@@ -54,8 +54,8 @@ def mix_targets(y: torch.Tensor, num_classes: int, lam: float, smoothing: float 
     return t.roll(1, 0).mul_(1.0 - lam).add_(t.mul(lam))
 
 
-class BatchMixer:
-    """`mixer(x, y, epoch, batch) -> soft targets`, mixing the images x in place."""
+class MixupCutmix:
+    """`mix(x, y, epoch, batch) -> soft targets`, mixing the images x in place."""
 
     def __init__(self, cfg: DataConfig, num_classes: int, smoothing: float, seed: int):
         self.mixup_alpha, self.cutmix_alpha = cfg.mixup, cfg.cutmix

@@ -6,7 +6,7 @@
 A registered variant is a function decorated with `@register_model(**defaults)`: its defaults (the
 variant's dim, depth, ...) are merged under the caller's overrides and the function builds the
 model class named in its return annotation. The class's signature is what overrides are checked
-against (`check_overrides`), and the defaults are what `describe` leaves out of a model's name.
+against (`check_overrides`), and the defaults are what `label` leaves out of a model's name.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def create_model(name: str, num_classes: int = 10, **overrides):
         raise UserError(f"model {name}: {str(e).splitlines()[0]}") from None
 
 
-def describe(name: str, overrides: dict[str, Any] | None = None) -> str:
+def label(name: str, overrides: dict[str, Any] | None = None) -> str:
     """What a model is, by name: the registered name, plus the arguments that differ from its
     defaults, e.g. `convmixer_256_8(dim=128, depth=6, patch_size=4)` (the image size is left out)."""
     if name not in _REGISTRY:

@@ -33,8 +33,8 @@ from patchbench.study.files import (
 )
 from patchbench.study.locks import RunLock
 from patchbench.study.plan import (
-           Layers,
            PlannedRun,
+           RecipeLayers,
            grid_cells,
            plan_compare,
            plan_sweep,
@@ -45,7 +45,31 @@ from patchbench.study.runner import run_study, train_work
 from patchbench.study.search import tune
 from patchbench.study.studies import StudyResult, ablate, compare, estimate, sweep
 
-__all__ = ["BUDGET_TOLERANCE", "STUDY_IDENTITY", "Layers", "PlannedRun", "RunLock", "StudyResult", "ablate", "compare",
-           "estimate", "grid_cells", "match_budget", "model_macs", "model_params", "plan_compare", "plan_sweep",
-           "run_name", "run_study", "same_results", "study_amp", "sweep", "train_work", "tune", "typed_grid",
-           "width_knob", "write_samples", "write_study_json"]
+__all__ = [
+           "BUDGET_TOLERANCE",
+           "STUDY_IDENTITY",
+           "PlannedRun",
+           "RecipeLayers",
+           "RunLock",
+           "StudyResult",
+           "ablate",
+           "compare",
+           "estimate",
+           "grid_cells",
+           "match_budget",
+           "model_macs",
+           "model_params",
+           "plan_compare",
+           "plan_sweep",
+           "run_name",
+           "run_study",
+           "same_results",
+           "study_amp",
+           "sweep",
+           "train_work",
+           "tune",
+           "typed_grid",
+           "width_knob",
+           "write_samples",
+           "write_study_json",
+]

@@ -33,7 +33,7 @@ def run_name(model: str, seed: int, cell: dict | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Layers:
+class RecipeLayers:
     """The recipe of a study: preset < config file < flags (`changes`), applied to every run."""
 
     preset: Recipe | None = None
@@ -64,7 +64,7 @@ class Layers:
         return self._lookup("reference")
 
 
-def plan_compare(models: list[str], seeds: list[int], layers: Layers, chosen: dict[str, dict] | None = None,
+def plan_compare(models: list[str], seeds: list[int], layers: RecipeLayers, chosen: dict[str, dict] | None = None,
                  budgets: list[float] | None = None) -> list[PlannedRun]:
     """Seed-major order, so the first seed of every model finishes before the second starts; with compute
     `budgets`, every (model, seed) at each budget as a run of its own (`<model>-budget=5T-s0`), the smallest
@@ -98,6 +98,6 @@ def check_cells(model: str, cells: list[dict], base: dict, *, num_classes: int, 
                             f"{str(e).splitlines()[0]}") from None
 
 
-def plan_sweep(model: str, grid: dict[str, list], seeds: list[int], layers: Layers) -> list[PlannedRun]:
+def plan_sweep(model: str, grid: dict[str, list], seeds: list[int], layers: RecipeLayers) -> list[PlannedRun]:
     return [PlannedRun(run_name(model, s, cell), layers.config_for(model, s, cell))
             for s in seeds for cell in grid_cells(grid)]

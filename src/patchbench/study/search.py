@@ -35,11 +35,11 @@ from pathlib import Path
 
 from patchbench import rundir
 from patchbench.errors import UserError
-from patchbench.models import arguments, describe
+from patchbench.models import arguments, label
 from patchbench.recipes import Recipe
 from patchbench.study.budget import match_budget, model_params
 from patchbench.study.files import study_amp, write_samples, write_study_json
-from patchbench.study.plan import Layers, PlannedRun
+from patchbench.study.plan import PlannedRun, RecipeLayers
 from patchbench.study.runner import run_study, train_work
 from patchbench.study.studies import StudyResult, _prepare, _study_meta
 
@@ -121,7 +121,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
     """Run the search (module docstring) for every model into the study `out`, round by round; returns
     when it is decided (study.json's tune.choice) or when a round could not finish (run it again)."""
     study = rundir.check_study_dir(out, "--out")
-    layers = Layers(preset, config, changes)
+    layers = RecipeLayers(preset, config, changes)
     recipe = config if config is not None and config.inherited("tune") else preset
     space_doc = recipe.inherited("tune") if recipe is not None else None
     if not space_doc:
@@ -129,7 +129,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
                         "use --preset budget or a --config with a [tune] table")
     space = check_space(space_doc, recipe.where)
     budget = param_budget or layers.param_budget
-    search = Layers(preset, config, {**(changes or {}),
+    search = RecipeLayers(preset, config, {**(changes or {}),
                                      "data": {**(changes or {}).get("data", {}), "holdout": space["holdout"],
                                               "holdout_seed": space["holdout_seed"]},
                                      "train": {**(changes or {}).get("train", {}),
@@ -160,7 +160,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
         overrides = overrides_for(model, patch)
         cfg = search.config_for(model, seed, overrides)
         cfg.train = dataclasses.replace(cfg.train, lr=entry["lr"], weight_decay=entry["weight_decay"])
-        entry["label"] = describe(model, overrides)
+        entry["label"] = label(model, overrides)
         return entry, PlannedRun(f"{model}-t{index:02d}-s{seed}", cfg)
 
     meta = {**_study_meta("tune", layers, models, [0, 1], base[models[0]]), "param_budget": budget,
@@ -229,7 +229,7 @@ def tune(models: list[str], out: str | os.PathLike, *, preset: Recipe | None = N
                          "trial": pick, **({"patch_size": e["patch_size"]} if "patch_size" in e else {})}
         meta["tune"]["choice"] = choice
         meta["chosen"] = {m: overrides_for(m, choice[m].get("patch_size")) for m in models}
-        meta["labels"] = {m: describe(m, meta["chosen"][m]) for m in models}
+        meta["labels"] = {m: label(m, meta["chosen"][m]) for m in models}
         meta["chosen_params"] = {m: model_params(m, num_classes=num_classes, img_size=base[m].data.img_size,
                                                  **meta["chosen"][m]) for m in models}
         write_study_json(study, meta)

@@ -13,7 +13,7 @@ from patchbench import rundir
 from patchbench.compute import macs_tag
 from patchbench.config import RunConfig
 from patchbench.errors import UserError
-from patchbench.models import describe
+from patchbench.models import label
 from patchbench.recipes import Recipe
 from patchbench.study.budget import (
     match_budget,
@@ -23,8 +23,8 @@ from patchbench.study.budget import (
 )
 from patchbench.study.files import study_amp, write_samples, write_study_json
 from patchbench.study.plan import (
-    Layers,
     PlannedRun,
+    RecipeLayers,
     check_cells,
     grid_cells,
     plan_compare,
@@ -49,7 +49,7 @@ def _prepare(cfg: RunConfig, progress: bool):
     return prepare(cfg.data, progress=progress)
 
 
-def _study_meta(kind: str, layers: Layers, models: list[str], seeds: list[int], sample: RunConfig) -> dict:
+def _study_meta(kind: str, layers: RecipeLayers, models: list[str], seeds: list[int], sample: RunConfig) -> dict:
     meta = {"kind": kind, "preset": sample.preset, "models": models, "seeds": seeds, "data": sample.data.source,
             "config_file": layers.config.where if layers.config else None,
             "overrides": {k: v for k, v in (layers.changes or {}).items() if v} or None}
@@ -123,7 +123,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
     `plan_only`: train and write nothing; the result's `estimates` say what each run would do. `budgets`
     (else the recipe's): train every (model, seed) once per training-compute budget (curves over compute)."""
     study = Path(out) if plan_only else rundir.check_study_dir(out, "--out")
-    layers = Layers(preset, config, changes)
+    layers = RecipeLayers(preset, config, changes)
     if param_budget and mac_budget:
         raise UserError("--param-budget and --mac-budget: give one of them")
     budget, measure = ((param_budget, "params") if param_budget else (mac_budget, "macs") if mac_budget
@@ -141,7 +141,7 @@ def compare(models: list[str], seeds: list[int], out: str | os.PathLike, *, pres
     meta = {**_study_meta(kind, layers, models, seeds, base[models[0]]),
             "param_budget": budget if measure == "params" else None,
             "mac_budget": budget if measure == "macs" else None, "chosen": chosen, "chosen_params": chosen_params,
-            "chosen_macs": chosen_macs, "labels": {m: describe(m, chosen[m]) for m in models},
+            "chosen_macs": chosen_macs, "labels": {m: label(m, chosen[m]) for m in models},
             "img_size": base[models[0]].data.img_size, "num_classes": num_classes,
             "patch_sizes": {m: patch_size_of(m, chosen[m], num_classes=num_classes, img_size=base[m].data.img_size)
                             for m in models}, **(extra_meta or {})}
@@ -178,7 +178,7 @@ def sweep(model: str, grid: dict[str, list], seeds: list[int], out: str | os.Pat
           progress: bool = True, stale_after: float = 600.0, report_formats=("md", "html"), work=None) -> StudyResult:
     """Train every grid cell (model overrides) x seed into `out`, then write the report with its heatmap."""
     study = rundir.check_study_dir(out, "--out")
-    layers = Layers(preset, config, changes)
+    layers = RecipeLayers(preset, config, changes)
     grid = typed_grid(model, grid)
     base = layers.config_for(model).validate()
     data = _prepare(base, progress)
