@@ -5,7 +5,7 @@ cores, whichever trains faster right now), a fixed 2 threads (the old default) a
 one epoch of the `notebook` recipe's notebook_resnet9 (32px, batch 16) is trained through `train_run`, first
 on the quiet machine, then with a busy-loop process started beside it. The table gives the training
 images/s of each (from metrics.jsonl, evaluation excluded) and the busy/quiet ratio; the last line
-is the default policy's ratio (the issue's target: >= 0.40).
+is the default policy's busy/quiet ratio.
 
     .venv/bin/python benchmarks/busy_machine.py                # ~8 minutes on 2 cores
     .venv/bin/python benchmarks/busy_machine.py --model notebook_vit --steps 300

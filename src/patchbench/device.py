@@ -63,8 +63,8 @@ def autocast(device, amp: str):
 def native_bf16(device, flags: str | None = None) -> str | None:
     """Why `device` computes bf16 natively (the CPU flag, or the GPU's name), or None where it does not.
 
-    A CPU without AMX or AVX512-BF16 emulates bf16 matmuls and convolutions (measured 10-100x slower
-    than fp32 there, docs/PERFORMANCE.md). `flags` replaces the CPU's own flags (tests)."""
+    A CPU without AMX or AVX512-BF16 emulates bf16 matmuls and convolutions, many times slower than
+    fp32 (docs/PERFORMANCE.md). `flags` replaces the CPU's own flags (tests)."""
     import torch
 
     if device.type == "cuda":

@@ -681,7 +681,7 @@ def validate(trainer: Trainer) -> dict:
 
 
 def run_epochs(trainer: Trainer, stop: StopFlag, progress: bool) -> dict | None:
-    """Epochs from where the session stands to the end; returns the final weights' validation, or
+    """Epochs from where the trainer stands to the end; returns the final weights' validation, or
     None when a stop signal ended it early (the run is then checkpointed)."""
     t, dist = trainer.cfg.train, trainer.dist
     val = None

@@ -27,8 +27,8 @@ def keep_freed_memory() -> bool:
     A CPU train step frees and re-allocates the same large activations every step. By default glibc
     serves blocks over its (adaptive) mmap threshold with fresh mappings and gives freed memory at
     the top of the heap back to the kernel, so each step page-faults those tensors in again, the
-    kernel zeroing every 4 KiB page (notebook_convmixer, batch 16: ~24,000 faults a step, ~3,000 after
-    this). With the mmap threshold fixed at 32 MiB and the trim threshold at 1 GiB, blocks up to
+    kernel zeroing every 4 KiB page (tests/test_cpu_memory.py counts the faults). With the mmap
+    threshold fixed at 32 MiB and the trim threshold at 1 GiB, blocks up to
     32 MiB come from the heap and freed pages stay mapped: the process keeps its peak footprint, as
     CUDA's caching allocator does; the loader's 20-30 MB batches likewise reuse freed ones. The same
     results; only where memory comes from changes. Process-wide and permanent; returns False (and

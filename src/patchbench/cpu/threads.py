@@ -1,11 +1,10 @@
 """An adaptive CPU thread count for training: one thread or all cores, whichever trains faster now.
 
 Why: torch's OpenMP regions need every thread of the team. When another CPU-bound process takes a
-core, a 2-thread step waits at every region for the descheduled thread; measured on this 2-core
-machine (notebook_resnet9, batch 16, 32px), 220 images/s quiet fell to 62 images/s (28%) beside one
-busy process, while 1 thread made 108 (49%). A fixed `--threads 1` would give up ~40% of the
-quiet speed; libgomp's passive waiting (OMP_WAIT_POLICY=PASSIVE) recovered 104 images/s busy but
-cost 10-25% quiet. So the trainer measures instead: it times `window` steps at each setting, keeps
+core, a step on all cores waits at every region for the descheduled thread and can fall below a
+one-thread step, while a fixed single thread gives up much of the quiet speed
+(benchmarks/busy_machine.py measures both). So the trainer
+measures instead: it times `window` steps at each setting, keeps
 the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
 (the load of a shared machine changes by the minute; a choice made while another job ran must not
 stick for long).

@@ -15,7 +15,8 @@ centres, as `F.interpolate(..., align_corners=False)`):
 - on the CPU, the same antialiased bilinear filter as PIL and torchvision's Resize, per sample:
   the operator torch.ops.patchbench.crop_resize (patchbench.cpu) crops, resizes, flips and
   normalises each sample in one pass, the samples shared over torch's threads; where it cannot be
-  built (no C++ compiler), torch's uint8 antialiased kernel per sample (equal to PIL's resize). There roi_align would be ~7x slower. Away from the crop
+  built (no C++ compiler), torch's uint8 antialiased kernel per sample (equal to PIL's resize).
+  There roi_align is far slower. Away from the crop
   border the CPU and accelerator kernels agree within one grey level when enlarging.
 """
 
@@ -240,11 +241,10 @@ def _worker_one_thread() -> None:
 
 @contextmanager
 def one_thread():
-    """Run small CPU ops (the random draws, the CPU augmentation) on one thread. Each op would
-    otherwise open an OpenMP parallel region, and on a busy machine (more runnable threads than cores) waiting for descheduled
-    threads at every region made the loader 5-20x slower (4,100 single-threaded vs 190-770
-    images/s with 2 threads, measured on 2 cores shared with other jobs). Quiet, the second
-    thread would gain ~10%."""
+    """Run small CPU ops (the random draws, torch's crop path) on one thread. Each op would otherwise
+    open an OpenMP parallel region, and on a busy machine (more runnable threads than cores) waiting
+    for descheduled threads at every region costs far more than a second thread gains on ops this
+    small (benchmarks/data_pipeline.py measures the loader)."""
     n = torch.get_num_threads()
     if n == 1:
         yield

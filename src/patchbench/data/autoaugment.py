@@ -123,7 +123,7 @@ def sharpness(x, m):
     """Blend with a 3x3 smoothing (5 in the middle, 1 around, /13) on the interior; the border is kept.
 
     The smoothing is torchvision's 3x3 kernel, computed as (3x3 box sum + 4 x centre) / 13 with two
-    separable sums: ~3x faster than the grouped conv2d on a CPU, equal within float rounding."""
+    separable sums: faster than the grouped conv2d on a CPU, equal within float rounding."""
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
         return x
     out = x.clone()
@@ -244,8 +244,8 @@ def apply_ops(x: torch.Tensor, policy: str, ops: torch.Tensor, mags: torch.Tenso
 
     Each round sorts the batch by op (one gather), so every op runs once, on a contiguous slice of the
     samples that drew it, and all the round's affine ops share one grid_sample call; a last gather
-    puts the samples back in order. (Gathering a few samples per op instead cost ~0.1 ms per sample
-    and op on this CPU, more than the ops themselves.)"""
+    puts the samples back in order. (Gathering a few samples per op instead costs more per sample
+    than the ops themselves.)"""
     names = list(POLICIES[policy])
     rank = {name: i for i, name in enumerate(("Identity", *AFFINE, *COLOUR_OPS))}  # affine ops side by side
     x = x.contiguous()  # NCHW: gathers of whole samples are plain copies

@@ -76,8 +76,7 @@ class Residual(nn.Module):
         """`x + gain * out` (`x + out` without a gain), the branch's output `out` dropped as configured."""
         if self.gain is not None:
             # in the branch's dtype: under bf16 autocast an fp32 gain would promote the whole trunk to
-            # fp32 and every later layer would cast it back (~35% of notebook_convmixer's CPU step); in fp32
-            # this is the same product
+            # fp32 and every later layer would cast it back; in fp32 this is the same product
             out = out * self.gain.to(out.dtype)
         return x + self.drop_path(out)
 

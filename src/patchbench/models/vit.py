@@ -72,8 +72,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash attention runs ~4x slower (forward + backward) in bf16 than in fp32
-            # (docs/PERFORMANCE.md): under bf16 autocast the attention itself runs in fp32 (autocast, which would
+            # torch's CPU flash attention is slower in bf16 than in fp32 (docs/PERFORMANCE.md): under bf16 autocast the attention itself runs in fp32 (autocast, which would
             # cast it back to bf16, is paused for it), the projections in bf16
             with torch.autocast("cpu", enabled=False):
                 x = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
