@@ -111,6 +111,14 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def vit_width(model) -> Width:
+    """A ViT's width knob: `dim` in steps of the head count, the MLP in proportion; then `mlp_dim` alone
+    (a step of the head count moves a small ViT's size by ~10%)."""
+    dim, heads = model.head.in_features, model.blocks[0].attn.num_heads
+    return Width("dim", dim, step=heads, scaled={"mlp_dim": model.blocks[0].mlp.fc1.out_features / dim},
+                 fine="mlp_dim")
+
+
 class ViT(nn.Module):
     """ViT with a cls token and a learned position embedding, built for `img_size` x `img_size` inputs.
 
@@ -180,12 +188,7 @@ class ViT(nn.Module):
         patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(self.pos_embed.dtype)
         return torch.cat([cls, patches], dim=1)
 
-    def width(self) -> Width:
-        """`dim` in steps of the head count, the MLP in proportion; then `mlp_dim` alone (a step of the head
-        count moves a small ViT's size by ~10%)."""
-        dim, heads = self.head.in_features, self.blocks[0].attn.num_heads
-        return Width("dim", dim, step=heads, scaled={"mlp_dim": self.blocks[0].mlp.fc1.out_features / dim},
-                     fine="mlp_dim")
+    width = vit_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size and x.shape[-1] == x.shape[-2] and x.shape[-1] % self.patch_size == 0:
@@ -240,7 +243,7 @@ class NotebookViT(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch_size) ** 2 + 1, dim))
         self.pos_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([SeedBlock(dim, num_heads, mlp_dim, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([NotebookBlock(dim, num_heads, mlp_dim, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         kaiming_init_(self)
@@ -248,12 +251,7 @@ class NotebookViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
 
-    def width(self) -> Width:
-        """`dim` in steps of the head count, the MLP in proportion; then `mlp_dim` alone (a step of the head
-        count moves a small ViT's size by ~10%)."""
-        dim, heads = self.head.in_features, self.blocks[0].attn.num_heads
-        return Width("dim", dim, step=heads, scaled={"mlp_dim": self.blocks[0].mlp.fc1.out_features / dim},
-                     fine="mlp_dim")
+    width = vit_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.default_img_size, "notebook_vit")
@@ -268,7 +266,7 @@ class NotebookViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-class SeedBlock(nn.Module):
+class NotebookBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
