@@ -395,3 +395,17 @@ def test_a_budget_study_reports_tables_winners_thresholds_and_crossings(tmp_path
     text = "\n".join(render.budget_section(early, load.group_runs(early.runs))[0][1])
     assert "| resnet9 | 60.2 ± 0.2 (59.7–60.7), n=3 | – | – |" in text
     assert any(stem == "budget-curves" for stem, _, _ in report.figures)
+
+
+def test_studies_of_the_same_data_can_share_one_samples_file(study, tmp_path):
+    """study.json's "samples" names a shared file (relative to the study), as the committed studies do."""
+    import json
+    import shutil
+
+    shared = study.parent / "samples.npz"
+    shutil.move(study / "samples.npz", shared)
+    assert load.load_study(study).samples is None
+    meta = json.loads((study / "study.json").read_text())
+    (study / "study.json").write_text(json.dumps({**meta, "samples": "../samples.npz"}))
+    samples = load.load_study(study).samples
+    assert samples is not None and samples["images"].shape[0] == len(samples["labels"]) > 0

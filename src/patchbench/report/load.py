@@ -163,12 +163,14 @@ def load_study(path: str | os.PathLike) -> Study:
         if name not in present:
             problems.append(f"run {name} was planned but has no directory (not started yet)")
     samples = None
-    if (path / rundir.SAMPLES).exists():
+    # study.json's "samples" may name a file shared by several studies of the same data (relative path)
+    where = path / str(meta.get("samples") or rundir.SAMPLES)
+    if where.exists():
         try:
-            with np.load(path / rundir.SAMPLES, allow_pickle=False) as z:
+            with np.load(where, allow_pickle=False) as z:
                 samples = {k: z[k] for k in ("images", "labels", "classes")}
         except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{path / rundir.SAMPLES} is unreadable ({type(e).__name__}); no patch-grid figure")
+            problems.append(f"{where} is unreadable ({type(e).__name__}); no patch-grid figure")
     return Study(path=path, meta=meta, runs=runs, samples=samples, problems=problems)
 
 
