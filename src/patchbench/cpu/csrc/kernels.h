@@ -1,6 +1,6 @@
 // patchbench's CPU kernels, the arithmetic only (ops.cpp registers, checks and dispatches them).
-// Included once per instruction set, inside a namespace compiled for it (ops.cpp); PB_AVX512 and
-// PB_AVX512BF16 say whether that set has AVX-512 and its bf16 conversion. Written in GCC's portable
+// Included once per instruction set, inside a namespace compiled for it (ops.cpp); PB_AVX2, PB_AVX512
+// and PB_AVX512BF16 say whether that set has AVX2, AVX-512 and AVX-512's bf16 conversion. Written in GCC's portable
 // vector types (16 fp32 lanes), which compile to the widest vectors of the target; where it has
 // AVX-512, three steps use its intrinsics instead (max, scalef, the bf16 conversion): the same values
 // in fewer instructions, except bf16 subnormals, which the conversion flushes to zero.
@@ -14,18 +14,22 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 
 static inline v16 splat(float a) { return v16{} + a; }
 
-// n vectors, zeroed, 64-byte aligned (aligned_alloc: std::vector does not promise that alignment here)
-struct Vectors {
-    v16 *p;
-    explicit Vectors(int64_t n) : p(static_cast<v16 *>(aligned_alloc(64, sizeof(v16) * (n > 0 ? n : 1)))) {
+// n vectors of type V, zeroed, 64-byte aligned (aligned_alloc: std::vector does not promise that
+// alignment here)
+template <typename V>
+struct Buffer {
+    V *p;
+    explicit Buffer(int64_t n) : p(static_cast<V *>(aligned_alloc(64, (sizeof(V) * (n > 0 ? n : 1) + 63) / 64 * 64))) {
         if (!p) throw std::bad_alloc();
-        memset((void *)p, 0, sizeof(v16) * (n > 0 ? n : 1));
+        memset((void *)p, 0, sizeof(V) * (n > 0 ? n : 1));
     }
-    ~Vectors() { free(p); }
-    Vectors(const Vectors &) = delete;
-    Vectors &operator=(const Vectors &) = delete;
-    v16 &operator[](int64_t i) { return p[i]; }
+    ~Buffer() { free(p); }
+    Buffer(const Buffer &) = delete;
+    Buffer &operator=(const Buffer &) = delete;
+    V &operator[](int64_t i) { return p[i]; }
 };
+using Vectors = Buffer<v16>;
+
 static inline v16 load(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
 static inline v16 load(const uint16_t *p) {
     v16h h;
@@ -180,44 +184,51 @@ void gelu_bn_grad(const T *z, const T *y, const T *dout, T *dz, int64_t N, int64
 
 // dw[k][c] = sum_{b,h,w} x[b][h+i-P][w+j-P][c] * g[b][h][w][c] for k = i*KS + j (P = KS / 2), and
 // db[c] = sum_{b,h,w} g[b][h][w][c]; x and g (B, H, W, C) contiguous, dw (KS*KS, C), db (C,), fp32.
-// KS is a template argument so that the KS running sums of one output row live in registers while a
-// zero-padded input row streams past.
+// KS is a template argument so that the KS running sums of one output row stay in registers while a
+// zero-padded input row streams past: DW_LANES channels at a time, the widest vector of which KS + 2
+// fit the target's registers (16 on AVX-512's 32, 8 on AVX2's 16, 4 on SSE's 16).
+#if PB_AVX512
+constexpr int DW_LANES = 16;
+#elif PB_AVX2
+constexpr int DW_LANES = 8;
+#else
+constexpr int DW_LANES = 4;
+#endif
+typedef float vdw __attribute__((vector_size(DW_LANES * 4)));
+
 template <int KS, typename T>
 void dw_wgrad(const T *x, const T *g, float *dw, float *db, int64_t B, int64_t H, int64_t W, int64_t C,
               int64_t cb0, int64_t cb1) {
     constexpr int P = KS / 2;
     int64_t WP = W + 2 * P;
-    Vectors xpad((H + 2 * P) * WP), gplane(H * W);  // a zero-padded input plane, an output-gradient one
-    v16 *xb = xpad.p, *gb = gplane.p;
-    for (int64_t cb = cb0; cb < cb1; cb++) {
-        int64_t c0 = cb * 16;
-        v16 total[KS * KS], bias = splat(0);
-        for (auto &t : total) t = splat(0);
+    Buffer<vdw> xpad((H + 2 * P) * WP), gplane(H * W);  // a zero-padded input plane, an output-gradient one
+    vdw *xb = xpad.p, *gb = gplane.p;
+    for (int64_t c0 = cb0 * 16; c0 < cb1 * 16; c0 += DW_LANES) {
+        vdw total[KS * KS] = {}, bias = {};
         for (int64_t b = 0; b < B; b++) {
-            memset((void *)xb, 0, sizeof(v16) * (H + 2 * P) * WP);
+            memset((void *)xb, 0, sizeof(vdw) * (H + 2 * P) * WP);
             for (int64_t h = 0; h < H; h++)
                 for (int64_t w = 0; w < W; w++) {
                     const T *xp = x + ((b * H + h) * W + w) * C + c0, *gp = g + ((b * H + h) * W + w) * C + c0;
-                    v16 xv, gv;
-                    for (int l = 0; l < 16; l++) xv[l] = scalar(xp[l]), gv[l] = scalar(gp[l]);
+                    vdw xv, gv;
+                    for (int l = 0; l < DW_LANES; l++) xv[l] = scalar(xp[l]), gv[l] = scalar(gp[l]);
                     xb[(h + P) * WP + w + P] = xv;
                     gb[h * W + w] = gv;
                     bias += gv;
                 }
             for (int64_t h = 0; h < H; h++)
                 for (int i = 0; i < KS; i++) {
-                    const v16 *xrow = xb + (h + i) * WP, *grow = gb + h * W;
-                    v16 acc[KS];
-                    for (auto &a : acc) a = splat(0);
+                    const vdw *xrow = xb + (h + i) * WP, *grow = gb + h * W;
+                    vdw acc[KS] = {};
                     for (int64_t w = 0; w < W; w++) {
-                        v16 gv = grow[w];
+                        vdw gv = grow[w];
                         for (int j = 0; j < KS; j++) acc[j] += xrow[w + j] * gv;
                     }
                     for (int j = 0; j < KS; j++) total[i * KS + j] += acc[j];
                 }
         }
-        for (int k = 0; k < KS * KS; k++) memcpy(dw + k * C + c0, &total[k], sizeof(v16));
-        memcpy(db + c0, &bias, sizeof(v16));
+        for (int k = 0; k < KS * KS; k++) memcpy(dw + k * C + c0, &total[k], sizeof(vdw));
+        memcpy(db + c0, &bias, sizeof(vdw));
     }
 }
 

@@ -26,12 +26,15 @@
 #define PB_MULTI_ISA 0
 #endif
 
+#define PB_AVX2 0
 #define PB_AVX512 0
 #define PB_AVX512BF16 0
 namespace generic {
 #include "kernels.h"
 }
 #if PB_MULTI_ISA
+#undef PB_AVX2
+#define PB_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
