@@ -146,6 +146,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--against", default=None, help="a patchbench source folder (its src/) to time all on")
+    p.add_argument("--sides", default=None, help="comma-separated keys of the sides to time besides all_on "
+                   f"(default: all; keys: {', '.join(k for k, *_ in SIDES.values())})")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--off", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -153,6 +155,9 @@ def main() -> None:
         return child(args)
     here = Path(__file__).resolve().parents[1] / "src"
     sides = [s for s in SIDES if args.against or not SIDES[s][3]]
+    if args.sides:
+        keep = {"all_on", *args.sides.split(",")}
+        sides = [s for s in sides if SIDES[s][0] in keep]
     rates: dict[str, list[float]] = {s: [] for s in sides}
     info: dict[str, dict] = {}
     for r in range(args.rounds):

@@ -3,6 +3,9 @@ by a measured probe (injected timings here), cached per machine and software, ne
 a study keeps its precision when resumed on another CPU."""
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -104,7 +107,7 @@ def tiny_resnet():
 
 
 def test_real_probe_times_the_model_caches_it_and_leaves_the_rng_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(at, "BUSY_CORES", float("inf"))  # whatever else this machine runs, cache it
+    monkeypatch.setattr(at, "BUSY", float("inf"))  # whatever else this machine runs, cache it
     args = {"channels_last": "auto", "fast_kernels": "auto", "device": CPU, "batch_size": 4, "img_size": 16, "amp": "none",
                 "num_classes": 3, "setting": {"model": "resnet9", "width": 4}, "cache_dir": tmp_path}
     torch.manual_seed(0)
@@ -131,10 +134,17 @@ def test_deterministic_runs_are_not_decided_by_a_timing(tmp_path):
     assert got.choice == NCHW and got.how.startswith("deterministic") and not (tmp_path / "probes").exists()
 
 
-def test_busy_machine_load_is_measured():
+def test_other_load_counts_other_processes_not_our_own_work():
     with at.OtherLoad() as quiet:
-        sum(i * i for i in range(200_000))  # our own work is not "other" load
-    assert 0.0 <= quiet.cores < 2.0
+        sum(i * i for i in range(2_000_000))  # our own work is not "other" load
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with at.OtherLoad() as busy:
+            time.sleep(1.0)
+    finally:
+        spin.kill()
+    assert quiet.cores < 0.5 and busy.cores > 0.6
 
 
 def test_study_precision_is_resolved_once_and_kept_on_another_cpu(tmp_path, monkeypatch):

@@ -312,13 +312,34 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
     for slow in (2, 1):
         clock["slow"] = slow
-        tuner = threads.ThreadTuner(window=4, period=10, period_s=5.0, most=2)
+        tuner = threads.ThreadTuner(window=4, period=10, period_s=5.0, most=2, other_load=lambda: 1.0)  # busy
         for _ in range(2 * 4 + 10):
             tuner.step_begins()
             clock["now"] += 3.0 if torch.get_num_threads() == clock["slow"] else 1.0
             tuner.step_ends()
         assert tuner.current == (1 if slow == 2 else 2)
         assert tuner.steps_at[tuner.current] > 10  # it stayed there for the period
+    torch.set_num_threads(THREADS)
+
+
+
+def test_thread_tuner_tries_one_thread_only_when_other_processes_are_busy(monkeypatch):
+    """On a quiet machine all cores stay (no trial steps at one thread, which would cost time); once other
+    processes take a core, the next due check runs a trial."""
+    from patchbench.cpu import threads
+
+    clock, load = {"now": 0.0}, {"cores": 0.0}
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
+    tuner = threads.ThreadTuner(window=4, period=10, period_s=5.0, most=2, other_load=lambda: load["cores"])
+    seen = set()
+    for step in range(60):
+        if step == 40:
+            load["cores"] = 1.0
+        tuner.step_begins()
+        seen.add((step >= 40, torch.get_num_threads()))
+        clock["now"] += 3.0 if torch.get_num_threads() == 2 else 1.0  # one thread is faster while busy
+        tuner.step_ends()
+    assert (False, 1) not in seen and (True, 1) in seen and tuner.steps_at[1] > tuner.window
     torch.set_num_threads(THREADS)
 
 

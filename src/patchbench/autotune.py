@@ -10,7 +10,7 @@ dropped unmeasured.
 
 The choice is cached in `<cache>/probes/` under a key of everything it depends on (`probe_key`: the
 CPU's model and flags or the GPU's name, torch and patchbench versions, threads, model, batch, size,
-precision). A probe taken while other processes kept more than `BUSY_CORES` cores busy is used for
+precision). A probe taken while other processes kept more than 0.3 cores busy (`cpu.threads.BUSY`) is used for
 the run at hand but never cached. Explicit true/false values are honoured as given, without a probe;
 so is `deterministic`, where a timing must not decide anything: `auto` is then NCHW with the
 kernels on where they fit.
@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +32,11 @@ from torch import nn
 
 import patchbench
 from patchbench import rundir
+from patchbench.cpu.threads import BUSY, OtherLoad
 from patchbench.device import cpu_features, cpu_name, device_name
 from patchbench.errors import UserError
 
 CAP = 3.0  # a candidate whose first step is over CAP x the best first step is dropped
-BUSY_CORES = 0.3  # other processes' CPU use (cores) above which a probe is not cached
 ROUNDS = 3  # timed steps per candidate, interleaved, after the first (warm-up) step
 
 
@@ -120,7 +117,7 @@ def choose(key: dict, options: list[Choice], measure: Measure, cache_dir: Path |
     best = min(step_s, key=step_s.get)
     timings = {str(o): round(s, 4) for o, s in step_s.items()}
     shown = ", ".join(f"[{o}] {s * 1e3:.0f} ms" for o, s in step_s.items())
-    if load > BUSY_CORES:
+    if load > BUSY:
         log(f"speed probe: {best} ({shown}); {load:.1f} cores were busy with other work, so it is not cached")
         return Resolution(best, f"probed ({load:.1f} other cores busy, not cached)", timings,
                           [str(o) for o in dropped], machine)
@@ -148,35 +145,6 @@ def _read(path: Path, doc: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-class OtherLoad:
-    """Cores kept busy by other processes while the block ran: the machine's busy time (/proc/stat)
-    less this process's own CPU time, over the wall time. Without /proc/stat, the 1-minute load
-    average before the block (which counts this process only if it was already busy)."""
-
-    def __enter__(self):
-        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _busy_seconds()
-        self.cores = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self._t
-        busy = _busy_seconds()
-        if busy is None or self._busy is None:
-            self.cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.inf
-        elif wall > 0:
-            self.cores = max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
-
-
-def _busy_seconds() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def time_options(build: Callable[[], nn.Module], options: list[Choice], *, batch_size: int, img_size: int,

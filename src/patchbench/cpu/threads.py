@@ -4,7 +4,9 @@ Why: torch's OpenMP regions need every thread of the team. When another CPU-boun
 core, a step on all cores waits at every region for the descheduled thread and can fall below a
 one-thread step, while a fixed single thread gives up much of the quiet speed
 (benchmarks/busy_machine.py measures both). So the trainer
-measures instead: it times `window` steps at each setting, keeps
+measures instead, when another process keeps the CPU busy (`OtherLoad`; on a quiet machine all cores
+are right, and a trial's single-thread steps would only cost time): it times `window` steps at each
+setting, keeps
 the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
 (the load of a shared machine changes by the minute; a choice made while another job ran must not
 stick for long).
@@ -15,17 +17,70 @@ must be bit-exact (`--deterministic`) and runs with an explicit `--threads N` ke
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+
+BUSY = 0.3  # cores kept busy by other processes above which the machine counts as shared
+
+
+class OtherLoad:
+    """Cores kept busy by other processes while the block ran: the machine's busy time (/proc/stat)
+    less this process's own CPU time, over the wall time. Without /proc/stat, the 1-minute load
+    average before the block (which counts this process only if it was already busy)."""
+
+    def __enter__(self):
+        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _busy_seconds()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t
+        busy = _busy_seconds()
+        if busy is None or self._busy is None:
+            self.cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.inf
+        elif wall > 0:
+            self.cores = max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
+
+
+def _busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _Since:
+    """Other processes' load since the last `restart()`, read at any time (`cores()`)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self._load = OtherLoad().__enter__()
+
+    def cores(self) -> float:
+        self._load.__exit__(None, None, None)
+        return self._load.cores
 
 
 class ThreadTuner:
     """Call `step_begins()` before and `step_ends()` after every training step."""
 
-    def __init__(self, window: int = 6, period: int = 60, period_s: float = 30.0, most: int | None = None):
+    def __init__(self, window: int = 6, period: int = 60, period_s: float = 30.0, most: int | None = None,
+                 other_load: Callable[[], float] | None = None):
+        """`other_load()`: the cores other processes kept busy since the last trial (or skipped one);
+        by default measured (`OtherLoad`)."""
         most = most or torch.get_num_threads()
+        self._since = None if other_load is not None else _Since()
+        self.other_load = other_load or self._since.cores
         self.choices = [most, 1] if most > 1 else [1]
         self.window, self.period, self.period_s = window, period, period_s
         self.chosen_at = float("-inf")  # when the last trial ended (none yet: the first step starts one)
@@ -41,8 +96,12 @@ class ThreadTuner:
         self._trial = None
         due = self.countdown <= 0 and time.perf_counter() - self.chosen_at >= self.period_s
         if len(self.choices) > 1 and due and not self.times:
-            self.times = {c: [] for c in self.choices}
-            self.plan = [c for c in self.choices for _ in range(self.window)]
+            if self.current == self.choices[0] and self.other_load() < BUSY:  # quiet, on all cores: stay
+                self.countdown, self.chosen_at = self.period, time.perf_counter()
+                self._restart_load()
+            else:
+                self.times = {c: [] for c in self.choices}
+                self.plan = [c for c in self.choices for _ in range(self.window)]
         if self.plan:
             self._trial = self.plan.pop(0)
             self._set(self._trial)
@@ -59,6 +118,11 @@ class ThreadTuner:
             speed = {c: statistics.median(t[1:] or t) for c, t in self.times.items()}
             self._set(min(speed, key=speed.get))
             self.times, self.countdown, self.chosen_at = {}, self.period, time.perf_counter()
+            self._restart_load()
+
+    def _restart_load(self) -> None:
+        if self._since is not None:
+            self._since.restart()
 
     def _set(self, threads: int) -> None:
         if torch.get_num_threads() != threads:
