@@ -4,8 +4,8 @@
     DataLoader with 2 worker processes, batch 64: what the study ran, decoding every JPEG every epoch.
 (b) patchbench: the images decoded once (`prepare`, timed separately, a one-off), then `Loader`
     cropping, flipping and normalising whole batches on the device.
-On the CPU, (b) is one C call per chunk of samples over torch's thread count of Python threads (torch's
-own ops where no C compiler is found), and the Loader sets glibc's malloc thresholds once so that freed
+On the CPU, (b) crops with torch's uint8 antialiased resize per sample, chunks of samples over torch's
+thread count of Python threads, and the Loader sets glibc's malloc thresholds once so that freed
 batches are reused (process-wide: the baseline's later rounds, and its forked workers, run under the same
 setting). Both use the same crop scale/ratio and produce the same float32 (64, 3, 160, 160) batches; (b) is
 timed twice: NCHW memory (the Loader's default, what `ratio=` compares) and `channels_last=True`
@@ -33,7 +33,6 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from patchbench.config import DataConfig
-from patchbench.cpu import ops
 from patchbench.cpu.memory import keep_freed_memory
 from patchbench.data import Loader, prepare, resolve_source
 
@@ -111,8 +110,7 @@ def main(argv=None) -> None:
     print(f"data: {source} ({len(data.train):,} train images, {args.img_size}px, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, fastest of {args.repeat} epoch(s) each)")
     if device.type == "cpu":
-        print("patchbench's CPU path: " + ("the crop operator" if ops.available()
-                                           else "torch's per-sample ops (the operator could not be built)")
+        print("patchbench's CPU path: torch's per-sample uint8 antialiased resize"
               + f"; malloc reuse of freed batches: {'on' if keep_freed_memory() else 'off'}")
     print("| pipeline | device | images | seconds | images/s |")
     print("|---|---|---:|---:|---:|")

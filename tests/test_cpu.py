@@ -83,12 +83,9 @@ def test_the_operators_pass_torch_library_checks():
     x, g = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
     z = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
     y, w = torch.randn_like(z), torch.rand(16)
-    images, boxes = torch.randint(0, 255, (3, 12, 12, 3), dtype=torch.uint8), torch.tensor([[0, 0, 12, 12]] * 2)
     pb, checks = torch.ops.patchbench, ("test_schema", "test_faketensor")
     for op, args in [(pb.depthwise_param_grads, (x, g, 5)), (pb.gelu_stats, (z,)), (pb.bn_affine, (y, w, w, z)),
-                     (pb.bn_affine, (y, w, w, None)), (pb.bn_grad_stats, (y, z)), (pb.gelu_bn_grad, (z, y, y, w, w, w)),
-                     (pb.crop_resize, (images, torch.tensor([2, 0]), boxes, torch.tensor([True, False]),
-                                       torch.ones(3), torch.zeros(3), 5, True))]:
+                     (pb.bn_affine, (y, w, w, None)), (pb.bn_grad_stats, (y, z)), (pb.gelu_bn_grad, (z, y, y, w, w, w))]:
         torch.library.opcheck(op, args, test_utils=checks)
 
 
@@ -404,28 +401,24 @@ WITHOUT_A_COMPILER = """
 import warnings, torch
 from patchbench.cpu import build, layers
 from patchbench.models import create_model
-from patchbench.data import augment
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = create_model("convmixer_256_8", dim=32, depth=2, kernel_size=5, img_size=16)
     swapped = layers.use_fast_kernels(model)
-images = torch.randint(0, 255, (2, 12, 12, 3), dtype=torch.uint8)
-out = augment._crop_resize_cpu(images, torch.tensor([[0, 0, 12, 12], [2, 2, 8, 10]]), None, 6)
-print(swapped, any(isinstance(m, layers.FastDepthwiseConv2d) for m in model.modules()), tuple(out.shape))
+print(swapped, any(isinstance(m, layers.FastDepthwiseConv2d) for m in model.modules()))
 print(build.FAILURE)
 print(str(caught[0].message) if caught else "no warning")
 """
 
 
-def test_without_a_compiler_nothing_is_swapped_and_the_crops_take_torchs_ops(tmp_path):
-    """A fresh interpreter whose C++ compiler does not exist: no layer is swapped, the crop runs on torch's
-    ops, and why is said once."""
+def test_without_a_compiler_nothing_is_swapped(tmp_path):
+    """A fresh interpreter whose C++ compiler does not exist: no layer is swapped, and why is said once."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PATCHBENCH_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", WITHOUT_A_COMPILER], env=env, capture_output=True, text=True,
                           check=False, timeout=300)
     assert done.returncode == 0, done.stderr
     swapped, failure, warning = done.stdout.strip().splitlines()
-    assert swapped == "0 False (2, 3, 6, 6)"
+    assert swapped == "0 False"
     assert failure.startswith("the CPU operators could not be built")
     assert warning.startswith("patchbench.cpu: the CPU operators could not be built") and "PyTorch's" in warning
 
@@ -434,10 +427,6 @@ def test_without_a_compiler_nothing_is_swapped_and_the_crops_take_torchs_ops(tmp
 
 def _cl(*shape, dtype=torch.float32):
     return torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
-
-
-def _u8(*shape, device="cpu"):
-    return torch.zeros(*shape, dtype=torch.uint8, device=device)
 
 
 PB = "torch.ops.patchbench."
@@ -469,17 +458,6 @@ BAD_CALLS = [
      "depthwise_param_grads: grad_out must have x's dtype and shape"),
     ("depthwise_param_grads(torch.randn(2, 16, 5, 5, device='meta'), torch.randn(2, 16, 5, 5, device='meta'), 3)",
      "depthwise_param_grads: x must be a CPU tensor"),
-    (("crop_resize(torch.zeros(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), None, torch.ones(3), "
-     "torch.zeros(3), 4, False)"), r"crop_resize: images must be contiguous \(N, S, S, 3\) uint8, got Float"),
-    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 9, 8]]), None, torch.ones(3), "
-     "torch.zeros(3), 4, False)"),
-     r"crop_resize: boxes\[0\] \(x0, y0, x1, y1\) = \(0, 0, 9, 8\) is empty or outside the 8x8 image"),
-    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([2]), torch.tensor([[0, 0, 8, 8]]), None, torch.ones(3), "
-     "torch.zeros(3), 4, False)"), r"crop_resize: rows\[0\] is 2, outside the 2 images"),
-    (("crop_resize(_u8(2, 8, 8, 3), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), torch.tensor([1]), "
-     "torch.ones(3), torch.zeros(3), 4, False)"), "crop_resize: flips must be a contiguous bool vector of 1"),
-    (("crop_resize(_u8(2, 8, 8, 3, device='meta'), torch.tensor([0]), torch.tensor([[0, 0, 8, 8]]), None, "
-     "torch.ones(3), torch.zeros(3), 4, False)"), "crop_resize: images must be a CPU tensor"),
     ("cpu_isa('sse9')", "cpu_isa: cap is 'sse9', not one of generic, avx2, avx512, avx512bf16"),
 ]
 
@@ -492,8 +470,7 @@ def test_each_operator_names_the_argument_it_cannot_take(call, message):
 
 
 def test_every_operator_has_a_bad_call_case():
-    schemas = ("gelu_stats", "bn_affine", "bn_grad_stats", "gelu_bn_grad", "depthwise_param_grads", "crop_resize",
-               "cpu_isa")
+    schemas = ("gelu_stats", "bn_affine", "bn_grad_stats", "gelu_bn_grad", "depthwise_param_grads", "cpu_isa")
     assert {call.split("(")[0] for call, _ in BAD_CALLS} == set(schemas)
 
 
@@ -502,16 +479,12 @@ def test_every_operator_has_a_bad_call_case():
 def test_torchs_thread_count_governs_the_operators():
     z = _cl(4, 64, 6, 6)  # 4 blocks of 16 channels to share out
     x, g = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
-    images = torch.randint(0, 255, (8, 16, 16, 3), dtype=torch.uint8)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for call in (lambda: torch.ops.patchbench.gelu_stats(z),
-                         lambda: torch.ops.patchbench.depthwise_param_grads(x, g, 3),
-                         lambda: torch.ops.patchbench.crop_resize(images, torch.arange(8),
-                                                                  torch.tensor([[0, 0, 16, 16]] * 8), None,
-                                                                  torch.ones(3), torch.zeros(3), 8, False)):
+                         lambda: torch.ops.patchbench.depthwise_param_grads(x, g, 3)):
                 call()
                 assert torch.ops.patchbench.threads_used() == threads
     finally:

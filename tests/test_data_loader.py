@@ -14,7 +14,6 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from patchbench.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
-from patchbench.cpu import ops as cpu_ops
 from patchbench.data import Loader, Split, augment
 from patchbench.data.augment import (
     _crop_resize_cpu,
@@ -89,59 +88,15 @@ def test_crop_boxes_fall_back_to_centre_when_nothing_fits():
     assert torch.equal(boxes, torch.tensor([[j, i, j + w, i + h]], dtype=torch.float32).expand(10, 4))
 
 
-def test_cpu_crop_without_the_kernel_is_torchvisions_uint8_resized_crop():
+def test_cpu_crop_is_torchvisions_uint8_resized_crop():
     images = torch.from_numpy(make_split(4).images[:4])
     boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12], [1, 1, 9, 23]], dtype=torch.float32)
-    out = _crop_resize_cpu(images, boxes, torch.tensor([False, True, False, True]), 32, kernel=False).to(torch.uint8)
+    out = _crop_resize_cpu(images, boxes, torch.tensor([False, True, False, True]), 32).to(torch.uint8)
     for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
         ref = TF.resized_crop(images[i].permute(2, 0, 1), y0, x0, y1 - y0, x1 - x0, [32, 32], antialias=True)
         if i in (1, 3):
             ref = ref.flip(2)
         assert torch.equal(out[i], ref)
-
-
-needs_kernel = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler: the crop operator is not built")
-
-
-@needs_kernel
-@pytest.mark.parametrize("out_size", [1, 7, 16, 32, 61])  # shrinking (antialiased), both, enlarging
-def test_crop_kernel_is_torchvisions_float_antialiased_resized_crop(out_size):
-    images = torch.from_numpy(make_split(6).images[:6])
-    boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12], [1, 1, 9, 23], [23, 0, 24, 1],
-                          [0, 7, 24, 8]], dtype=torch.float32)  # whole, inner, edges, 8x22, 1x1, a 24x1 line
-    flip = torch.tensor([False, True, False, True, True, False])
-    out = _crop_resize_cpu(images, boxes, flip, out_size)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-        ref = TF.resized_crop(images[i].permute(2, 0, 1).float(), y0, x0, y1 - y0, x1 - x0, [out_size, out_size],
-                              antialias=True)
-        ref = ref.flip(2) if flip[i] else ref
-        assert (out[i] - ref).abs().max() < 1e-3, i  # float32 sums in another order
-        pil = TF.resized_crop(images[i].permute(2, 0, 1), y0, x0, y1 - y0, x1 - x0, [out_size, out_size],
-                              antialias=True)  # PIL's uint8 result: rounded, so within one level
-        assert (out[i] - (pil.flip(2) if flip[i] else pil).float()).abs().max() <= 1.0, i
-
-
-@needs_kernel
-def test_crop_kernel_refuses_boxes_outside_the_image_before_reading_memory():
-    images = torch.from_numpy(make_split(4).images)
-    for box in ([5, 5, 5, 9], [-1, 0, 8, 8], [0, 0, S + 1, 8], [4, 9, 8, 3]):  # empty, left, right, upside down
-        with pytest.raises(RuntimeError, match=r"boxes\[1\] .* is empty or outside the"):
-            _crop_resize_cpu(images, torch.tensor([[0, 0, S, S], box], dtype=torch.float32), None, 8)
-    with pytest.raises(RuntimeError, match=r"rows\[0\] is 4, outside the 4 images"):
-        _crop_resize_cpu(images, torch.tensor([[0, 0, S, S]], dtype=torch.float32), None, 8, rows=[4])
-
-
-def test_torchs_crop_path_is_the_operators_up_to_uint8_rounding():
-    """Where the operator cannot be built the loader crops with torch's ops (rounded to uint8 like PIL):
-    the same crops, within one grey level. (tests/test_cpu.py runs a build without a compiler.)"""
-    images = torch.from_numpy(make_split(6).images[:6])
-    boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 17, 20], [10, 2, 24, 12]], dtype=torch.float32)
-    flip = torch.tensor([False, True, True])
-    torch_ops = _crop_resize_cpu(images, boxes, flip, 16, rows=[5, 0, 2], kernel=False)
-    assert torch_ops.shape == (3, 3, 16, 16)
-    if cpu_ops.available():
-        ours = _crop_resize_cpu(images, boxes, flip, 16, rows=[5, 0, 2])
-        assert (ours - torch_ops).abs().max() <= 1.0 + 1e-3
 
 
 def test_roi_align_path_is_plain_bilinear_when_enlarging_and_agrees_with_cpu_path():
@@ -284,8 +239,7 @@ def test_bad_arguments_are_user_errors():
         Loader(split, DataConfig(), batch_size=2, train=False, device="cpu", seed=0, rank=2, world_size=2)
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_cpu_crop_is_bit_identical_over_threads_and_layouts(kernel):
+def test_cpu_crop_is_bit_identical_over_threads_and_layouts():
     split = make_split(30)
     images = torch.from_numpy(split.images)
     g = torch.Generator().manual_seed(4)
@@ -293,16 +247,16 @@ def test_cpu_crop_is_bit_identical_over_threads_and_layouts(kernel):
     flip = torch.rand(12, generator=g) < 0.5
     rows = [29, 3, 3, 17, 0, 8, 21, 5, 12, 26, 9, 1]  # crops read from these images, no gather
     norm = (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([-1.0, 0.5, 2.0]))
-    ref = _crop_resize_cpu(images[rows], boxes, flip, 20, kernel=kernel)
+    ref = _crop_resize_cpu(images[rows], boxes, flip, 20)
     ref = ref * norm[0].view(1, 3, 1, 1) + norm[1].view(1, 3, 1, 1)
     first = None
     for threads in (1, 2, 3):
         for channels_last in (False, True):
             x = _crop_resize_cpu(images, boxes, flip, 20, rows=rows, norm=norm, channels_last=channels_last,
-                                 threads=threads, kernel=kernel)
+                                 threads=threads)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             assert x.shape == (12, 3, 20, 20) and x.is_contiguous(memory_format=fmt)
-            assert torch.allclose(x, ref, rtol=0, atol=1e-5)  # the kernel normalises with a fused multiply-add
+            assert torch.allclose(x, ref, rtol=0, atol=1e-5)
             first = x if first is None else first
             assert torch.equal(x, first), (threads, channels_last)
 
@@ -325,10 +279,10 @@ def test_an_error_in_any_chunk_reaches_the_caller_and_the_workers_stay_usable(ba
     boxes = torch.tensor([[0, 0, S, S]], dtype=torch.float32).repeat(12, 1)
     boxes[bad] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width: interpolate refuses it
     with pytest.raises(RuntimeError):  # torch's ops: the error comes from a chunk, on its thread
-        _crop_resize_cpu(images, boxes, None, 8, threads=2, kernel=False)
+        _crop_resize_cpu(images, boxes, None, 8, threads=2)
     boxes[bad] = torch.tensor([0.0, 0.0, S, S])
-    x = _crop_resize_cpu(images, boxes, None, 8, threads=2, kernel=False)
-    assert torch.equal(x, _crop_resize_cpu(images, boxes, None, 8, threads=1, kernel=False))
+    x = _crop_resize_cpu(images, boxes, None, 8, threads=2)
+    assert torch.equal(x, _crop_resize_cpu(images, boxes, None, 8, threads=1))
 
 
 def test_loader_leaves_the_callers_torch_thread_count_alone_and_workers_on_one_thread():

@@ -117,7 +117,8 @@ def test_cells_differ_only_in_mixer_and_stem():
     assert {n for n in conv_stem ^ names if not n.startswith("stem.")} == set()
 
 
-@pytest.mark.parametrize("measure, budget", [("params", 500_000), ("macs", 100_000_000)])
+@pytest.mark.parametrize("measure, budget", [("params", 500_000),
+                                             pytest.param("macs", 100_000_000, marks=pytest.mark.slow)])
 def test_every_cell_is_matched_to_the_budget(measure, budget):
     for mixer in MIXERS:
         for stem in STEMS:

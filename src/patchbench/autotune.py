@@ -2,7 +2,7 @@
 
 Neither setting changes the function a model computes, only how fast a step runs, and which is
 faster depends on the machine: channels_last at channel counts that are not multiples of 8 or 16
-falls off oneDNN's fast paths on some CPUs, and the C kernels pay only where they beat oneDNN. So
+falls off oneDNN's fast paths on some CPUs, and patchbench's CPU operators pay only where they beat oneDNN. So
 rather than a rule, `resolve` times a few train steps of the run's own model (its configuration,
 per-process batch, largest training size and precision) under each candidate setting, interleaved,
 and keeps the fastest. A candidate whose first step takes over `CAP` times the best first step is

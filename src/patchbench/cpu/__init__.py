@@ -7,7 +7,6 @@
 - `threads`: `ThreadTuner`, the adaptive thread count.
 - `memory`: `keep_freed_memory`, the one malloc policy.
 
-The crop kernel (torch.ops.patchbench.crop_resize) is called by data.augment. Nothing here changes
-what is computed beyond floating-point summation order; each measure can be turned off (see
+Nothing here changes what is computed beyond floating-point summation order; each measure can be turned off (see
 docs/USAGE.md) and docs/PERFORMANCE.md gives what each one pays, with the command that measures it.
 """

@@ -63,9 +63,3 @@ def _register_fakes() -> None:
         c = x.shape[1]
         return (x.new_empty((c, 1, kernel_size, kernel_size), dtype=torch.float32),
                 x.new_empty(c, dtype=torch.float32))
-
-    @torch.library.register_fake(lib + "crop_resize")
-    def _(images, rows, boxes, flips, scale, shift, size, channels_last=False):
-        _on_cpu("crop_resize", images=images, rows=rows, boxes=boxes, flips=flips, scale=scale, shift=shift)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return images.new_empty((rows.shape[0], 3, size, size), dtype=torch.float32).contiguous(memory_format=fmt)

@@ -13,10 +13,9 @@ centres, as `F.interpolate(..., align_corners=False)`):
   crops to 32px) is averaged, an antialiasing box filter: on noise it lands within ~5/255 of PIL's
   antialiased resize, where one sample per pixel is ~37/255 away (aliasing).
 - on the CPU, the same antialiased bilinear filter as PIL and torchvision's Resize, per sample:
-  the operator torch.ops.patchbench.crop_resize (patchbench.cpu) crops, resizes, flips and
-  normalises each sample in one pass, the samples shared over torch's threads; where it cannot be
-  built (no C++ compiler), torch's uint8 antialiased kernel per sample (equal to PIL's resize).
-  There roi_align is far slower. Away from the crop
+  torch's uint8 antialiased kernel (equal to PIL's resize), then converted and normalised. There
+  roi_align is far slower. (A fused C++ crop operator was measured against it and gave nothing a
+  train step could see: benchmarks/cpu_levers.py.) Away from the crop
   border the CPU and accelerator kernels agree within one grey level when enlarging.
 """
 
@@ -30,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from patchbench.cpu import ops as cpu_ops
 from patchbench.errors import UserError
 
 
@@ -146,32 +144,19 @@ def _crop_resize_roi_align(images, boxes, flip, out_size):
                      sampling_ratio=0, aligned=True)
 
 
-def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, channels_last=False, threads=1,
-                     kernel=True):
+def _crop_resize_cpu(images, boxes, flip, out_size, *, rows=None, norm=None, channels_last=False, threads=1):
     """Crop + resize + flip (+ normalise) on the CPU, written as float (B, 3, out, out): 0..255, or
     `x * scale + shift` when `norm` = (scale, shift) (3,) is given.
 
-    Two implementations of the same antialiased bilinear resize (PIL's triangle filter):
-    - `kernel` and the operator built: torch.ops.patchbench.crop_resize, computed in float from the
-      uint8 pixels and written once, the samples shared over torch's threads.
-    - otherwise torch's ops per sample: the uint8 antialiased kernel that torchvision's Resize runs
-      on uint8 tensors (equal to PIL's, rounded to uint8: < 1 grey level from the float result),
-      reading each channels-last crop in place, then converted and normalised while in cache, the
-      samples split into `threads` contiguous chunks, the first on the calling thread and the others
-      on worker threads (each op holds the GIL while Python dispatches it, so this gains little).
-    Either way every sample is written by the same code whoever runs it, so the batch does not depend
-    on the thread count. The channels-last batch is the cheaper one to write: a plain copy per sample
-    rather than a transposing one.
+    Per sample, the uint8 antialiased kernel that torchvision's Resize runs on uint8 tensors (equal to
+    PIL's), reading each channels-last crop in place, then converted and normalised while in cache.
+    The samples are split into `threads` contiguous chunks, the first on the calling thread and the
+    others on worker threads; every sample is written by the same code whoever runs it, so the batch
+    does not depend on the thread count. The channels-last batch is the cheaper one to write: a plain
+    copy per sample rather than a transposing one.
     """
     b = len(boxes)
     rows = list(range(b)) if rows is None else rows
-    if kernel and images.dtype == torch.uint8 and images.is_contiguous() and images.shape[-1] == 3 \
-            and cpu_ops.available():
-        scale, shift = norm if norm is not None else (torch.ones(3), torch.zeros(3))
-        return torch.ops.patchbench.crop_resize(
-            images, torch.tensor(rows, dtype=torch.int64), boxes.long().contiguous(),
-            None if flip is None else flip.to(torch.bool).contiguous(), scale.float().contiguous(),
-            shift.float().contiguous(), out_size, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(b, 3, out_size, out_size, memory_format=fmt)
     run = _torch_crop_resize(images, boxes, flip, out_size, rows, norm, channels_last, out)

@@ -56,7 +56,7 @@ class Loader:
     On the CPU, iterating applies patchbench's malloc policy (`cpu.memory.keep_freed_memory`) once per process.
 
     Two ways to make a batch, the same function within the documented tolerance (augment.py):
-    - the CPU path: crops read straight from the memory-mapped split by the C kernel;
+    - the CPU path: crops read straight from the memory-mapped split (torch's uint8 resize);
     - the accelerator path: the whole uint8 split held on the device, one gather and one
       `roi_align` per batch. It runs on GPUs when the split takes < 1/4 of free memory;
       `hold_on_device=True` forces it (on the CPU too: that is how it is tested without a GPU),
@@ -127,13 +127,9 @@ class Loader:
 
     def crop_path(self) -> str:
         """Which implementation crops this loader's batches (they differ in rounding: recorded per run)."""
-        from patchbench.cpu import build, ops
-
         if self._held_on_device() is not None or self.device.type != "cpu":
             return "gather + roi_align on the device (float)"
-        if ops.available():
-            return "operator patchbench::crop_resize (float)"
-        return f"torch's uint8 antialiased resize (rounded to uint8; the operator: {build.FAILURE})"
+        return "torch's uint8 antialiased resize (rounded to uint8), then normalised"
 
     def _source(self, rows: np.ndarray) -> tuple[torch.Tensor, list[int] | None, bool]:
         """(uint8 images (N, S, S, 3) to crop from, the rows of this batch in them, accelerator path?).

@@ -4,8 +4,8 @@
 // vector types (16 fp32 lanes), which compile to the widest vectors of the target; where it has
 // AVX-512, three steps use its intrinsics instead (max, scalef, the bf16 conversion): the same values
 // in fewer instructions, except bf16 subnormals, which the conversion flushes to zero.
-// Every function works on a range of 16-channel blocks [cb0, cb1) (or of samples, for the crop): the
-// caller shares the range out over torch's threads.
+// Every function works on a range of 16-channel blocks [cb0, cb1): the caller shares the range out
+// over torch's threads.
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -229,98 +229,5 @@ void dw_wgrad(const T *x, const T *g, float *dw, float *db, int64_t B, int64_t H
         }
         for (int k = 0; k < KS * KS; k++) memcpy(dw + k * C + c0, &total[k], sizeof(vdw));
         memcpy(db + c0, &bias, sizeof(vdw));
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Crop, antialiased bilinear resize, flip and normalise: torch's float F.interpolate(mode="bilinear",
-// antialias=True, align_corners=False), PIL's triangle filter, computed in float from uint8 pixels.
-
-// Weights to resize `in` pixels to `out`: output i reads inputs first[i] .. first[i] + k - 1 with
-// weights w[i * k .. i * k + k - 1]; those past its support have weight 0. Its support, all inputs
-// within max(1, in / out) of its centre, spans at most ceil(2 s) of them: k = max(2, ceil(2 in / out))
-// holds it (a third tap of a plain bilinear output, at distance 1 up to rounding, has weight ~1e-16
-// and is dropped).
-static void aa_weights(int64_t in, int64_t out, int64_t k, int64_t *first, float *w) {
-    double scale = (double)in / (double)out;
-    double support = scale > 1.0 ? scale : 1.0, inv = 1.0 / support;
-    for (int64_t i = 0; i < out; i++) {
-        double center = scale * (i + 0.5), tot = 0.0;
-        int64_t lo = (int64_t)(center - support + 0.5), hi = (int64_t)(center + support + 0.5);
-        if (lo < 0) lo = 0;
-        if (hi > in) hi = in;
-        if (hi - lo > k) hi = lo + k;
-        for (int64_t j = 0; j < k; j++) {
-            double d = (j + lo - center + 0.5) * inv, t = 1.0 - (d < 0 ? -d : d);
-            w[i * k + j] = (float)(j < hi - lo && t > 0 ? t : 0.0);
-            tot += w[i * k + j];
-        }
-        for (int64_t j = 0; j < k; j++) w[i * k + j] = tot > 0 ? (float)(w[i * k + j] / tot) : 0.0f;
-        first[i] = lo;
-    }
-}
-
-// One row of the horizontal pass: t[o] (3 floats, mirrored when fl) = sum_j wx[o][j] * row[first[o] + j]
-template <int K>
-static inline void hpass(const float *row, const int64_t *xf, const float *wx, int64_t O, int64_t k, bool fl,
-                         float *t) {
-    int64_t taps = K ? K : k;
-    for (int64_t o = 0; o < O; o++) {
-        const float *q = row + xf[o] * 3, *ww = wx + o * taps;
-        float a = 0, b = 0, c = 0;
-        for (int64_t j = 0; j < taps; j++) a += ww[j] * q[3 * j], b += ww[j] * q[3 * j + 1], c += ww[j] * q[3 * j + 2];
-        int64_t d = (fl ? O - 1 - o : o) * 3;
-        t[d] = a, t[d + 1] = b, t[d + 2] = c;
-    }
-}
-
-// Samples lo .. hi - 1: sample s is the crop boxes[s] = (x0, y0, x1, y1) (0 <= x0 < x1 <= S, the same
-// for y: checked by the op) of image rows[s] of src, (N, S, S, 3) uint8 contiguous; mirrored when
-// flips[s] (flips may be null); resized to O x O; written as x * scale[c] + shift[c] into out, float
-// (B, 3, O, O) contiguous, or (B, O, O, 3) when channels_last.
-void crop_resize(const uint8_t *src, int64_t S, const int64_t *rows, const int64_t *boxes, const bool *flips,
-                 int64_t lo, int64_t hi, int64_t O, const float *scale, const float *shift, bool channels_last,
-                 float *out) {
-    int64_t kmax = (2 * S + O - 1) / O;  // taps per output of the widest crop (w = S)
-    kmax = kmax < 2 ? 2 : kmax;
-    std::vector<int64_t> xf(O), yf(O);
-    std::vector<float> wx(O * kmax), wy(O * kmax), tmp(S * O * 3), row((S + kmax) * 3, 0.0f), line(O * 3),
-        sc(O * 3), sh(O * 3);
-    for (int64_t j = 0; j < O * 3; j++) sc[j] = scale[j % 3], sh[j] = shift[j % 3];
-    for (int64_t s = lo; s < hi; s++) {
-        int64_t x0 = boxes[4 * s], y0 = boxes[4 * s + 1], w = boxes[4 * s + 2] - x0, h = boxes[4 * s + 3] - y0;
-        int64_t kx = (2 * w + O - 1) / O, ky = (2 * h + O - 1) / O;  // ceil(2 * support): taps per output
-        kx = kx < 2 ? 2 : kx;
-        ky = ky < 2 ? 2 : ky;
-        const uint8_t *img = src + rows[s] * S * S * 3;
-        bool fl = flips && flips[s];
-        aa_weights(w, O, kx, xf.data(), wx.data());
-        aa_weights(h, O, ky, yf.data(), wy.data());
-        for (int64_t r = 0; r < h; r++) {
-            const uint8_t *p = img + ((y0 + r) * S + x0) * 3;
-            // past w * 3: zeros or an earlier row's pixels, read with weight 0
-            for (int64_t j = 0; j < w * 3; j++) row[j] = p[j];
-            if (kx == 2)  // any enlarging crop: unrolled
-                hpass<2>(row.data(), xf.data(), wx.data(), O, kx, fl, tmp.data() + r * O * 3);
-            else
-                hpass<0>(row.data(), xf.data(), wx.data(), O, kx, fl, tmp.data() + r * O * 3);
-        }
-        for (int64_t oy = 0; oy < O; oy++) {
-            const float *ww = wy.data() + oy * ky, *t0 = tmp.data() + yf[oy] * O * 3;
-            int64_t taps = h - yf[oy] < ky ? h - yf[oy] : ky;  // rows past the crop have weight 0: not read
-            float *dst = channels_last ? out + (s * O + oy) * O * 3 : line.data();
-            for (int64_t j = 0; j < O * 3; j++) dst[j] = ww[0] * t0[j];
-            for (int64_t k = 1; k < taps; k++) {
-                const float *tk = t0 + k * O * 3;
-                float wk = ww[k];
-                for (int64_t j = 0; j < O * 3; j++) dst[j] += wk * tk[j];
-            }
-            for (int64_t j = 0; j < O * 3; j++) dst[j] = dst[j] * sc[j] + sh[j];
-            if (!channels_last) {
-                float *plane = out + s * 3 * O * O + oy * O;
-                for (int64_t x = 0; x < O; x++)
-                    plane[x] = line[3 * x], plane[O * O + x] = line[3 * x + 1], plane[2 * O * O + x] = line[3 * x + 2];
-            }
-        }
     }
 }

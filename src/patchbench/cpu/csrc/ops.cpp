@@ -268,57 +268,6 @@ std::tuple<at::Tensor, at::Tensor> depthwise_param_grads(const at::Tensor &x, co
     return {dw.t().contiguous().view({C, 1, kernel_size, kernel_size}), db};
 }
 
-// ---------------------------------------------------------------------------------------------- crop
-
-// Sample i: the crop boxes[i] = (x0, y0, x1, y1) of images[rows[i]] ((N, S, S, 3) uint8), mirrored where
-// flips[i], resized to size x size (antialiased bilinear), written as x * scale[c] + shift[c]: a float32
-// (B, 3, size, size) batch, in channels_last memory if asked. Each sample is computed by the same
-// code whichever thread runs it, so the batch does not depend on the thread count.
-at::Tensor crop_resize(const at::Tensor &images, const at::Tensor &rows, const at::Tensor &boxes,
-                       const std::optional<at::Tensor> &flips, const at::Tensor &scale, const at::Tensor &shift,
-                       int64_t size, bool channels_last) {
-    const char *op = "crop_resize";
-    check_cpu(images, op, "images");
-    TORCH_CHECK(images.scalar_type() == at::kByte && images.dim() == 4 && images.size(3) == 3 &&
-                    images.size(1) == images.size(2) && images.is_contiguous(),
-                op, ": images must be contiguous (N, S, S, 3) uint8, got ", images.scalar_type(), " ", images.sizes());
-    int64_t N = images.size(0), S = images.size(1), B = rows.numel();
-    check_cpu(rows, op, "rows");
-    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), op,
-                ": rows must be a contiguous int64 vector, got ", rows.scalar_type(), " ", rows.sizes());
-    check_cpu(boxes, op, "boxes");
-    TORCH_CHECK(boxes.scalar_type() == at::kLong && boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 &&
-                    boxes.is_contiguous(),
-                op, ": boxes must be contiguous int64 (", B, ", 4), one (x0, y0, x1, y1) a row, got ",
-                boxes.scalar_type(), " ", boxes.sizes());
-    if (flips) {
-        check_cpu(*flips, op, "flips");
-        TORCH_CHECK(flips->scalar_type() == at::kBool && flips->dim() == 1 && flips->size(0) == B &&
-                        flips->is_contiguous(),
-                    op, ": flips must be a contiguous bool vector of ", B, ", got ", flips->scalar_type(), " ",
-                    flips->sizes());
-    }
-    check_channels(scale, 3, at::kFloat, op, "scale");
-    check_channels(shift, 3, at::kFloat, op, "shift");
-    TORCH_CHECK(size > 0, op, ": size must be positive, got ", size);
-    const int64_t *r = ptr<int64_t>(rows), *b = ptr<int64_t>(boxes);
-    for (int64_t i = 0; i < B; i++) {
-        TORCH_CHECK(r[i] >= 0 && r[i] < N, op, ": rows[", i, "] is ", r[i], ", outside the ", N, " images");
-        TORCH_CHECK(b[4 * i] >= 0 && b[4 * i + 1] >= 0 && b[4 * i + 2] <= S && b[4 * i + 3] <= S &&
-                        b[4 * i + 2] > b[4 * i] && b[4 * i + 3] > b[4 * i + 1],
-                    op, ": boxes[", i, "] (x0, y0, x1, y1) = (", b[4 * i], ", ", b[4 * i + 1], ", ", b[4 * i + 2], ", ",
-                    b[4 * i + 3], ") is empty or outside the ", S, "x", S, " image");
-    }
-    auto out = at::empty({B, 3, size, size}, images.options().dtype(at::kFloat),
-                         channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-    const bool *f = flips ? ptr<bool>(*flips) : nullptr;
-    parallel(B, [&](int64_t lo, int64_t hi) {
-        PB_DISPATCH(k::crop_resize(ptr<uint8_t>(images), S, r, b, f, lo, hi, size, ptr<float>(scale),
-                                   ptr<float>(shift), channels_last, ptr<float>(out)));
-    });
-    return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(patchbench, m) {
@@ -327,8 +276,6 @@ TORCH_LIBRARY(patchbench, m) {
     m.def("bn_grad_stats(Tensor y, Tensor grad_out) -> (Tensor, Tensor)");
     m.def("gelu_bn_grad(Tensor z, Tensor y, Tensor grad_out, Tensor ka, Tensor kb, Tensor kc) -> Tensor");
     m.def("depthwise_param_grads(Tensor x, Tensor grad_out, int kernel_size) -> (Tensor, Tensor)");
-    m.def("crop_resize(Tensor images, Tensor rows, Tensor boxes, Tensor? flips, Tensor scale, Tensor shift, "
-          "int size, bool channels_last=False) -> Tensor");
     m.def("cpu_isa(str cap=\"\") -> str", &cpu_isa);
     m.def("threads_used() -> int", &threads_used);
 }
@@ -341,5 +288,4 @@ TORCH_LIBRARY_IMPL(patchbench, CompositeExplicitAutograd, m) {
     m.impl("bn_grad_stats", &bn_grad_stats);
     m.impl("gelu_bn_grad", &gelu_bn_grad);
     m.impl("depthwise_param_grads", &depthwise_param_grads);
-    m.impl("crop_resize", &crop_resize);
 }
