@@ -362,3 +362,13 @@ def test_a_study_over_compute_budgets_plans_a_run_per_model_seed_and_budget(tmp_
     kw["changes"]["train"]["compute_budget"] = 3e6
     with pytest.raises(UserError, match=r"--budgets \(1M\) give every run its compute budget"):
         cp.compare(["resnet9"], [0], tmp_path / "other", **kw, budgets=[1e6], progress=False, work=work)
+
+
+def test_a_summary_cut_short_is_trained_again_not_a_crash(tmp_path):
+    """An empty summary.json (a write cut short, or another worker's file read mid-write by an older
+    version) does not stop the study: the run is taken like an unfinished one."""
+    study, log = tmp_path / "study", tmp_path / "log"
+    fx.write_run(study / "runs" / "resnet9-s0", model="resnet9", seed=0, val_top1=[0.4])
+    (study / "runs" / "resnet9-s0" / "summary.json").write_text("")
+    out = cp.run_study(study, small_plan(1), work=fake_work(log), progress=False)
+    assert sorted(out["trained"]) == ["convmixer_256_8-s0", "resnet9-s0"] and out["stopped"] == []

@@ -39,7 +39,7 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
     with tqdm(total=len(plan), desc="study", unit="run", disable=not progress, file=sys.stderr) as bar:
         for p in plan:
             out = study / rundir.RUNS / p.name
-            status = rundir.run_status(out)
+            status = _status(out)
             if status in (rundir.FINISHED, rundir.FAILED):
                 outcome["done" if status == rundir.FINISHED else "failed"].append(p.name)
                 bar.update()
@@ -53,7 +53,7 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
                 bar.update()
                 continue
             try:
-                if rundir.run_status(out) == rundir.FINISHED:  # finished by another worker since we looked
+                if _status(out) == rundir.FINISHED:  # finished by another worker since we looked
                     outcome["done"].append(p.name)
                 else:
                     bar.set_postfix_str(p.name)
@@ -70,3 +70,12 @@ def run_study(study: str | os.PathLike, plan: list[PlannedRun], *, work: Callabl
                 lock.release()
             bar.update()
     return outcome
+
+
+def _status(out: Path) -> str:
+    """The run's status; NEW when its summary.json cannot be read (another worker is writing it, or it is
+    damaged): the run's lock, then the trainer (whose checkpoint decides), take it from there."""
+    try:
+        return rundir.run_status(out)
+    except rundir.RunFileError:
+        return rundir.NEW
