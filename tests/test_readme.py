@@ -32,3 +32,20 @@ def test_the_readme_shows_every_committed_study():
 @pytest.mark.parametrize("path, lines", blocks(), ids=[p for p, _ in blocks()])
 def test_a_readme_table_is_its_study_regenerated(path, lines):
     assert lines == study_summary(ROOT / path)
+
+
+def test_committed_results_repeat_no_file_and_hold_no_generated_html():
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "results"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    seen: dict[str, str] = {}
+    for name in files:
+        digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        assert digest not in seen, f"{name} repeats {seen[digest]}"
+        seen[digest] = name
+    assert not [f for f in files if f.endswith(".html")]
