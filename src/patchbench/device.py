@@ -118,7 +118,7 @@ def cpu_name() -> str:
 
 
 def cpu_features() -> str:
-    """The CPU's feature flags: code built with -march=native is only reused on the same kind of CPU."""
+    """The CPU's feature flags (what speed settings and probes are keyed by)."""
     info = cpu_info()
     return info.get("flags") or info.get("Features") or f"{platform.machine()} {platform.processor()}"
 
