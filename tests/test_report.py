@@ -409,3 +409,13 @@ def test_studies_of_the_same_data_can_share_one_samples_file(study, tmp_path):
     (study / "study.json").write_text(json.dumps({**meta, "samples": "../samples.npz"}))
     samples = load.load_study(study).samples
     assert samples is not None and samples["images"].shape[0] == len(samples["labels"]) > 0
+
+
+def test_a_budget_study_under_way_says_the_thresholds_are_not_computed_yet(tmp_path):
+    root = write_budget_study(tmp_path / "b")
+    for run in (root / "runs").glob("*-budget=20T-*"):  # the largest budget not trained yet
+        shutil.rmtree(run)
+    study = load.load_study(root)
+    ((_, lines),) = render.budget_section(study, load.group_runs(study.runs))
+    assert "- not yet: no seed has finished every budget" in lines
+    assert not any(line.endswith("seeds in range") or ": not reached" in line for line in lines)

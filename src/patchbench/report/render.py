@@ -298,6 +298,8 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
             else:
                 reached = sum(kind != "not reached" for kind, _ in found)
                 lines.append(f"- {name}: reached by {reached} of {len(found)} seeds in range")
+    if lines[-1] == "":
+        lines.append("- not yet: no seed has finished every budget")
     crossings = []
     for i, a in enumerate(models):
         for b in models[i + 1:]:
