@@ -46,7 +46,7 @@ def main(argv=None) -> None:
                            str(generated_folder(tmp / "images", train=200, val=10, size=160)))
     base = get_preset("notebook").config_for(args.model)
     base.data.source, base.data.holdout, base.train.epochs = source, args.holdout, 1
-    print(f"data: {source}; one epoch of seed/{args.model} per row (batch {base.train.batch_size}, "
+    print(f"data: {source}; one epoch of notebook/{args.model} per row (batch {base.train.batch_size}, "
           f"{base.data.img_size}px); busy = one `while True: pass` process beside it")
     results = {}
     for label, threads in POLICIES.items():

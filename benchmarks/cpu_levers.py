@@ -159,6 +159,9 @@ def main() -> None:
         return child(args)
     here = Path(__file__).resolve().parents[1] / "src"
     sides = [s for s in SIDES if args.against or not SIDES[s][3]]
+    against_augment = Path(args.against) / "patchbench" / "data" / "augment.py" if args.against else None
+    if against_augment is None or "kernel=True" not in against_augment.read_text():  # no C crop kernel there
+        sides = [s for s in sides if SIDES[s][0] != "against_crop"]
     if args.sides:
         keep = {"all_on", *args.sides.split(",")}
         sides = [s for s in sides if SIDES[s][0] in keep]

@@ -144,7 +144,7 @@ def test_other_load_counts_other_processes_not_our_own_work():
             time.sleep(1.0)
     finally:
         spin.kill()
-    assert quiet.cores < 0.5 and busy.cores > 0.6
+    assert busy.cores > quiet.cores + 0.6  # one spinning process: about one more core
 
 
 def test_study_precision_is_resolved_once_and_kept_on_another_cpu(tmp_path, monkeypatch):

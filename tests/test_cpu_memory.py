@@ -44,7 +44,8 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again_unless_opted_out():
     default, applied, kept = faults()
     # its activations are 16 MiB each (3,900 pages): glibc's defaults hand many back to the kernel every
     # step and fault them in again; kept, they are reused
-    assert applied and default > 12000
-    assert kept < default / 4
-    default, applied, opted_out = faults(PATCHBENCH_MALLOC="default")
-    assert not applied and opted_out > 12000  # PATCHBENCH_MALLOC=default: the policy is not applied
+    if default < 2000:  # e.g. transparent huge pages for every allocation: too few faults to compare
+        pytest.skip(f"only {default:.0f} page faults with glibc's defaults here")
+    assert applied and kept < default / 4
+    _, applied, opted_out = faults(PATCHBENCH_MALLOC="default")
+    assert not applied and opted_out > 2 * kept  # PATCHBENCH_MALLOC=default: the policy is not applied

@@ -242,7 +242,7 @@ print(build.load(), build.FAILURE)
 """
 
 
-@pytest.mark.skipif(not build.load(), reason="no C++ compiler: nothing is built")
+@pytest.mark.skipif(__import__("shutil").which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
 def test_a_lock_left_by_a_killed_build_is_not_waited_on():
     """A lock file left in the build folder by a killed build (older versions of torch's builder waited forever
     while one existed) does not stop the next process: it loads the library."""

@@ -279,7 +279,7 @@ def test_every_preset_model_builds_at_its_size(preset):
             model = build_model(cfg, 10)
         assert model.default_img_size == cfg.data.img_size
         create_optimizer(model, cfg.train)
-    if preset == "seed":  # SEED.md's exact parameter counts and recipe
+    if preset == "notebook":  # SEED.md's exact parameter counts and recipe
         counts = {n: sum(q.numel() for q in build_model(p.config_for(n), 10).parameters()) for n in p.models}
         assert counts == {"notebook_convmixer": 961_814, "notebook_vit": 811_146, "notebook_resnet9": 1_647_242}
         t, d = p.config_for("notebook_vit").train, p.data_config
@@ -414,3 +414,17 @@ def test_auto_settings_resolve_record_and_dump(folder, tmp_path, capsys, monkeyp
     assert 'channels_last = "auto"' not in stdout and 'fast_kernels = "auto"' not in stdout
     code, _, err = cli(capsys, "--model", "resnet9", "--resolve", "--out", str(tmp_path / "x"))
     assert code == 2 and "--resolve goes with --dump-config" in err
+
+
+def test_a_run_of_the_previous_release_resumes_under_its_models_new_name(tmp_path):
+    """config.json of a run trained as seed_resnet9: resuming it as notebook_resnet9 (or by the old name)
+    is the same model, not 'another model'."""
+    from patchbench.recipes import build_config, get_preset
+
+    cfg = build_config("notebook_resnet9", preset=get_preset("notebook"))
+    out = tmp_path / "run"
+    out.mkdir()
+    doc = {**cfg.to_dict(), "env": {}, "derived": {}}
+    doc["model"]["name"], doc["preset"] = "seed_resnet9", "seed"
+    (out / "config.json").write_text(json.dumps(doc))
+    assert train_mod.plan_run_dir(out, cfg, resume=True, overwrite=False) == "new"  # no checkpoint yet

@@ -74,7 +74,7 @@ class Recipe:
         if self.preset and self.preset != self.name:
             cfg = get_preset(self.preset).apply(cfg)
         if self.model and self.model.get("name"):
-            cfg.model = ModelConfig(name=self.model["name"], overrides=dict(cfg.model.overrides))
+            cfg.model = ModelConfig(name=current_name(self.model["name"]), overrides=dict(cfg.model.overrides))
         mine = self.per_model.get(cfg.model.name, {})
         cfg.model.overrides = {**cfg.model.overrides, **mine.get("overrides", {}),
                                **(self.model or {}).get("overrides", {})}
@@ -126,7 +126,7 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
         if section in doc and not isinstance(doc[section], dict):
             raise UserError(f"{where}: [{section}] must be a table of settings")
         apply_changes(cls(), doc.get(section, {}), section, where)  # checks every value now
-    per_model = typed("per_model", dict) or {}
+    per_model = {current_name(k, "model"): v for k, v in (typed("per_model", dict) or {}).items()}
     for name, tables in per_model.items():
         if not isinstance(tables, dict) or set(tables) - set(PER_MODEL_KEYS):
             raise UserError(f"{where}: [per_model.{name}] may hold only {', '.join(PER_MODEL_KEYS)} tables")
@@ -143,14 +143,15 @@ def parse_recipe(doc: dict, where: str) -> Recipe:
         raise UserError(f"{where}: param_budget = {budget}: need a positive number of parameters")
     reference = typed("reference", dict)
     if reference is not None:
+        reference = {current_name(k, "model"): v for k, v in reference.items()}
         for key, entry in reference.items():
             if key != "source" and not (isinstance(entry, dict) and set(entry) <= {"final", "best"}
                                         and all(isinstance(v, (int, float)) for v in entry.values())):
                 raise UserError(f"{where}: [reference.{key}] holds final and best top-1 fractions, e.g. final = 0.808")
     return Recipe(name=typed("name", str), description=typed("description", str) or "",
-                  models=typed("models", list[str]) or [], quirks=typed("quirks", list[str]),
+                  models=[current_name(m, "model") for m in typed("models", list[str]) or []], quirks=typed("quirks", list[str]),
                   data=dict(doc.get("data", {})), train=dict(doc.get("train", {})), per_model=per_model,
-                  model=model, preset=typed("preset", str), param_budget=budget, reference=reference,
+                  model=model, preset=current_name(typed("preset", str), "preset"), param_budget=budget, reference=reference,
                   tune=typed("tune", dict), budgets=typed("budgets", list[SI]), where=where)
 
 

@@ -334,7 +334,7 @@ def append_metrics(path: str | os.PathLike, row: dict) -> None:
 
 def read_summary(path: str | os.PathLike) -> dict:
     path = Path(path)
-    doc = upgrade_summary(check_fields(read_json(path), SUMMARY_KINDS, str(path)), path)
+    doc = check_fields(upgrade_summary(read_json(path), path), SUMMARY_KINDS, str(path))
     if doc.get("status") not in STATUSES:
         raise RunFileError(f"{path}: status is {json.dumps(doc.get('status'))}, not one of {', '.join(STATUSES)}")
     return doc

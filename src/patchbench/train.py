@@ -58,7 +58,7 @@ from patchbench.checkpoint import (
     save_checkpoint,
 )
 from patchbench.compute import StepPlan, plan_steps
-from patchbench.config import RunConfig, cache_root, fields_of
+from patchbench.config import RunConfig, cache_root, current_name, fields_of
 from patchbench.cpu.layers import use_fast_kernels
 from patchbench.cpu.memory import keep_freed_memory
 from patchbench.cpu.threads import ThreadTuner
@@ -208,7 +208,7 @@ def plan_run(cfg: RunConfig, steps_per_epoch: int, macs_at: dict[int, int]) -> S
     plan = plan_steps(budget=t.compute_budget, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
                       batch_size=t.batch_size, train_sizes=d.train_sizes, img_size=d.img_size, macs_at=macs_at)
     if len(d.train_sizes) > plan.steps:
-        raise UserError(f"--compute-budget {t.compute_budget:.3g} buys {plan.steps} step(trainer) of {cfg.model.name}, "
+        raise UserError(f"--compute-budget {t.compute_budget:.3g} buys {plan.steps} step(s) of {cfg.model.name}, "
                         f"fewer than the {len(d.train_sizes)} --train-sizes; raise the budget or give fewer sizes")
     return plan
 
@@ -228,7 +228,7 @@ def plan_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> st
                             f"folder (or pass --overwrite)")
         return "new"
     saved = rundir.read_config(out)
-    name = (saved.get("model") or {}).get("name")
+    name = current_name((saved.get("model") or {}).get("name"))  # a run of the previous release: its new name
     if name != cfg.model.name:
         raise UserError(f"run dir {out} belongs to another model ({name}, not {cfg.model.name}); choose "
                         f"another --out, or pass --overwrite to replace it")

@@ -88,6 +88,10 @@ def _resumed_config(args, changes: dict[str, dict]) -> RunConfig:
     doc = rundir.read_config(run)
     doc.pop("env", None), doc.pop("derived", None)
     cfg = RunConfig.from_dict(doc, str(run / rundir.CONFIG))
+    from patchbench.config import current_name
+
+    args.model = current_name(args.model, "model") if args.model else args.model
+    args.preset = current_name(args.preset, "preset") if args.preset else args.preset
     if args.model and args.model != cfg.model.name:
         raise UserError(f"run dir {args.resume} belongs to another model ({cfg.model.name}, not {args.model}); "
                         f"drop --model or choose another run")

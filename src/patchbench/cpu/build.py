@@ -1,7 +1,7 @@
 """Build and load the CPU operators (csrc/ops.cpp -> torch.ops.patchbench.*) with torch's extension
 machinery (`torch.utils.cpp_extension.load`: ninja, torch's own compiler flags and headers).
 
-The library is built once per source, torch version and compiler settings ($CXX, $CFLAGS) into
+The library is built once per source, torch version and compiler ($CXX) into
 `<cache>/kernels/<key>/`, a folder private to the user (0700, owned by them): nobody else can put a
 library there, and who could change it could already run code as the user, so the file is not
 hashed again before loading. A folder that is not private, or cannot be written, gives way to a
@@ -50,8 +50,7 @@ def _source(name: str) -> bytes:
 def build_key() -> str:
     """What the built library depends on: its sources, torch, the compiler and its flags."""
     parts = [_source(n) for n in SOURCES]
-    parts += [torch.__version__.encode(), os.environ.get("CXX", "").encode(), os.environ.get("CFLAGS", "").encode(),
-              " ".join(FLAGS).encode()]
+    parts += [torch.__version__.encode(), os.environ.get("CXX", "").encode(), " ".join(FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -104,11 +103,13 @@ def load() -> bool:
         with open(folder / ".build-lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
             (folder / "lock").unlink(missing_ok=True)  # cpp_extension's own, left by a killed build
-            cpp_extension.load(NAME, [str(source)], extra_cflags=[*FLAGS, *os.environ.get("CFLAGS", "").split()],
+            # not $CFLAGS: an -march there would make the portable code this machine's only
+            cpp_extension.load(NAME, [str(source)], extra_cflags=FLAGS,
                                extra_ldflags=OPENMP, build_directory=str(folder), is_python_module=False,
                                verbose=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        FAILURE = f"the CPU operators could not be built: {str(e).strip().splitlines()[-1][:200]}"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        FAILURE = f"the CPU operators could not be built: {why[:200]}"
         warnings.warn(f"patchbench.cpu: {FAILURE}; using PyTorch's (slower) path", stacklevel=2)
         return False
     _LOADED = True

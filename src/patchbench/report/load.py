@@ -16,6 +16,7 @@ import numpy as np
 
 from patchbench import rundir
 from patchbench.compute import macs_tag
+from patchbench.config import current_name
 from patchbench.errors import UserError
 from patchbench.values import model_label
 
@@ -42,7 +43,8 @@ class Run:
 
     @property
     def model(self) -> str:
-        return ((self.config or {}).get("model") or {}).get("name") or (self.summary or {}).get("model") or "?"
+        name = ((self.config or {}).get("model") or {}).get("name") or (self.summary or {}).get("model") or "?"
+        return current_name(name)  # a run of the previous release: its model's current name
 
     @property
     def overrides(self) -> dict:

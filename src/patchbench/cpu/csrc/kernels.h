@@ -42,8 +42,9 @@ static inline void store(uint16_t *p, v16 v) {  // round to nearest even
     __m256bh h = _mm512_cvtneps_pbh((__m512)v);  // the same rounding; flushes subnormals (below 2^-126) to 0
     memcpy(p, &h, 32);
 #else
-    v16u u = (v16u)v;
+    v16u u = (v16u)v, nan = (v16u)(v != v);
     u += 0x7FFF + ((u >> 16) & 1);
+    u = (u & ~nan) | ((v16u{} + 0x7FC00000u) & nan);  // NaN stays NaN (the quiet NaN c10::BFloat16 makes)
     v16h h = __builtin_convertvector(u >> 16, v16h);
     memcpy(p, &h, 32);
 #endif

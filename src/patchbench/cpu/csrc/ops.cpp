@@ -140,7 +140,8 @@ void check_activation(const at::Tensor &t, const char *op, const char *name, boo
     TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (B, C, H, W), got ", t.dim(), "-D");
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
                 " must be float32 or bfloat16, got ", t.scalar_type());
-    TORCH_CHECK(t.size(1) % 16 == 0, op, ": ", name, " must have a multiple of 16 channels, got ", t.size(1));
+    TORCH_CHECK(t.size(1) > 0 && t.size(1) % 16 == 0, op, ": ", name, " must have a positive multiple of 16 channels, got ",
+                t.size(1));
     TORCH_CHECK(!channels_last || t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
                 " must be contiguous in channels_last memory format (x.contiguous(memory_format=torch.channels_last))");
 }
