@@ -3,11 +3,9 @@
 Why: torch's OpenMP regions need every thread of the team. When another CPU-bound process takes a
 core, a step on all cores waits at every region for the descheduled thread and can fall below a
 one-thread step, while a fixed single thread gives up much of the quiet speed
-(benchmarks/busy_machine.py measures both). So the trainer
-measures instead, when another process keeps the CPU busy (`OtherLoad`; on a quiet machine all cores
-are right, and a trial's single-thread steps would only cost time): it times `window` steps at each
-setting, keeps
-the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
+(benchmarks/busy_machine.py measures both). So the trainer measures instead, when another process
+keeps the CPU busy (`OtherLoad`; on a quiet machine all cores are right, and a trial's single-thread
+steps would only cost time): it times `window` steps at each setting, keeps the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
 (the load of a shared machine changes by the minute; a choice made while another job ran must not
 stick for long).
 
@@ -31,20 +29,28 @@ BUSY = 0.3  # cores kept busy by other processes above which the machine counts 
 class OtherLoad:
     """Cores kept busy by other processes while the block ran: the machine's busy time (/proc/stat)
     less this process's own CPU time, over the wall time. Without /proc/stat, the 1-minute load
-    average before the block (which counts this process only if it was already busy)."""
+    average before the block (which counts this process only if it was already busy). Also usable
+    without `with`: `start()`, then `read()` as often as wanted (the load since the start)."""
 
-    def __enter__(self):
+    def start(self) -> OtherLoad:
         self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _busy_seconds()
         self.cores = 0.0
         return self
 
-    def __exit__(self, *exc):
+    def read(self) -> float:
         wall = time.perf_counter() - self._t
         busy = _busy_seconds()
         if busy is None or self._busy is None:
             self.cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.inf
         elif wall > 0:
             self.cores = max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
+        return self.cores
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.read()
 
 
 def _busy_seconds() -> float | None:
@@ -57,20 +63,6 @@ def _busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-class _Since:
-    """Other processes' load since the last `restart()`, read at any time (`cores()`)."""
-
-    def __init__(self):
-        self.restart()
-
-    def restart(self) -> None:
-        self._load = OtherLoad().__enter__()
-
-    def cores(self) -> float:
-        self._load.__exit__(None, None, None)
-        return self._load.cores
-
-
 class ThreadTuner:
     """Call `step_begins()` before and `step_ends()` after every training step."""
 
@@ -79,8 +71,8 @@ class ThreadTuner:
         """`other_load()`: the cores other processes kept busy since the last trial (or skipped one);
         by default measured (`OtherLoad`)."""
         most = most or torch.get_num_threads()
-        self._since = None if other_load is not None else _Since()
-        self.other_load = other_load or self._since.cores
+        self._load = None if other_load is not None else OtherLoad().start()
+        self.other_load = other_load or self._load.read
         self.choices = [most, 1] if most > 1 else [1]
         self.window, self.period, self.period_s = window, period, period_s
         self.chosen_at = float("-inf")  # when the last trial ended (none yet: the first step starts one)
@@ -121,8 +113,8 @@ class ThreadTuner:
             self._restart_load()
 
     def _restart_load(self) -> None:
-        if self._since is not None:
-            self._since.restart()
+        if self._load is not None:
+            self._load.start()
 
     def _set(self, threads: int) -> None:
         if torch.get_num_threads() != threads:
