@@ -104,30 +104,36 @@ static inline void phi(v16 z, v16 *cdf, v16 *pdf) {
 // sets (3x slower in fp32 at C = 256). Sums are fp32 partials per 64 rows, added up in double in a
 // fixed order, so the result does not depend on how the blocks are shared out.
 
-// y = gelu(z), stored; s[c] = sum y, q[c] = sum y^2 of the stored values
-template <typename T>
-void gelu_stats(const T *z, T *y, int64_t N, int64_t C, double *s, double *q, int64_t cb0, int64_t cb1) {
-    Vectors ps(cb1 - cb0), pq(cb1 - cb0);
-    v16 cdf, pdf;
+// Two per-channel sums over the N rows, s[c] and q[c]: `add(o, a, b)` adds row element o's terms to the
+// fp32 partials a and b of its block (o = n * C + cb * 16).
+template <typename F>
+void channel_sums(int64_t N, int64_t C, double *s, double *q, int64_t cb0, int64_t cb1, const F &add) {
+    Vectors pa(cb1 - cb0), pb(cb1 - cb0);
     for (int64_t c = cb0 * 16; c < cb1 * 16; c++) s[c] = q[c] = 0;
     for (int64_t n0 = 0; n0 < N; n0 += 64) {
         int64_t n1 = n0 + 64 < N ? n0 + 64 : N;
-        for (int64_t cb = cb0; cb < cb1; cb++) ps[cb - cb0] = pq[cb - cb0] = splat(0);
+        for (int64_t cb = cb0; cb < cb1; cb++) pa[cb - cb0] = pb[cb - cb0] = splat(0);
         for (int64_t n = n0; n < n1; n++)
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                v16 zv = load(z + n * C + cb * 16);
-                phi(zv, &cdf, &pdf);
-                store(y + n * C + cb * 16, zv * cdf);
-                v16 yv = load(y + n * C + cb * 16);  // as stored (rounded for bf16)
-                ps[cb - cb0] += yv;
-                pq[cb - cb0] += yv * yv;
-            }
+            for (int64_t cb = cb0; cb < cb1; cb++) add(n * C + cb * 16, pa[cb - cb0], pb[cb - cb0]);
         for (int64_t cb = cb0; cb < cb1; cb++)
             for (int l = 0; l < 16; l++) {
-                s[cb * 16 + l] += ps[cb - cb0][l];
-                q[cb * 16 + l] += pq[cb - cb0][l];
+                s[cb * 16 + l] += pa[cb - cb0][l];
+                q[cb * 16 + l] += pb[cb - cb0][l];
             }
     }
+}
+
+// y = gelu(z), stored; s[c] = sum y, q[c] = sum y^2 of the stored values
+template <typename T>
+void gelu_stats(const T *z, T *y, int64_t N, int64_t C, double *s, double *q, int64_t cb0, int64_t cb1) {
+    channel_sums(N, C, s, q, cb0, cb1, [&](int64_t o, v16 &a, v16 &b) {
+        v16 zv = load(z + o), cdf, pdf;
+        phi(zv, &cdf, &pdf);
+        store(y + o, zv * cdf);
+        v16 yv = load(y + o);  // as stored (rounded for bf16)
+        a += yv;
+        b += yv * yv;
+    });
 }
 
 // out = y * scale[c] + shift[c] (+ res: ConvMixer's x + gain * BN(GELU(z)), the gain folded into
@@ -147,23 +153,11 @@ void affine(const T *y, const T *res, T *out, int64_t N, int64_t C, const float 
 template <typename T>
 void grad_stats(const T *y, const T *dout, int64_t N, int64_t C, double *sd, double *sdy, int64_t cb0,
                 int64_t cb1) {
-    Vectors a(cb1 - cb0), b(cb1 - cb0);
-    for (int64_t c = cb0 * 16; c < cb1 * 16; c++) sd[c] = sdy[c] = 0;
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-        int64_t n1 = n0 + 64 < N ? n0 + 64 : N;
-        for (int64_t cb = cb0; cb < cb1; cb++) a[cb - cb0] = b[cb - cb0] = splat(0);
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                v16 g = load(dout + n * C + cb * 16);
-                a[cb - cb0] += g;
-                b[cb - cb0] += g * load(y + n * C + cb * 16);
-            }
-        for (int64_t cb = cb0; cb < cb1; cb++)
-            for (int l = 0; l < 16; l++) {
-                sd[cb * 16 + l] += a[cb - cb0][l];
-                sdy[cb * 16 + l] += b[cb - cb0][l];
-            }
-    }
+    channel_sums(N, C, sd, sdy, cb0, cb1, [&](int64_t o, v16 &a, v16 &b) {
+        v16 g = load(dout + o);
+        a += g;
+        b += g * load(y + o);
+    });
 }
 
 // dz = (ka[c] * dout + kb[c] * y + kc[c]) * gelu'(z), gelu'(z) = Phi(z) + z phi(z)
