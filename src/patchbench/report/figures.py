@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
+from patchbench.compute import macs_tag
 from patchbench.report.load import Group, Run
 
 
@@ -82,7 +83,7 @@ def figure_budget_curves(groups: list[Group], labels: dict[str, str] | None = No
         ax.fill_between(x, [min(v) * 100 for _, v in points], [max(v) * 100 for _, v in points], color=color,
                         alpha=0.2)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(_human_tick))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos=None: macs_tag(value)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(sorted({b for c in curves.values() for b, _ in c}))
     _label_axes(ax, "training compute (MACs: 3 x forward x images)", "final val top-1 (%)",

@@ -187,4 +187,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         groups.setdefault(key, Group(label=label, model=run.model, overrides=run.overrides, runs=[],
                                      budget=run.budget))
         groups[key].runs.append(run)
-    return list(groups.values())
+    first = {}  # each model where it first appears; its budgets in increasing order
+    for g in groups.values():
+        first.setdefault(g.model, len(first))
+    return sorted(groups.values(), key=lambda g: (first[g.model], g.budget or 0.0))

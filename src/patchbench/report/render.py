@@ -126,7 +126,7 @@ def model_lines(meta: dict, groups: list[Group]) -> list[str]:
     close each came to it."""
     budget, macs_budget = meta.get("param_budget"), meta.get("mac_budget")
     chosen = meta.get("chosen") or {g.model: g.overrides for g in groups}
-    labels = {**{g.model: g.label for g in groups}, **(meta.get("labels") or {})}
+    labels = {**{g.model: g.runs[0].label for g in groups if g.runs}, **(meta.get("labels") or {})}
     params_of = {g.model: (g.done[0].summary.get("params") if g.done else None) for g in groups}
     lines = ([f"Parameter budget {_human(budget)} (±5%), each family sized by its width:"] if budget else
              [f"MAC budget {_human(macs_budget)} per image (±5%), each family sized by its width:"] if macs_budget else [])
@@ -140,24 +140,26 @@ def model_lines(meta: dict, groups: list[Group]) -> list[str]:
             size += f", {_human(macs)} MACs" + (f" ({100 * (macs - macs_budget) / macs_budget:+.1f}%)" if macs_budget else "")
         args = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
         lines.append(f"{labels.get(model, model)}: {args}{size}")
-    lines += provenance_lines(groups)
+    lines += provenance_lines(groups, labels)
     return lines
 
 
-def provenance_lines(groups: list[Group]) -> list[str]:
+def provenance_lines(groups: list[Group], labels: dict[str, str] | None = None) -> list[str]:
     """How each model's runs computed: the precision, the crop implementation and patchbench.cpu's
-    layers, as their config.json records them (runs of earlier versions recorded none)."""
-    lines = []
+    layers, as their config.json records them (runs of earlier versions recorded none); said once for
+    every run when all computed alike, else once per model."""
+    seen: dict[str, set[str]] = {}
     for g in groups:
-        seen = set()
         for run in g.runs:
             derived = (run.config or {}).get("derived") or {}
             if "crop" in derived:
                 amp = ((run.config or {}).get("train") or {}).get("amp")
-                seen.add(f"precision {'fp32' if amp == 'none' else amp}; crops: {derived['crop']}; "
-                         f"CPU operators: {derived.get('kernels', '?')}")
-        lines += [f"{g.label} computed with: {what}" for what in sorted(seen)]
-    return lines
+                seen.setdefault(g.model, set()).add(f"precision {'fp32' if amp == 'none' else amp}; crops: "
+                                                    f"{derived['crop']}; CPU operators: {derived.get('kernels', '?')}")
+    if len(seen) > 1 and len({frozenset(w) for w in seen.values()}) == 1 and len(next(iter(seen.values()))) == 1:
+        return [f"Every run computed with: {next(iter(next(iter(seen.values()))))}"]
+    return [f"{(labels or {}).get(model, model)} computed with: {what}" for model, whats in seen.items()
+            for what in sorted(whats)]
 
 
 def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[str]]]:
