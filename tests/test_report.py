@@ -397,6 +397,23 @@ def test_a_budget_study_reports_tables_winners_thresholds_and_crossings(tmp_path
     assert any(stem == "budget-curves" for stem, _, _ in report.figures)
 
 
+def test_a_budget_study_sets_fit_beside_val_at_the_last_epoch(tmp_path):
+    """fit_top1 (train images scored as val is) beside val top-1, mean over seeds, only where recorded."""
+    root = write_budget_study(tmp_path / "b")
+    for run in (root / "runs").glob("resnet9-budget=5T-*"):  # val 0.600, 0.602, 0.604 at the last epoch
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows[-1]["fit_top1"] = rows[-1]["val_top1"] + 0.1  # fit 0.700, 0.702, 0.704
+        rows[0]["fit_top1"] = 0.0  # an earlier epoch's fit is not the last epoch's
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = load.load_study(root)
+    ((_, lines),) = render.budget_section(study, load.group_runs(study.runs))
+    assert "| resnet9 | 70.2 / 60.2 (+10.0) | – | – |" in lines
+    assert "| convmixer_256_8 | – | – | – |" in lines
+    bare = load.load_study(write_budget_study(tmp_path / "c"))
+    ((_, lines),) = render.budget_section(bare, load.group_runs(bare.runs))
+    assert not any("Fit against generalisation" in line for line in lines)
+
+
 def test_studies_of_the_same_data_can_share_one_samples_file(study, tmp_path):
     """study.json's "samples" names a shared file (relative to the study), as the committed studies do."""
     import json

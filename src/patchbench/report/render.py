@@ -312,7 +312,33 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
                           f"{macs_tag(hi)}" for lo, hi in curve_crossings(common, means_a, means_b)]
     lines += ["", "Where the mean curves cross: " + ("; ".join(crossings) + "." if crossings
                                                       else "nowhere in this range.")]
-    return [("Across compute budgets", lines)]
+    return [("Across compute budgets", lines + fit_lines(groups, models, budgets, labels))]
+
+
+def fit_lines(groups: list[Group], models: list[str], budgets: list[float], labels: dict[str, str]) -> list[str]:
+    """Under- or overfitting read like with like: at the last epoch, top-1 on a fixed subset of train scored
+    as val is (eval mode, the evaluation crop, no augmentation or label smoothing: `fit_top1`) beside val
+    top-1, mean over the seeds that recorded both; nothing when no run recorded a fit."""
+    pairs: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for g in groups:
+        for r in g.done:
+            last = next((m for m in reversed(r.metrics) if m.get("val_top1") is not None), {})
+            if last.get("fit_top1") is not None and g.budget is not None:
+                pairs.setdefault((g.model, g.budget), []).append((last["fit_top1"], last["val_top1"]))
+    if not pairs:
+        return []
+
+    def cell(values):
+        if not values:
+            return "–"
+        fit, val = (sum(v[i] for v in values) / len(values) for i in (0, 1))
+        return f"{pct(fit)} / {pct(val)} ({100 * (fit - val):+.1f})"
+
+    return ["", ("Fit against generalisation at the last epoch: top-1 % on a fixed subset of train scored as val "
+                 "is (eval mode, no augmentation, no label smoothing) / val top-1 % (the gap), mean over seeds:"), "",
+            "| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+            *[f"| {labels.get(m, m)} | " + " | ".join(cell(pairs.get((m, b), [])) for b in budgets) + " |"
+              for m in models]]
 
 
 def tuning_section(study: Study) -> list[tuple[str, list[str]]]:
@@ -494,8 +520,8 @@ def study_summary(path: str | os.PathLike) -> list[str]:
     if ablation:
         return [*table, "", *ablation[0][1]]
     budgets = budget_section(study, groups)
-    if budgets:
-        return [*table, "", *budgets[0][1]]
+    if budgets:  # a row per model and budget is report.md's; a page shows the table across budgets
+        return budgets[0][1]
     reference = [line for _, lines in reference_section(study.meta, groups) for line in ["", *lines]]
     return [*table, "", *[f"- {line}" for line in conclusion(groups)], *reference]
 
