@@ -414,6 +414,27 @@ def test_a_budget_study_sets_fit_beside_val_at_the_last_epoch(tmp_path):
     assert not any("Fit against generalisation" in line for line in lines)
 
 
+def test_how_runs_computed_is_said_once_only_when_every_model_recorded_the_same(tmp_path):
+    def study(derived: dict) -> list:
+        shutil.rmtree(tmp_path / "s", ignore_errors=True)
+        for model, what in derived.items():
+            run = fx.write_run(tmp_path / "s" / "runs" / f"{model}-s0", model=model, seed=0, val_top1=[0.5])
+            config = json.loads((run / "config.json").read_text())
+            config["train"]["amp"] = "none"
+            (run / "config.json").write_text(json.dumps({**config, **({"derived": what} if what else {})}))
+        return load.group_runs(load.load_study(tmp_path / "s").runs)
+
+    same = {"crop": "torch", "kernels": "none"}
+    lines = render.provenance_lines(study({"resnet9": same, "vit_tiny_6l8h": same}))
+    assert lines == ["Every run computed with: precision fp32; crops: torch; CPU operators: none"]
+    lines = render.provenance_lines(study({"resnet9": same, "vit_tiny_6l8h": {**same, "kernels": "2 layers"}}))
+    assert lines == ["resnet9 computed with: precision fp32; crops: torch; CPU operators: none",
+                     "vit_tiny_6l8h computed with: precision fp32; crops: torch; CPU operators: 2 layers"]
+    lines = render.provenance_lines(study({"resnet9": same, "vit_tiny_6l8h": same, "convmixer_256_8": None}))
+    assert lines == ["resnet9 computed with: precision fp32; crops: torch; CPU operators: none",  # one recorded none
+                     "vit_tiny_6l8h computed with: precision fp32; crops: torch; CPU operators: none"]
+
+
 def test_studies_of_the_same_data_can_share_one_samples_file(study, tmp_path):
     """study.json's "samples" names a shared file (relative to the study), as the committed studies do."""
     import json

@@ -5,7 +5,8 @@ core, a step on all cores waits at every region for the descheduled thread and c
 one-thread step, while a fixed single thread gives up much of the quiet speed
 (benchmarks/busy_machine.py measures both). So the trainer measures instead, when another process
 keeps the CPU busy (`OtherLoad`; on a quiet machine all cores are right, and a trial's single-thread
-steps would only cost time): it times `window` steps at each setting, keeps the faster one, and checks again once at least `period` steps and `period_s` seconds have passed
+steps would only cost time): it times `window` steps at each setting, keeps the faster one, and
+checks again once at least `period` steps and `period_s` seconds have passed
 (the load of a shared machine changes by the minute; a choice made while another job ran must not
 stick for long).
 

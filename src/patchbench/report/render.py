@@ -156,8 +156,9 @@ def provenance_lines(groups: list[Group], labels: dict[str, str] | None = None) 
                 amp = ((run.config or {}).get("train") or {}).get("amp")
                 seen.setdefault(g.model, set()).add(f"precision {'fp32' if amp == 'none' else amp}; crops: "
                                                     f"{derived['crop']}; CPU operators: {derived.get('kernels', '?')}")
-    if len(seen) > 1 and len({frozenset(w) for w in seen.values()}) == 1 and len(next(iter(seen.values()))) == 1:
-        return [f"Every run computed with: {next(iter(next(iter(seen.values()))))}"]
+    alike = set().union(*seen.values())
+    if len(seen) > 1 and len(alike) == 1 and set(seen) == {g.model for g in groups if g.runs}:
+        return [f"Every run computed with: {alike.pop()}"]
     return [f"{(labels or {}).get(model, model)} computed with: {what}" for model, whats in seen.items()
             for what in sorted(whats)]
 
@@ -250,11 +251,7 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
         return f"{pct(mean)}{pm(std)}" + (f" ({pct(ci[0])}–{pct(ci[1])})" if ci else "") + f", n={len(values)}"
 
     lines = [("Final top-1 % on the evaluation split at each training-compute budget: mean ± std over seeds "
-             "(95% confidence interval), n seeds."), "",
-             "| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    lines += [f"| {labels.get(m, m)} | " + " | ".join(cell(at.get((m, b), [])) for b in budgets) + " |"
-              for m in models]
-    lines.append("")
+             "(95% confidence interval), n seeds."), "", *budget_table(at, models, budgets, labels, cell), ""]
     for b in budgets:
         scored = sorted(((mean_std(at[m, b])[0], m) for m in models if at.get((m, b))), reverse=True)
         if not scored:
@@ -336,8 +333,14 @@ def fit_lines(groups: list[Group], models: list[str], budgets: list[float], labe
 
     return ["", ("Fit against generalisation at the last epoch: top-1 % on a fixed subset of train scored as val "
                  "is (eval mode, no augmentation, no label smoothing) / val top-1 % (the gap), mean over seeds:"), "",
-            "| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets),
-            *[f"| {labels.get(m, m)} | " + " | ".join(cell(pairs.get((m, b), [])) for b in budgets) + " |"
+            *budget_table(pairs, models, budgets, labels, cell)]
+
+
+def budget_table(values: dict[tuple[str, float], list], models: list[str], budgets: list[float],
+                 labels: dict[str, str], cell) -> list[str]:
+    """A markdown table with a row per model and a column per budget: `cell` of the values at (model, budget)."""
+    return ["| model | " + " | ".join(macs_tag(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+            *[f"| {labels.get(m, m)} | " + " | ".join(cell(values.get((m, b), [])) for b in budgets) + " |"
               for m in models]]
 
 
