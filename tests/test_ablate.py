@@ -53,17 +53,34 @@ def test_effects_are_the_contrasts_with_the_pooled_seed_variance(tmp_path):
 
 
 def test_a_significant_interaction_gives_the_effects_per_stem(tmp_path):
-    """Pooling loses to attention with the patch stem and wins with the conv stem: the effects come per stem."""
+    """Pooling loses to attention with the patch stem and wins with the conv stem: the effects come per stem,
+    as a table with the ANOVA's error mean square, t intervals on its df and Holm's correction."""
     cells = {("attention", "patch"): [0.60, 0.61], ("attention", "conv"): [0.70, 0.71],
              ("pool", "patch"): [0.50, 0.51], ("pool", "conv"): [0.75, 0.76]}
     lines = render.factorial_analysis(cells, ["attention", "pool"], ["patch", "conv"])
     text = "\n".join(lines)
-    assert "The mixer x stem interaction is significant" in text
-    # 4 comparisons (pool vs attention per stem, the conv stem per mixer), Holm-corrected
-    assert "- the patch stem (a strided conv), average pooling vs attention: -10.0 points" in text
-    assert "- the convolutional stem, average pooling vs attention: +5.0 points" in text
-    assert "- average pooling, the convolutional stem vs the patch stem (a strided conv): +25.0 points" in text
-    assert text.count("Holm p=") == 4
+    assert "The mixer x stem interaction is significant" in text and "Holm p over these 4 comparisons" in text
+    # by hand: every cell's variance is 0.005^2 * 2 / 1 = 5e-5 on 1 df, so MSE 5e-5 on 4 df; a difference of two
+    # cell means has se sqrt(5e-5 * (1/2 + 1/2)) and a 95% half-width of t(0.975, 4) * se = 1.96 points
+    se = math.sqrt(5e-5)
+    half = sps.t.ppf(0.975, 4) * se
+    diffs = {"pool-patch": -0.10, "pool-conv": 0.05, "attention-stem": 0.10, "pool-stem": 0.25}
+    raw = {k: 2 * sps.t.sf(abs(d) / se, 4) for k, d in diffs.items()}
+    # 4 comparisons: pool vs attention with each stem, and the conv stem against the patch stem for each mixer
+    order = sorted(raw, key=raw.get)
+    holm_p, running = {}, 0.0
+    for rank, k in enumerate(order):
+        running = max(running, min(1.0, (4 - rank) * raw[k]))
+        holm_p[k] = running
+
+    def cell(k):
+        d = diffs[k]
+        return f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}], p={holm_p[k]:.2g}"
+
+    assert "| mixer | vs attention, patch stem | vs attention, conv stem | conv stem vs patch stem |" in lines
+    assert f"| attention | – | – | {cell('attention-stem')} |" in lines
+    assert f"| pool | {cell('pool-patch')} | {cell('pool-conv')} | {cell('pool-stem')} |" in lines
+    assert cell("pool-patch").startswith("-10.0 [-12.0, -8.0]")
 
 
 def test_report_has_the_table_heatmap_and_sentences(tmp_path):
@@ -73,7 +90,7 @@ def test_report_has_the_table_heatmap_and_sentences(tmp_path):
     text = "\n".join(lines)
     assert title == "Token mixer x stem"
     assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in text
-    assert "Setting: 0.5M parameters, imagenette, 64px, 2 epochs, measured on the val split, n=2 seed(s) a cell" in text
+    assert "Setting: 0.5M parameters a cell, imagenette, 64px, 2 epochs; final top-1 on the val split, n=2 seed(s) a cell" in text
     # cell means 71, 75 / 62, 69 / 66, 70: row means 73, 65.5, 68, grand 68.83, so SS mixer = 2 * 2 * (4.17^2 +
     # 3.33^2 + 0.83^2) = 116.7 points^2; within cells: (1 + 1) + (4 + 4) + 0 + 1 + 1 + ... = 16 on 6 df
     assert "| mixer | 116.7 | 2 |" in text and "| within cells | 16.0 | 6 | | |" in text
@@ -91,6 +108,54 @@ def test_the_readme_summary_of_an_ablation_is_its_table_and_effects(tmp_path):
     assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in summary
     assert "- depthwise convolution vs attention: +7.5 points (95% CI +4.7 to +10.3), Holm p=0.0019" in summary
     assert not any("It beats" in x for x in summary)  # the pairwise conclusion is replaced by the effects
+
+
+def write_budget_ablation(study):
+    """CELLS at 2.5T; at 10T every cell 10 points higher except pool with the conv stem, 25 points higher, so
+    that pool overtakes conv with the conv stem. Every run recorded a fit 5 points above its val top-1."""
+    for budget, tag in ((2.5e12, "2.5T"), (10e12, "10T")):
+        for (mixer, stem), finals in CELLS.items():
+            for seed, acc in enumerate(finals):
+                acc += 0.25 if budget == 10e12 and (mixer, stem) == ("pool", "conv") else 0.10 if budget == 10e12 else 0
+                run = fx.write_run(study / "runs" / f"iso_{mixer}_{stem}-budget={tag}-s{seed}", model=f"iso_{mixer}_{stem}",
+                                   seed=seed, val_top1=[acc - 0.1, acc], epochs=2 if budget == 2.5e12 else 8)
+                summary = json.loads((run / "summary.json").read_text())
+                (run / "summary.json").write_text(json.dumps({**summary, "budget_macs": budget}))
+                metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                (run / "metrics.jsonl").write_text("".join(json.dumps({**m, "fit_top1": m["val_top1"] + 0.05}) + "\n"
+                                                           for m in metrics))
+    meta = {"kind": "ablation", "preset": "ablation", "data": "imagenette", "seeds": [0, 1], "img_size": 64,
+            "param_budget": 500_000, "budgets": [2.5e12, 10e12], "models": [f"iso_{m}_{s}" for m, s in CELLS],
+            "chosen_macs": {f"iso_{m}_{s}": 30e6 if s == "patch" else 48e6 for m, s in CELLS},
+            "ablation": {"mixers": ["conv", "attention", "pool"], "stems": ["patch", "conv"]}}
+    (study / "study.json").write_text(json.dumps(meta))
+    return study
+
+
+def test_an_ablation_at_two_budgets_says_its_setting_once_then_each_budget_and_the_order(tmp_path):
+    s = load.load_study(write_budget_ablation(tmp_path / "abl"))
+    report = render.build_report(s)
+    assert [t for t, _ in report.sections] == ["Token mixer x stem"]  # no family-by-family budget section
+    assert report.conclusion[0].startswith("Models are compared at equal training compute in 'Token mixer x stem'")
+    lines = report.sections[0][1]
+    text = "\n".join(lines)
+    assert text.count("Setting:") == 1 and lines[0].startswith(
+        "Setting: 0.5M parameters a cell, imagenette, 64px, every cell trained for 2.5T and for 10T MACs")
+    assert "MACs per image 30M with the patch stem and 48M with the conv stem" in lines[0]
+    assert "#### At 2.5T MACs of training (2 epochs)" in lines and "#### At 10T MACs of training (8 epochs)" in lines
+    assert text.count("| source | SS (points²) | df | F | p |") == 2
+    assert "| conv | 71.0 ± 1.4 (n=2) | 75.0 ± 1.4 (n=2) | 73.0 |" in lines  # 2.5T
+    assert "| conv | 81.0 ± 1.4 (n=2) | 85.0 ± 1.4 (n=2) | 83.0 |" in lines  # 10T
+    # means with the patch stem: conv 71, attention 62, pool 66 at both budgets (+10 at 10T); with the conv
+    # stem 75, 69, 70 at 2.5T, then 85, 79, 95 at 10T: pool moves from second to first there and over the stems
+    # (means 73, 65.5, 68 at 2.5T; 83, 75.5, 85.5 at 10T)
+    assert "- patch stem: conv > pool > attention at every budget" in lines
+    assert "- conv stem: changes, 2.5T: conv > pool > attention; 10T: pool > conv > attention" in lines
+    assert "- mean over the stems: changes, 2.5T: conv > pool > attention; 10T: pool > conv > attention" in lines
+    # fit (5 points above val) / val at the last epoch, mean over the two seeds
+    assert "| iso_conv_patch | 76.0 / 71.0 (+5.0) | 86.0 / 81.0 (+5.0) |" in lines
+    summary = render.study_summary(s.path)
+    assert summary == lines  # a page shows the cell tables, not a row per cell and budget
 
 
 def test_ablate_plans_every_cell_at_the_budget(tmp_path):

@@ -386,7 +386,7 @@ def test_a_budget_study_reports_tables_winners_thresholds_and_crossings(tmp_path
     assert "convmixer_256_8 and vit_tiny_6l8h change order between 5T and 10T" in text
     assert rf.figure_budget_curves(groups) is not None
     report = render.build_report(study)
-    assert report.conclusion[0].startswith("Families are compared at equal training compute")
+    assert report.conclusion[0].startswith("Models are compared at equal training compute")
     # the same study while only its smallest budget has finished: that column is filled, the others wait
     for run in (tmp_path / "b" / "runs").iterdir():
         if "budget=5T" not in run.name:

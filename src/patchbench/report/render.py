@@ -183,51 +183,95 @@ def reference_section(meta: dict, groups: list[Group]) -> list[tuple[str, list[s
 
 
 def ablation_section(study: Study, groups: list[Group]) -> list[tuple[str, list[str]]]:
-    """The mixer x stem table and the analysis of variance with the effects it supports; at each compute
-    budget of a study of several."""
+    """The setting once, then at each compute budget (one block when the study has one): the mixer x stem
+    table and the analysis of variance with the effects it supports; across budgets, whether the order of
+    the mixers changes and how each cell fits against val."""
     a = study.meta.get("ablation")
     if not a:
         return []
-    budgets = sorted({g.budget for g in groups if g.budget is not None})
-    if len(budgets) < 2:
-        return [("Token mixer x stem", _ablation_lines(study, groups, a))]
-    lines = []
-    for b in budgets:
-        lines += [f"#### At {macs_tag(b)} MACs of training", "",
-                  *_ablation_lines(study, [g for g in groups if g.budget == b], a), ""]
-    return [("Token mixer x stem", lines)]
-
-
-def _ablation_lines(study: Study, groups: list[Group], a: dict) -> list[str]:
     mixers, stems = a["mixers"], a["stems"]
-    cells = factorial_cells(groups, mixers, stems)
-    cell = {k: "–" if not v else f"{pct(mean_std(v)[0])}{pm(mean_std(v)[1])} (n={len(v)})" for k, v in cells.items()}
-    lines = [("Final top-1 % (mean ± std over seeds), rows: token mixer, columns: stem; the last column and row "
-             "are the means over the other factor."), "",
-             "| mixer | " + " | ".join(stems) + " | mean |", "|---|" + "---|" * (len(stems) + 1)]
-    for m in mixers:
-        row = [cell[m, s] for s in stems]
-        means = [mean_std(cells[m, s])[0] for s in stems]
-        avg = pct(sum(means) / len(means)) if all(x is not None for x in means) else "–"
-        lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} |")
-    col_means = []
-    for s in stems:
-        means = [mean_std(cells[m, s])[0] for m in mixers]
-        col_means.append(pct(sum(means) / len(means)) if all(x is not None for x in means) else "–")
-    lines.append("| mean | " + " | ".join(col_means) + " | |")
+    budgets = sorted({g.budget for g in groups if g.budget is not None})
+    at = {b: [g for g in groups if g.budget == b] for b in budgets} if len(budgets) > 1 else {None: groups}
+    lines = [ablation_setting(study, groups, a), ""]
+    cells_at = {}
+    for b, mine in at.items():
+        cells_at[b] = factorial_cells(mine, mixers, stems)
+        if b is not None:
+            epochs = sorted({r.summary.get("epochs") for g in mine for r in g.done} - {None})
+            span = f" ({epochs[0]}-{epochs[-1]} epochs)" if len(epochs) > 1 else \
+                f" ({epochs[0]} epochs)" if epochs else ""
+            lines += [f"#### At {macs_tag(b)} MACs of training{span}", ""]
+        lines += [*mixer_stem_table(cells_at[b], mixers, stems), "", *factorial_analysis(cells_at[b], mixers, stems), ""]
+    if len(cells_at) > 1:
+        lines += mixer_ranking(cells_at, mixers, stems)
+        models = list(study.meta.get("models") or sorted({g.model for g in groups}))
+        lines += fit_lines(groups, models, budgets, study.meta.get("labels") or {})
+    return [("Token mixer x stem", lines[:-1] if lines[-1] == "" else lines)]
+
+
+STEM_LEGEND = {"patch": "a strided conv (the linear patch embedding)",
+               "conv": "a convolutional tokenizer (3x3 convs and max pooling)"}
+
+
+def ablation_setting(study: Study, groups: list[Group], a: dict) -> str:
+    """The setting of a mixer x stem study, said once: size, data, resolution, training length, split, seeds,
+    each stem's MACs per image, and what the mixer and stem names mean."""
+    meta = study.meta
     runs = [r for g in groups for r in g.done]
-    epochs = sorted({r.summary.get("epochs") for r in runs} - {None})
-    budget = (f"{study.meta['param_budget'] / 1e6:.2g}M parameters" if study.meta.get("param_budget") else
-              f"{study.meta['mac_budget'] / 1e6:.3g}M MACs" if study.meta.get("mac_budget") else "their sizes")
-    data = Path(study.meta["data"]).name if study.meta.get("data") else "the data"  # the archive's name, not its path
+    size = (f"{meta['param_budget'] / 1e6:.2g}M parameters" if meta.get("param_budget") else
+            f"{meta['mac_budget'] / 1e6:.3g}M MACs" if meta.get("mac_budget") else "their sizes")
+    data = Path(meta["data"]).name if meta.get("data") else "the data"  # the archive's name, not its path
     compute = sorted({r.summary.get("budget_macs") for r in runs} - {None})
-    length = (f"{'/'.join(f'{c / 1e12:g}' for c in compute)}T MACs of training a run ({'/'.join(map(str, epochs))} "
-              f"epochs)" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
-    setting = (f"Setting: {budget}, {data}, {study.meta.get('img_size')}px, {length}, measured on the "
-               f"{runs[0].eval_split if runs else 'val'} split")
-    lines += ["", (f"{setting}, n={'/'.join(sorted({str(len(v)) for v in cells.values()}))} seed(s) a cell; "
-              "differences in points of top-1, with 95% confidence intervals."), ""]
-    lines += factorial_analysis(cells, mixers, stems)
+    epochs = sorted({r.summary.get("epochs") for r in runs} - {None})
+    length = (f"every cell trained for {' and for '.join(macs_tag(c) for c in compute)} MACs (a cell that costs more "
+              "per image trains fewer steps)" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
+    ns = sorted({len(g.finals()) for g in groups if g.finals()})
+    macs = meta.get("chosen_macs") or {}
+    per_stem = []
+    for s in a["stems"]:
+        mine = sorted({f"{macs[f'iso_{m}_{s}'] / 1e6:.0f}" for m in a["mixers"] if f"iso_{m}_{s}" in macs}, key=float)
+        if mine:
+            per_stem.append(f"{'-'.join(dict.fromkeys([mine[0], mine[-1]]))}M with the {s} stem")
+    legend = ("Mixers: " + ", ".join(f"{k} = {MIXER_WORDS[k]}" for k in a["mixers"] if MIXER_WORDS.get(k, k) != k)
+              + "; stems: " + ", ".join(f"{k} = {STEM_LEGEND[k]}" for k in a["stems"] if k in STEM_LEGEND) + ".")
+    return (f"Setting: {size} a cell, {data}, {meta.get('img_size')}px, {length}; final top-1 on the "
+            f"{runs[0].eval_split if runs else 'val'} split, n={'/'.join(map(str, ns))} seed(s) a cell"
+            + (f"; MACs per image {' and '.join(per_stem)}" if per_stem else "")
+            + f". {legend} Differences are in points of top-1, with 95% confidence intervals.")
+
+
+def mixer_stem_table(cells: dict[tuple, list[float]], mixers: list[str], stems: list[str]) -> list[str]:
+    """Final top-1 % of every cell (mean ± std, n), with the mean over the other factor in the margins."""
+    def avg(values):
+        means = [mean_std(v)[0] for v in values]
+        return pct(sum(means) / len(means)) if all(m is not None for m in means) else "–"
+
+    cell = {k: "–" if not v else f"{pct(mean_std(v)[0])}{pm(mean_std(v)[1])} (n={len(v)})" for k, v in cells.items()}
+    return [("Final top-1 % (mean ± std over seeds), rows: token mixer, columns: stem; the margins are means over "
+            "the other factor."), "", "| mixer | " + " | ".join(stems) + " | mean |", "|---|" + "---|" * (len(stems) + 1),
+            *[f"| {m} | " + " | ".join(cell[m, s] for s in stems) + f" | {avg([cells[m, s] for s in stems])} |"
+              for m in mixers],
+            "| mean | " + " | ".join(avg([cells[m, s] for m in mixers]) for s in stems) + " | |"]
+
+
+def mixer_ranking(cells_at: dict[float, dict[tuple, list[float]]], mixers: list[str], stems: list[str]) -> list[str]:
+    """Whether the order of the mixers by mean final top-1 changes between the budgets: per stem, and over
+    the stems."""
+    def order(means: dict[str, float]) -> str:
+        return " > ".join(sorted(means, key=lambda m: -means[m]))
+
+    def means_at(cells, these):
+        return {m: sum(mean_std(cells[m, s])[0] for s in these) / len(these) for m in mixers
+                if all(cells[m, s] for s in these)}
+
+    lines = [("Order of the mixers by mean final top-1 (an order of means: mixers closer than the intervals above "
+             "are not told apart):"), ""]
+    for what, these in [*((f"{s} stem", [s]) for s in stems), ("mean over the stems", stems)]:
+        orders = {b: order(means_at(cells, these)) for b, cells in cells_at.items()}
+        if len(set(orders.values())) == 1:
+            lines.append(f"- {what}: {next(iter(orders.values()))} at every budget")
+        else:
+            lines.append(f"- {what}: changes, " + "; ".join(f"{macs_tag(b)}: {o}" for b, o in orders.items()))
     return lines
 
 
@@ -236,7 +280,7 @@ def budget_section(study: Study, groups: list[Group]) -> list[tuple[str, list[st
     best at each (Welch's t-tests against it, Holm-corrected), each family's compute to reach 75% and 80%
     (per seed, interpolated in log-compute, never extrapolated), and where the mean curves cross."""
     budgets = study.meta.get("budgets")
-    if not budgets:
+    if not budgets or study.meta.get("ablation"):  # an ablation reads its budgets cell by cell
         return []
     curves = budget_curves(groups)
     labels = study.meta.get("labels") or {}
@@ -407,18 +451,22 @@ def factorial_analysis(cells: dict[tuple, list[float]], mixers: list[str], stems
     out += [f"| within cells | {anova['error']['ss'] * pts:.1f} | {anova['error']['df']} | | |", ""]
     mse, df = anova["error"]["ms"], anova["error"]["df"]
     inter = anova["interaction"]
-    others = [m for m in mixers if m != baseline_mixer]
     if inter["p"] < 0.05:
-        out += [(f"The mixer x stem interaction is significant (F={inter['f']:.2f}, p={inter['p']:.2g}): how much a "
-                "mixer gains or loses depends on the stem, so the effects are per stem and per mixer "
-                "(p Holm-corrected over these comparisons):"), ""]
-        pairs = [((m, s), (baseline_mixer, s)) for s in stems for m in others if baseline_mixer in mixers]
-        pairs += [((m, s), (m, baseline_stem)) for m in mixers for s in stems if s != baseline_stem]
-        for c in cell_contrasts(cells, pairs, mse, df):
-            (m, s), (bm, bs) = c["a"], c["b"]
-            what = (f"{STEM_WORDS[s]}, {MIXER_WORDS[m]} vs {MIXER_WORDS[bm]}" if s == bs
-                    else f"{MIXER_WORDS[m]}, {STEM_WORDS[s]} vs {STEM_WORDS[bs]}")
-            out.append(f"- {effect_line(what, c['diff'], c['low'], c['high'], c['p_holm'], 'Holm p')}")
+        # a column per comparison: each mixer against the baseline mixer within a stem, each stem against
+        # the baseline stem within a mixer
+        columns = [(f"vs {baseline_mixer}, {s} stem", lambda m, s=s: ((m, s), (baseline_mixer, s)))
+                   for s in stems if baseline_mixer in mixers]
+        columns += [(f"{s} stem vs {baseline_stem} stem", lambda m, s=s: ((m, s), (m, baseline_stem)))
+                    for s in stems if s != baseline_stem]
+        pairs = [key(m) for _, key in columns for m in mixers if key(m)[0] != key(m)[1]]
+        found = {(c["a"], c["b"]): c for c in cell_contrasts(cells, pairs, mse, df)}
+        out += [(f"The mixer x stem interaction is significant (F={inter['f']:.2f}, p={inter['p']:.2g}), so the "
+                 f"effects are per stem and per mixer: points [95% CI], Holm p over these {len(pairs)} comparisons."),
+                "", "| mixer | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+        for m in mixers:
+            row = [found.get(key(m)) for _, key in columns]
+            out.append(f"| {m} | " + " | ".join("–" if c is None else f"{100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, "
+                                                f"{100 * c['high']:+.1f}], p={c['p_holm']:.2g}" for c in row) + " |")
         return out
     out += [(f"The mixer x stem interaction is not significant (F={inter['f']:.2f}, p={inter['p']:.2g}): main effects, "
             "averaged over the other factor (p Holm-corrected over these comparisons):"), ""]
@@ -489,8 +537,9 @@ def build_report(study: Study) -> Report:
         figures.append((stem, caption, figure_png(fig)))
     configs = [(r.name, json.dumps(r.config, indent=2, sort_keys=True) if r.config else "(no config.json)")
                for r in study.runs]
-    across = [("Families are compared at equal training compute in 'Across compute budgets' below; the table "
-              "above has a row per model and budget.")] if study.meta.get("budgets") else None
+    where = "'Token mixer x stem'" if study.meta.get("ablation") else "'Across compute budgets'"
+    across = [(f"Models are compared at equal training compute in {where} below; the table above has a row per "
+               "model and budget.")] if study.meta.get("budgets") else None
     return Report(title=f"patchbench report: {study.path.name}", setup=setup_line(study),
                   table=[table_cells(r) for r in rows], conclusion=across or conclusion(groups),
                   models=model_lines(study.meta, groups) if not study.meta.get("grid") else [],
@@ -520,8 +569,8 @@ def study_summary(path: str | os.PathLike) -> list[str]:
     groups = group_runs(study.runs)
     table = markdown_table([table_cells(r) for r in results_rows(groups)])
     ablation = ablation_section(study, groups)
-    if ablation:
-        return [*table, "", *ablation[0][1]]
+    if ablation:  # at several budgets, the cell tables alone (report.md has a row per cell and budget)
+        return ablation[0][1] if len(study.meta.get("budgets") or []) > 1 else [*table, "", *ablation[0][1]]
     budgets = budget_section(study, groups)
     if budgets:  # a row per model and budget is report.md's; a page shows the table across budgets
         return budgets[0][1]
