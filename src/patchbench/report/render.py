@@ -223,8 +223,11 @@ def ablation_setting(study: Study, groups: list[Group], a: dict) -> str:
     data = Path(meta["data"]).name if meta.get("data") else "the data"  # the archive's name, not its path
     compute = sorted({r.summary.get("budget_macs") for r in runs} - {None})
     epochs = sorted({r.summary.get("epochs") for r in runs} - {None})
+    off = [abs(r.summary["train_macs"] / r.summary["budget_macs"] - 1) for r in runs
+           if r.summary.get("train_macs") and r.summary.get("budget_macs")]
     length = (f"every cell trained for {' and for '.join(macs_tag(c) for c in compute)} MACs (a cell that costs more "
-              "per image trains fewer steps)" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
+              "per image trains fewer steps" + (f"; every run within ±{100 * max(off):.1g}% of its budget" if off else "")
+              + ")" if compute else f"{'/'.join(map(str, epochs)) or '?'} epochs")
     ns = sorted({len(g.finals()) for g in groups if g.finals()})
     macs = meta.get("chosen_macs") or {}
     per_stem = []
