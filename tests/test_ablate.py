@@ -158,6 +158,12 @@ def test_an_ablation_at_two_budgets_says_its_setting_once_then_each_budget_and_t
     assert "| iso_conv_patch | 76.0 / 71.0 (+5.0) | 86.0 / 81.0 (+5.0) |" in lines
     summary = render.study_summary(s.path)
     assert summary == lines  # a page shows the cell tables, not a row per cell and budget
+    # a mixer not finished at one budget is left out of the order at every budget, not read as a change
+    cells_at = {b: stats.factorial_cells([g for g in load.group_runs(s.runs) if g.budget == b],
+                                         ["conv", "attention", "pool"], ["patch", "conv"]) for b in (2.5e12, 10e12)}
+    cells_at[10e12]["attention", "patch"] = []
+    assert "- patch stem: conv > pool at every budget" in render.mixer_ranking(cells_at, ["conv", "attention", "pool"],
+                                                                              ["patch", "conv"])
 
 
 def test_ablate_plans_every_cell_at_the_budget(tmp_path):

@@ -263,9 +263,9 @@ def mixer_ranking(cells_at: dict[float, dict[tuple, list[float]]], mixers: list[
     def order(means: dict[str, float]) -> str:
         return " > ".join(sorted(means, key=lambda m: -means[m]))
 
-    def means_at(cells, these):
+    def means_at(cells, these):  # the mixers every budget has finished runs of
         return {m: sum(mean_std(cells[m, s])[0] for s in these) / len(these) for m in mixers
-                if all(cells[m, s] for s in these)}
+                if all(c[m, s] for c in cells_at.values() for s in these)}
 
     lines = [("Order of the mixers by mean final top-1 (an order of means: mixers closer than the intervals above "
              "are not told apart):"), ""]
