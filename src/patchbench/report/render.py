@@ -42,6 +42,7 @@ from patchbench.report.stats import (
     MIXER_WORDS,
     STEM_WORDS,
     cell_contrasts,
+    cell_model,
     compute_to_reach,
     conclusion,
     curve_crossings,
@@ -232,7 +233,7 @@ def ablation_setting(study: Study, groups: list[Group], a: dict) -> str:
     macs = meta.get("chosen_macs") or {}
     per_stem = []
     for s in a["stems"]:
-        mine = sorted({f"{macs[f'iso_{m}_{s}'] / 1e6:.0f}" for m in a["mixers"] if f"iso_{m}_{s}" in macs}, key=float)
+        mine = sorted({f"{macs[cell_model(m, s)] / 1e6:.0f}" for m in a["mixers"] if cell_model(m, s) in macs}, key=float)
         if mine:
             per_stem.append(f"{'-'.join(dict.fromkeys([mine[0], mine[-1]]))}M with the {s} stem")
     legend = ("Mixers: " + ", ".join(f"{k} = {MIXER_WORDS[k]}" for k in a["mixers"] if MIXER_WORDS.get(k, k) != k)

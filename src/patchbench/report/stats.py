@@ -151,8 +151,13 @@ MIXER_WORDS = {"conv": "depthwise convolution", "attention": "attention", "mlp":
 STEM_WORDS = {"patch": "the patch stem (a strided conv)", "conv": "the convolutional stem"}
 
 
+def cell_model(mixer: str, stem: str) -> str:
+    """The registered name of the isotropic backbone's (mixer, stem) cell."""
+    return f"iso_{mixer}_{stem}"
+
+
 def factorial_cells(groups: list[Group], rows_: list[str], cols: list[str],
-                    name=lambda r, c: f"iso_{r}_{c}") -> dict[tuple[str, str], list[float]]:
+                    name=cell_model) -> dict[tuple[str, str], list[float]]:
     """Final top-1 of every seed of each (row level, column level) cell, found by model name."""
     by_model = {g.model: g.finals() for g in groups}
     return {(r, c): by_model.get(name(r, c), []) for r in rows_ for c in cols}
