@@ -573,8 +573,8 @@ def study_summary(path: str | os.PathLike) -> list[str]:
     groups = group_runs(study.runs)
     table = markdown_table([table_cells(r) for r in results_rows(groups)])
     ablation = ablation_section(study, groups)
-    if ablation:  # at several budgets, the cell tables alone (report.md has a row per cell and budget)
-        return ablation[0][1] if len(study.meta.get("budgets") or []) > 1 else [*table, "", *ablation[0][1]]
+    if ablation:  # at several budgets (groups carry one then), the cell tables alone: report.md has the rows
+        return ablation[0][1] if any(g.budget is not None for g in groups) else [*table, "", *ablation[0][1]]
     budgets = budget_section(study, groups)
     if budgets:  # a row per model and budget is report.md's; a page shows the table across budgets
         return budgets[0][1]
